@@ -1,0 +1,84 @@
+"""Redirect the weights autograd saves, so a backward can use another weight version.
+
+A forward records, for its backward, the tensors each op needs: activations, and
+parameters or views of them (``nn.Linear`` saves ``weight.t()``). If the optimizer
+steps between that forward and its backward, the saved parameter has been changed in
+place and autograd raises "modified by an inplace operation". Asynchronous pipelines
+do exactly that, and each method wants a *different* weight version in the backward
+(the live weights, the forward's own version, a fresh prediction...).
+
+:class:`redirect` is a :func:`torch.autograd.graph.saved_tensors_hooks` context: while
+it is active, a saved tensor that lives in the storage of one of the given parameters is
+not kept; a reference ``(index, size, stride, offset)`` is kept instead. At backward
+time the reference is resolved by ``resolve(index)``, a tensor laid out like the
+parameter, and viewed the same way. Every other saved tensor is kept as usual.
+
+The parameters are matched by storage at the time the context is entered, so it also
+works while the parameters' ``.data`` has been pointed at predicted weights
+(:meth:`PredictiveOptimizer.swap_in`).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["redirect", "live"]
+
+
+def live(params: Sequence[Tensor]) -> Callable[[int], Tensor]:
+    """Resolver that returns parameter ``i``'s weights current at backward time."""
+    return lambda i: params[i].detach()
+
+
+class redirect(torch.autograd.graph.saved_tensors_hooks):
+    """Saved-tensor hooks that replace saved parameters by ``resolve(i)`` at backward.
+
+    Args:
+        params: the parameters whose saved copies (or views) are redirected.
+        resolve: ``resolve(i) -> Tensor`` gives the weights parameter ``i`` is to have in
+            the backward; called once per saved use, at backward time. The tensor must
+            have the parameter's shape and strides. Defaults to :func:`live` (the
+            weights current when the backward runs).
+    """
+
+    def __init__(self, params: Sequence[Tensor], resolve: Optional[Callable[[int], Tensor]] = None) -> None:
+        params = list(params)
+        self.resolve = resolve if resolve is not None else live(params)
+        # storage pointer -> (index, storage offset of the parameter itself)
+        self._by_storage = {}
+        for i, p in enumerate(params):
+            key = p.untyped_storage().data_ptr()
+            if key and key not in self._by_storage:
+                self._by_storage[key] = (i, p.storage_offset())
+        super().__init__(self._pack, self._unpack)
+
+    def _pack(self, t: Tensor):
+        if t.layout is torch.strided and t.device.type != "meta":
+            hit = self._by_storage.get(t.untyped_storage().data_ptr())
+            if hit is not None:
+                i, base_offset = hit
+                return _Ref(i, tuple(t.shape), tuple(t.stride()), t.storage_offset() - base_offset, self.resolve)
+        return t
+
+    @staticmethod
+    def _unpack(packed):
+        if isinstance(packed, _Ref):
+            return packed.get()
+        return packed
+
+
+class _Ref:
+    """A saved parameter (or view of one), resolved to concrete weights at backward."""
+
+    __slots__ = ("index", "size", "stride", "offset", "resolve")
+
+    def __init__(self, index: int, size: tuple, stride: tuple, offset: int, resolve: Callable[[int], Tensor]):
+        self.index, self.size, self.stride, self.offset, self.resolve = index, size, stride, offset, resolve
+
+    def get(self) -> Tensor:
+        w = self.resolve(self.index)
+        if self.offset == 0 and tuple(w.shape) == self.size and tuple(w.stride()) == self.stride:
+            return w
+        return w.as_strided(self.size, self.stride, w.storage_offset() + self.offset)
