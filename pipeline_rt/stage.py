@@ -1,0 +1,238 @@
+"""One pipeline stage: its module, its predictive optimizer and its method's weight policy.
+
+The executors (local and distributed) only move tensors and call :meth:`Stage.forward`,
+:meth:`Stage.backward` and :meth:`Stage.step` in schedule order; every weight-version
+decision of every method is made here, from the :class:`~pipeline_rt.methods.Method`
+data, with no method-specific branches.
+
+Weight versions. The forward of micro-batch ``u`` runs on the live weights or on
+``predict(extra(k) + s)`` (the parameters' ``.data`` pointed at the predicted buffer).
+Autograd's saved weights are redirected (:class:`lookahead_opt.redirect`) to the version
+the backward must use:
+
+* ``live``: the weights current when the backward runs;
+* ``forward``: the forward's own weights. For a live forward they are stashed lazily:
+  only when a ``STEP`` is about to overwrite a version that an in-flight micro-batch still
+  needs is a copy made (PipeDream's ``w_k + 1`` versions, 2BW's two). For a predicted
+  forward the prediction is copied at the forward.
+* ``predict``: ``predict(extra(k))`` computed from the live weights at backward time.
+
+Gradients reach the parameters themselves (they are the autograd leaves whatever their
+``.data`` holds), so micro-batches accumulate and ``STEP`` applies the sum.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from lookahead_opt import PredictiveOptimizer
+from lookahead_opt.redirect import redirect
+
+from .methods import Method
+
+__all__ = ["Stage", "StageError", "as_tuple"]
+
+Unit = Tuple[int, int]
+
+
+class StageError(RuntimeError):
+    """An error inside a stage, naming the stage, the action and the shapes involved."""
+
+
+def as_tuple(x: Any) -> Tuple[Tensor, ...]:
+    """A stage's inputs/outputs as a tuple of tensors."""
+    if isinstance(x, Tensor):
+        return (x,)
+    if isinstance(x, (tuple, list)) and all(isinstance(t, Tensor) for t in x):
+        return tuple(x)
+    raise TypeError(f"stage outputs must be a Tensor or a tuple of Tensors, got {type(x).__name__}")
+
+
+def _shapes(ts: Sequence[Tensor]) -> str:
+    return ", ".join(f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" for t in ts)
+
+
+@dataclass
+class _Record:
+    """What a forward leaves for its backward."""
+
+    inputs: Tuple[Tensor, ...]
+    outputs: Tuple[Tensor, ...] = ()
+    loss: Optional[Tensor] = None
+    version: int = 0
+    weights: Optional[List[Tensor]] = None      # the backward's weights, when not live/stashed
+    forward_weights: Optional[List[Tensor]] = None  # prediction-error tracking only
+    start_weights: Optional[List[Tensor]] = None    # prediction-error tracking only
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+class Stage:
+    """A stage of the pipeline.
+
+    Args:
+        index: k, the stage's position (0 = first).
+        num_stages: N.
+        module: the stage's module, already on its device.
+        optimizer: the stage's :class:`~lookahead_opt.PredictiveOptimizer`.
+        method: the method's policy.
+        loss_fn: ``loss_fn(output, target)``; used by the last stage only.
+        check_finite: check the loss and the gradients at every step (one host sync each).
+        track_error: measure the prediction error at every backward (see :attr:`errors`).
+    """
+
+    def __init__(self, index: int, num_stages: int, module: nn.Module, optimizer: PredictiveOptimizer,
+                 method: Method, loss_fn: Optional[Callable[[Any, Any], Tensor]] = None, *,
+                 check_finite: bool = False, track_error: bool = False) -> None:
+        self.index, self.num_stages = index, num_stages
+        self.module, self.optimizer, self.method, self.loss_fn = module, optimizer, method, loss_fn
+        self.check_finite, self.track_error = check_finite, track_error
+        self.params: List[Tensor] = list(optimizer.params)
+        self.names: List[str] = _param_names(module, self.params)
+        self.version = 0  # STEPs done
+        self._records: Dict[Unit, _Record] = {}
+        self._stash: Dict[int, List[Tensor]] = {}
+        self._refs: Counter = Counter()
+        #: per backward with s > 0: ||W_hat - W_B|| / ||W_B - W_F|| as 0-d device tensors
+        self.errors: List[Tensor] = []
+        self.peak_in_flight = 0
+        self.peak_versions = 1
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+    # ------------------------------------------------------------------ actions
+
+    def forward(self, unit: Unit, inputs: Tuple[Tensor, ...], s: int,
+                target: Any = None, weight: float = 1.0) -> Tuple[Tensor, ...]:
+        """Forward of micro-batch ``unit``; ``s`` is its ``v_B - v_F`` on the schedule.
+
+        Returns the outputs to send on (detach them before sending), or, at the last
+        stage, ``(loss * weight,)`` where ``weight`` scales the micro-batch's share.
+        """
+        m = self.method
+        rec = _Record(inputs=inputs, version=self.version)
+        predicted = m.forward == "predict"
+        if self.track_error and s > 0:
+            rec.start_weights = [p.detach().clone() for p in self.params]
+        if predicted:
+            self.optimizer.swap_in(m.extra(self.index) + s)
+        try:
+            with redirect(self.params, self._resolver(rec)):
+                try:
+                    out = self.module(*inputs)
+                    if self.is_last:
+                        out = self.loss_fn(out, target) * weight
+                except (RuntimeError, TypeError, ValueError) as e:
+                    what = "loss_fn" if self.is_last and "out" in locals() else "forward"
+                    raise StageError(
+                        f"stage {self.index} {what} failed on micro-batch {unit} with inputs of shapes "
+                        f"[{_shapes(inputs)}]: {e}. The previous stage's outputs must match this stage's "
+                        f"inputs (check the split of the model).") from e
+            if predicted and (m.backward == "forward" or self.track_error):
+                snap = [p.detach().clone() for p in self.params]
+                if m.backward == "forward":
+                    rec.weights = snap
+                if self.track_error and s > 0:
+                    rec.forward_weights = snap
+        finally:
+            if predicted:
+                self.optimizer.swap_out()
+        if self.track_error and s > 0 and rec.forward_weights is None:
+            rec.forward_weights = rec.start_weights
+        outs = as_tuple(out)
+        if self.is_last:
+            rec.loss = outs[0]
+            if self.check_finite and not bool(torch.isfinite(rec.loss).all()):
+                raise FloatingPointError(f"stage {self.index}: loss of micro-batch {unit} is {rec.loss.item()}")
+        else:
+            rec.outputs = outs
+        if m.backward == "forward" and not predicted:
+            self._refs[rec.version] += 1
+        self._records[unit] = rec
+        self.peak_in_flight = max(self.peak_in_flight, len(self._records))
+        self._count_versions()
+        return outs
+
+    def backward(self, unit: Unit, grads: Optional[Tuple[Optional[Tensor], ...]] = None) -> Tuple[Optional[Tensor], ...]:
+        """Backward of micro-batch ``unit``; returns the gradients of its inputs."""
+        rec = self._records.pop(unit)
+        m = self.method
+        if m.backward == "predict":
+            rec.weights = self.optimizer.predict(m.extra(self.index))
+        if rec.forward_weights is not None:
+            self._record_error(rec)
+        if self.is_last:
+            torch.autograd.backward(rec.loss)
+        else:
+            pairs = [(o, g) for o, g in zip(rec.outputs, grads) if o.requires_grad and g is not None]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        if m.backward == "forward" and m.forward != "predict":
+            self._release(rec.version)
+        return tuple(x.grad if x.requires_grad else None for x in rec.inputs)
+
+    def step(self) -> None:
+        """One optimizer update (then the gradients are cleared)."""
+        if self._refs.get(self.version):
+            # an in-flight micro-batch still needs the version this step overwrites
+            self._stash[self.version] = [p.detach().clone() for p in self.params]
+            self._count_versions()
+        if self.check_finite:
+            self._check_grads()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.version += 1
+
+    def loss_of(self, unit: Unit) -> Tensor:
+        """The (weighted) loss tensor of an in-flight micro-batch at the last stage."""
+        return self._records[unit].loss
+
+    # ------------------------------------------------------------------ helpers
+
+    def _resolver(self, rec: _Record) -> Callable[[int], Tensor]:
+        policy, params = self.method.backward, self.params
+        if policy == "live":
+            return lambda i: params[i].detach()
+        if policy == "forward" and self.method.forward != "predict":
+            stash, v = self._stash, rec.version
+            return lambda i: stash[v][i] if v in stash else params[i].detach()
+        return lambda i: rec.weights[i]
+
+    def _release(self, version: int) -> None:
+        self._refs[version] -= 1
+        if self._refs[version] <= 0:
+            del self._refs[version]
+            self._stash.pop(version, None)
+
+    def _count_versions(self) -> None:
+        held = 1 + len(self._stash) + sum(r.weights is not None for r in self._records.values())
+        if self.method.predicts:
+            held += 1  # the predictor's reusable buffer
+        self.peak_versions = max(self.peak_versions, held)
+
+    def _record_error(self, rec: _Record) -> None:
+        live = [p.detach() for p in self.params]
+        num = _norm(torch._foreach_sub(rec.forward_weights, live))
+        den = _norm(torch._foreach_sub(live, rec.start_weights))
+        self.errors.append(num / den)
+
+    def _check_grads(self) -> None:
+        for name, p in zip(self.names, self.params):
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                raise FloatingPointError(
+                    f"stage {self.index}: gradient of {name} {tuple(p.shape)} is not finite before STEP "
+                    f"{self.version}; lower the learning rate or check the inputs")
+
+
+def _norm(ts: List[Tensor]) -> Tensor:
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(ts)]))
+
+
+def _param_names(module: nn.Module, params: List[Tensor]) -> List[str]:
+    by_id = {id(p): n for n, p in module.named_parameters()}
+    return [by_id.get(id(p), f"param{i}") for i, p in enumerate(params)]
