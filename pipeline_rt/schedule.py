@@ -84,6 +84,11 @@ class Schedule:
         """The stage x tick table of compute actions; ``mark`` is shown as ``>>X<<``."""
         return self.simulation.table(mark)
 
+    def __str__(self) -> str:
+        head = (f"{self.shape} schedule: {self.num_stages} stages, {self.num_minibatches} minibatches"
+                f" x {self.chunks} micro-batches")
+        return head + "\n" + self.table()
+
 
 # ----------------------------------------------------------------------------- building
 
