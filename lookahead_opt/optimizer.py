@@ -1,0 +1,326 @@
+"""`PredictiveOptimizer`: wrap an optimizer, predict its weights ``s`` steps ahead."""
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .kernel import _Scratch, predict_into
+from .redirect import redirect
+from .rules import FALLBACK, Direction, Kept, Rule, rule_for, rule_named
+
+__all__ = ["PredictiveOptimizer"]
+
+_Closure = Callable[[], Any]
+
+
+def _check_s(s: Any) -> int:
+    if isinstance(s, bool):
+        raise TypeError("s must be a non-negative integer number of steps, got a bool")
+    try:
+        n = operator.index(s)
+    except TypeError:
+        raise TypeError(f"s must be a non-negative integer number of steps, got {s!r} "
+                        f"({type(s).__name__}); round it yourself if you mean an integer") from None
+    if n < 0:
+        raise ValueError(f"s must be >= 0 (steps ahead), got {n}")
+    return n
+
+
+class PredictiveOptimizer(torch.optim.Optimizer):
+    """Wraps an already-built optimizer and predicts its weights ``s`` steps ahead.
+
+    .. math::  \\hat W_{t+s} = W_t - lr \\cdot s \\cdot dW_t
+
+    per parameter, where ``dW_t`` is the direction of the optimizer's most recent update per
+    unit learning rate, derived from its state by the optimizer's rule (``dW = 0`` before the
+    first step) and ``lr`` is the parameter group's learning rate at the time of the call (so
+    ``torch.optim.lr_scheduler`` schedules are followed; build the scheduler on this wrapper
+    or on :attr:`base`, they share ``param_groups``).
+
+    Args:
+        base: the optimizer to wrap (any ``torch.optim.Optimizer``).
+        rule: ``None`` looks the rule up by the optimizer's class (along its MRO) and uses the
+            generic fallback (the last applied update, one extra buffer per parameter) when
+            none is registered; a registered name (``"fallback"``, ``"smoothed_gradient"``,
+            ``"sgd"``, ``"adam"``, ...) or a :class:`~lookahead_opt.rules.Rule` forces one.
+        strict: refuse (``ValueError``) to use the generic fallback.
+        check_finite: after each prediction check the predicted weights are finite and raise
+            ``RuntimeError`` naming the parameter otherwise (costs one host synchronisation).
+
+    The forward that runs under :meth:`swap_in` (or :meth:`predicted`) may be differentiated
+    after :meth:`swap_out` and even after later optimizer steps: saved weights are redirected
+    to the live weights current at backward time (:mod:`lookahead_opt.redirect`). Call
+    ``swap_in``, the forward and ``swap_out`` on the same thread (saved-tensor hooks are
+    thread-local) and nest other saved-tensor hooks inside, not across, the swap.
+    """
+
+    def __init__(self, base: torch.optim.Optimizer, *, rule: Union[None, str, Rule] = None,
+                 strict: bool = False, check_finite: bool = False) -> None:
+        if isinstance(base, PredictiveOptimizer):
+            raise TypeError("base is already a PredictiveOptimizer; wrap its .base instead")
+        if not isinstance(base, torch.optim.Optimizer):
+            raise TypeError(f"PredictiveOptimizer wraps a torch.optim.Optimizer, got {type(base).__name__}; "
+                            "build the optimizer first, e.g. PredictiveOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))")
+        chosen = rule_named(rule) if rule is not None else (rule_for(type(base)) or FALLBACK)
+        if strict and not chosen.closed_form:
+            cls = type(base)
+            raise ValueError(f"strict=True: no closed-form prediction rule for {cls.__module__}.{cls.__qualname__}; "
+                             "register one with lookahead_opt.register_rule(cls, rule) or use strict=False "
+                             "(the generic fallback: last applied update, one buffer per parameter)")
+        self.base = base
+        self.rule = chosen
+        self.strict = strict
+        self.check_finite = check_finite
+        self.defaults = base.defaults
+        self.num_steps = 0
+        self._kept: Dict[Tensor, Kept] = {}
+        self._buffers: Optional[List[Tensor]] = None
+        self._live: Optional[List[Tensor]] = None
+        self._swapped: Optional[Tuple[List[Tensor], redirect]] = None
+        self._scratch = _Scratch()
+        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+                     "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+                     "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, name, OrderedDict())
+
+    # -- the wrapped optimizer ---------------------------------------------------------
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:  # type: ignore[override]
+        """The base optimizer's param groups (shared, not copied)."""
+        return self.base.param_groups
+
+    @property
+    def state(self) -> Dict[Tensor, Dict[str, Any]]:  # type: ignore[override]
+        """The base optimizer's state (shared)."""
+        return self.base.state
+
+    @property
+    def params(self) -> List[Tensor]:
+        """All parameters, flat, in ``param_groups`` order (the order of every list returned)."""
+        return [p for g in self.base.param_groups for p in g["params"]]
+
+    def __repr__(self) -> str:
+        return f"PredictiveOptimizer(rule={self.rule.name!r}, base={self.base!r})"
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Adds a group to the base optimizer."""
+        self.base.add_param_group(param_group)
+        self._buffers = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The base optimizer's ``zero_grad``."""
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Optional[_Closure] = None) -> Any:
+        """One step of the base optimizer; keeps what the rule needs (see :class:`Rule`)."""
+        if self._swapped is not None:
+            raise RuntimeError("step() while the predicted weights are swapped in would update the predicted "
+                               "weights, not the live ones; call swap_out() first")
+        keep = self.rule.keep
+        if keep is not None:
+            if closure is None or not self.rule.keeps_grad:
+                self._keep()
+            else:
+                user_closure = closure
+
+                def closure() -> Any:  # keep the gradients the step is about to use
+                    with torch.enable_grad():
+                        loss = user_closure()
+                    self._keep()
+                    return loss
+        loss = self.base.step() if closure is None else self.base.step(closure)
+        if self.rule.after is not None:
+            for p, k in self._kept.items():
+                self.rule.after(k.tensor, p.detach())
+        self.num_steps += 1
+        return loss
+
+    def _keep(self) -> None:
+        keep = self.rule.keep
+        assert keep is not None
+        for g in self.base.param_groups:
+            lr = float(g["lr"])
+            for p in g["params"]:
+                grad = p.grad
+                t = None if grad is None and self.rule.keeps_grad else keep(g, self.base.state.get(p, {}), p.detach(), grad)
+                if t is None:
+                    self._kept.pop(p, None)
+                    continue
+                old = self._kept.get(p)
+                buf = old.tensor if old is not None and old.tensor.shape == p.shape and old.tensor.dtype == p.dtype \
+                    and old.tensor.device == p.device else torch.empty_like(p, memory_format=torch.preserve_format)
+                buf.copy_(t)
+                self._kept[p] = Kept(buf, lr)
+
+    # -- prediction --------------------------------------------------------------------
+    def _weights(self) -> List[Tensor]:
+        return list(self._live) if self._live is not None else [p.detach() for p in self.params]
+
+    def _directions(self, weights: Sequence[Tensor]) -> Tuple[List[Optional[Direction]], List[float]]:
+        dirs: List[Optional[Direction]] = []
+        lrs: List[float] = []
+        i = 0
+        for g in self.base.param_groups:
+            lr = float(g["lr"])
+            for p in g["params"]:
+                dirs.append(self.rule.direction(g, self.base.state.get(p, {}), weights[i], self._kept.get(p)))
+                lrs.append(lr)
+                i += 1
+        return dirs, lrs
+
+    def _output(self, weights: Sequence[Tensor]) -> List[Tensor]:
+        bufs = self._buffers
+        if bufs is None or len(bufs) != len(weights) or any(
+                b.shape != w.shape or b.dtype != w.dtype or b.device != w.device for b, w in zip(bufs, weights)):
+            bufs = self._buffers = [torch.empty_like(w, memory_format=torch.preserve_format) for w in weights]
+        return bufs
+
+    def predict(self, s: int, out: Optional[Sequence[Tensor]] = None) -> List[Tensor]:
+        """The weights predicted ``s`` steps ahead, :math:`W_t - lr \\cdot s \\cdot dW_t`, one tensor
+        per parameter in ``param_groups`` order; the parameters are not changed.
+
+        Args:
+            s: steps ahead, a non-negative integer (``0`` returns the weights exactly).
+            out: tensors to write into (shapes, dtypes and devices of the parameters). Without
+                it the result is written into a buffer the wrapper reuses: it stays valid only
+                until the next :meth:`predict` or :meth:`swap_in`; copy it to keep it.
+        """
+        s = _check_s(s)
+        weights = self._weights()
+        if out is None:
+            if self._swapped is not None:
+                raise RuntimeError("predict() without out= while swapped in would overwrite the weights the "
+                                   "parameters now hold; pass out= or call swap_out() first")
+            out = self._output(weights)
+        else:
+            out = list(out)
+            if len(out) != len(weights) or any(o.shape != w.shape for o, w in zip(out, weights)):
+                raise ValueError(f"out must be {len(weights)} tensors shaped like the parameters (in param_groups order)")
+        if s == 0:
+            torch._foreach_copy_(list(out), weights)
+            dirs: List[Optional[Direction]] = [None] * len(weights)
+            mults = [0.0] * len(weights)
+        else:
+            dirs, lrs = self._directions(weights)
+            mults = [0.0 if d is None else s * (lr if d.lr is None else _ratio(lr, d.lr)) for d, lr in zip(dirs, lrs)]
+            predict_into(out, weights, dirs, mults, self._scratch)
+        if self.check_finite:
+            self._assert_finite(out)
+        return list(out)
+
+    def direction(self) -> List[Tensor]:
+        """``dW`` per unit learning rate, one new tensor per parameter (zeros before any step)."""
+        weights = self._weights()
+        dirs, lrs = self._directions(weights)
+        out = []
+        for w, d, lr in zip(weights, dirs, lrs):
+            if d is None:
+                out.append(torch.zeros_like(w))
+            else:
+                dw = d.materialize(w)
+                out.append(dw if d.lr is None else dw * (_ratio(lr, d.lr) / lr if lr else 0.0))
+        return out
+
+    def _assert_finite(self, out: Sequence[Tensor]) -> None:
+        by_device: Dict[torch.device, List[int]] = {}
+        for i, o in enumerate(out):
+            by_device.setdefault(o.device, []).append(i)
+        for idx in by_device.values():
+            ok = torch.stack([torch.isfinite(out[i]).all() for i in idx])
+            if not bool(ok.all()):
+                raise RuntimeError(f"non-finite predicted weights for {self._describe(idx[int((~ok).nonzero()[0])])}; "
+                                   "the optimizer state holds inf/nan or the learning rate or s is too large")
+
+    def _describe(self, flat: int) -> str:
+        i = flat
+        for gi, g in enumerate(self.base.param_groups):
+            if i < len(g["params"]):
+                names = g.get("param_names")
+                name = f" {names[i]!r}" if names else ""
+                return f"parameter{name} (group {gi}, index {i}, shape {tuple(g['params'][i].shape)})"
+            i -= len(g["params"])
+        raise IndexError(flat)
+
+    # -- swapping ----------------------------------------------------------------------
+    def swap_in(self, s: int) -> None:
+        """Point every parameter's ``.data`` at :meth:`predict` ``(s)`` (the reusable buffer);
+        the live weights are kept aside (no copy). Autograd-safe: see the class docs."""
+        if self._swapped is not None:
+            raise RuntimeError("swap_in() twice: the predicted weights are already swapped in; call swap_out() first")
+        pred = self.predict(s)
+        params = self.params
+        self._live = [p.data for p in params]
+        for p, w in zip(params, pred):
+            p.data = w
+        ctx = redirect(params, resolve=self._live_weight(params))
+        ctx.__enter__()
+        self._swapped = (params, ctx)
+
+    def _live_weight(self, params: List[Tensor]) -> Callable[[int], Tensor]:
+        def resolve(i: int) -> Tensor:
+            return self._live[i] if self._live is not None else params[i].detach()
+        return resolve
+
+    def swap_out(self) -> None:
+        """Point the parameters back at the live weights (undoes :meth:`swap_in`)."""
+        if self._swapped is None:
+            raise RuntimeError("swap_out() without swap_in(): the parameters already hold the live weights")
+        params, ctx = self._swapped
+        assert self._live is not None
+        for p, w in zip(params, self._live):
+            p.data = w
+        self._live = None
+        self._swapped = None
+        ctx.__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def predicted(self, s: int) -> Iterator[List[Tensor]]:
+        """``with opt.predicted(s):`` runs the block with the predicted weights swapped in,
+        swapping out even if it raises. Yields the predicted weights."""
+        self.swap_in(s)
+        try:
+            yield self._buffers  # type: ignore[misc]
+        finally:
+            self.swap_out()
+
+    # -- checkpoints -------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:  # type: ignore[override]
+        """The base optimizer's state dict plus the wrapper's own state under ``"lookahead"``
+        (rule name, step count, kept buffers by flat parameter index, with their step lr)."""
+        sd = self.base.state_dict()
+        index = {p: i for i, p in enumerate(self.params)}
+        sd["lookahead"] = {
+            "rule": self.rule.name,
+            "num_steps": self.num_steps,
+            "kept": {index[p]: k.tensor for p, k in self._kept.items() if p in index},
+            "kept_lr": {index[p]: k.lr for p, k in self._kept.items() if p in index},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:  # type: ignore[override]
+        """Restores :meth:`state_dict` (base state too); kept buffers are copied, not shared."""
+        sd = dict(state_dict)
+        own = sd.pop("lookahead", None)
+        self.base.load_state_dict(sd)
+        self._kept = {}
+        if own is None:
+            return
+        if own["rule"] != self.rule.name:
+            raise ValueError(f"state dict was saved with rule {own['rule']!r}, this wrapper uses {self.rule.name!r}")
+        params = self.params
+        self.num_steps = int(own["num_steps"])
+        for i, t in own["kept"].items():
+            p = params[int(i)]
+            buf = torch.empty_like(p, memory_format=torch.preserve_format)
+            buf.copy_(t)
+            self._kept[p] = Kept(buf, float(own["kept_lr"][i]))
+
+
+def _ratio(lr_now: float, lr_then: float) -> float:
+    """``lr_now / lr_then``, exactly 1 when unchanged (and when the step's lr was 0)."""
+    return 1.0 if lr_now == lr_then or lr_then == 0 else lr_now / lr_then

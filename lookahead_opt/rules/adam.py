@@ -1,0 +1,125 @@
+"""Adam family: one update shape, read from the state in per-optimizer ways.
+
+.. math::
+
+    dW_t = \\frac{\\sum_k c_k N_k}{\\beta \\sqrt{v} + \\epsilon}
+           \\;\\big[+\\,\\lambda W_{t-1}\\big]_{\\text{decoupled decay}}
+
+* ``Adam`` (and ``AdamW``, a subclass): :math:`\\hat m_t / (\\sqrt{\\hat v_t} + \\epsilon)`
+  with :math:`\\hat m = m/(1-\\beta_1^t)`, :math:`\\hat v = v/(1-\\beta_2^t)`; ``amsgrad`` uses
+  the running maximum of ``v``; coupled weight decay and ``maximize`` are already inside ``m``.
+* ``Adamax``: :math:`\\hat m_t / u_t` (``u = exp_inf``, no root, its eps inside ``u``).
+* ``RAdam``: :math:`r_t \\sqrt{1-\\beta_2^t}\\, \\hat m_t / (\\sqrt{v_t} + \\epsilon)` when
+  :math:`\\rho_t > 5`, else :math:`\\hat m_t`.
+* ``NAdam``: :math:`\\frac{1-\\mu_t}{1-\\Pi_t} g'_t + \\frac{\\mu_{t+1}}{1-\\Pi_t\\mu_{t+1}} m_t`
+  over :math:`\\sqrt{\\hat v_t} + \\epsilon`; :math:`g'_t` is kept at step time (one buffer per
+  parameter, the fallback's cost).
+
+Decoupled weight decay (``AdamW``; ``decoupled_weight_decay=True``) multiplies
+:math:`W_{t-1}` by :math:`1 - lr\\,\\lambda`; :func:`~lookahead_opt.rules.base.decoupled`
+rewrites it exactly in terms of :math:`W_t` while the group's ``lr`` is the one the step used
+(approximate, with an error of order :math:`lr\\,\\lambda` relative, once a scheduler has
+changed ``lr`` since the step). The paper leaves this decay out of ``dW``; it is included here
+so that ``lr * dW`` reproduces the update.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+from torch import Tensor
+
+from .base import Direction, Group, Kept, Rule, State, decoupled, effective_grad, step_count
+
+__all__ = ["ADAM", "ADAMAX", "RADAM", "NADAM", "adam_like"]
+
+
+def adam_like(
+    group: Group,
+    state: State,
+    terms: Sequence[Tuple[float, Tensor]],
+    *,
+    second: Optional[str] = "exp_avg_sq",
+    bias2: float = 1.0,
+    root: bool = True,
+    eps: Optional[float] = None,
+    decay: bool = False,
+    wd: Optional[float] = None,
+) -> Direction:
+    """The shared Adam-family direction.
+
+    ``sum(c*N for c, N in terms) / (sqrt(v / bias2) + eps)`` with ``v`` the state tensor
+    ``second`` (its running maximum ``max_<second>`` when the group has ``amsgrad``), or no
+    denominator when ``second`` is None; ``decay`` adds decoupled weight decay ``wd``
+    (default: the group's ``weight_decay``) applied to ``W_{t-1}``.
+    """
+    factor, lam = decoupled(group.get("weight_decay", 0.0) if wd is None else wd, group["lr"]) if decay else (1.0, 0.0)
+    terms = tuple((c * factor, n) for c, n in terms)
+    if second is None:
+        return Direction(terms, decay=lam)
+    v = state["max_" + second] if group.get("amsgrad", False) else state[second]
+    return Direction(terms, den=v, root=root, scale=1.0 / math.sqrt(bias2) if root else 1.0 / bias2,
+                     eps=group["eps"] if eps is None else eps, decay=lam)
+
+
+def _bias(beta: float, t: float) -> float:
+    return 1.0 - beta ** t
+
+
+def _decoupled_wd(group: Group) -> bool:
+    return bool(group.get("decoupled_weight_decay", False))
+
+
+def _adam(group: Group, state: State, w: Tensor, kept: Optional[Kept]) -> Optional[Direction]:
+    if "step" not in state:
+        return None
+    t = step_count(state)
+    b1, b2 = group["betas"]
+    return adam_like(group, state, ((1.0 / _bias(b1, t), state["exp_avg"]),), bias2=_bias(b2, t),
+                     decay=_decoupled_wd(group))
+
+
+def _adamax(group: Group, state: State, w: Tensor, kept: Optional[Kept]) -> Optional[Direction]:
+    if "step" not in state:
+        return None
+    b1, _ = group["betas"]
+    return adam_like(group, state, ((1.0 / _bias(b1, step_count(state)), state["exp_avg"]),),
+                     second="exp_inf", root=False, eps=0.0)
+
+
+def _radam(group: Group, state: State, w: Tensor, kept: Optional[Kept]) -> Optional[Direction]:
+    if "step" not in state:
+        return None
+    t = step_count(state)
+    b1, b2 = group["betas"]
+    bc2 = _bias(b2, t)
+    rho_inf = 2 / (1 - b2) - 1
+    rho_t = rho_inf - 2 * t * b2 ** t / bc2
+    m = ((1.0 / _bias(b1, t), state["exp_avg"]),)
+    if rho_t <= 5.0:
+        return adam_like(group, state, m, second=None, decay=_decoupled_wd(group))
+    rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+    return adam_like(group, state, ((m[0][0] * rect * math.sqrt(bc2), m[0][1]),), decay=_decoupled_wd(group))
+
+
+def _keep_nadam_grad(group: Group, state: State, w: Tensor, grad: Tensor) -> Tensor:
+    return effective_grad(dict(group, weight_decay=0.0), w, grad) if _decoupled_wd(group) else effective_grad(group, w, grad)
+
+
+def _nadam(group: Group, state: State, w: Tensor, kept: Optional[Kept]) -> Optional[Direction]:
+    if "step" not in state or kept is None:
+        return None
+    t = step_count(state)
+    b1, b2 = group["betas"]
+    psi = group["momentum_decay"]
+    mu = b1 * (1.0 - 0.5 * 0.96 ** (t * psi))
+    mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
+    prod = float(state["mu_product"])
+    terms = (((1.0 - mu) / (1.0 - prod), kept.tensor), (mu_next / (1.0 - prod * mu_next), state["exp_avg"]))
+    return adam_like(group, state, terms, bias2=_bias(b2, t), decay=_decoupled_wd(group))
+
+
+ADAM = Rule("adam", _adam)
+ADAMAX = Rule("adamax", _adamax)
+RADAM = Rule("radam", _radam)
+NADAM = Rule("nadam", _nadam, keep=_keep_nadam_grad)

@@ -1,0 +1,140 @@
+"""What a prediction rule is: :class:`Direction` (the math of one parameter's ``dW``) and
+:class:`Rule` (how to derive it from an optimizer's state).
+
+Every rule writes the direction of its optimizer's last update in one shape,
+
+.. math::
+
+    dW = \\frac{\\sum_k c_k N_k}{\\beta \\sqrt{D + \\iota} + \\epsilon} + \\delta\\, W_t
+
+(without the fraction when there is no denominator ``D``; with ``D`` itself instead of the
+root when ``root`` is false), so that one multi-tensor kernel
+(:mod:`lookahead_opt.kernel`) evaluates every rule at memory speed. ``N_k`` and ``D`` are
+tensors of the optimizer state (or tensors the wrapper kept at ``step()`` time), the
+coefficients are Python floats derived from the state (bias corrections, step counts).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+
+from torch import Tensor
+
+__all__ = ["Direction", "Kept", "Rule", "step_count", "decoupled", "effective_grad"]
+
+Group = Dict[str, Any]
+State = Dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One parameter's update direction ``dW`` per unit learning rate (see module docs).
+
+    Attributes:
+        terms: ``((c_1, N_1), (c_2, N_2), ...)``, the numerator :math:`\\sum_k c_k N_k`.
+        den: the denominator tensor ``D``, or ``None`` for a plain linear combination.
+        root: take :math:`\\sqrt{D + \\iota}` (true) or :math:`D + \\iota` (false).
+        inner: :math:`\\iota`, added to ``D`` before the root.
+        scale: :math:`\\beta`, multiplies the root.
+        eps: :math:`\\epsilon`, added after the root.
+        decay: :math:`\\delta`, the coefficient of the current weights ``W_t``.
+        lr: ``None`` when the terms are per unit learning rate (prediction multiplies by the
+            group's ``lr`` now). A float when the terms are an update applied at that learning
+            rate: prediction rescales it by ``lr_now / lr`` (exactly 1 when unchanged).
+    """
+
+    terms: Tuple[Tuple[float, Tensor], ...]
+    den: Optional[Tensor] = None
+    root: bool = True
+    inner: float = 0.0
+    scale: float = 1.0
+    eps: float = 0.0
+    decay: float = 0.0
+    lr: Optional[float] = None
+
+    def materialize(self, w: Tensor) -> Tensor:
+        """``dW`` as a new tensor, by plain (allocating) torch ops; ``w`` is ``W_t``."""
+        num = sum(c * n for c, n in self.terms)
+        if self.den is not None:
+            d = self.den + self.inner
+            num = num / ((d.sqrt() if self.root else d) * self.scale + self.eps)
+        if self.decay:
+            num = num + self.decay * w
+        return num
+
+
+class Kept(NamedTuple):
+    """What the wrapper kept for a parameter at its last ``step()``: the rule's buffer and
+    the group's learning rate at that step."""
+
+    tensor: Tensor
+    lr: float
+
+
+KeepFn = Callable[[Group, State, Tensor, Optional[Tensor]], Optional[Tensor]]
+DirectionFn = Callable[[Group, State, Tensor, Optional[Kept]], Optional[Direction]]
+AfterFn = Callable[[Tensor, Tensor], None]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How to derive ``dW`` for one optimizer family.
+
+    Attributes:
+        name: registry name (``rule="name"`` in :class:`~lookahead_opt.PredictiveOptimizer`).
+        direction: ``direction(group, state, w, kept) -> Direction | None``, called at
+            prediction time with the parameter's group, its optimizer state, its current
+            weights ``W_t`` and what was kept at the last step (:class:`Kept`, or ``None``). ``None``
+            means ``dW = 0`` (no step taken yet).
+        keep: ``keep(group, state, w, grad) -> Tensor | None``, called in ``step()`` *before*
+            the base optimizer steps (``w`` is ``W_{t-1}``, ``grad`` the gradient it is about
+            to use; ``state`` the state before the step). What it returns is copied into one
+            buffer per parameter (the rule's memory cost: one parameter-sized buffer, the
+            same as the fallback's); ``None`` keeps nothing.
+        after: ``after(kept, w)``, called after the base step on each kept buffer and the
+            new weights ``W_t`` (the fallback turns ``W_{t-1}`` into ``W_{t-1} - W_t``).
+        keeps_grad: whether ``keep`` reads the gradient (it is then called only for parameters
+            that have one, and, with a closure, after the closure ran); false for a rule that
+            keeps the weights (called before the step, ``grad`` may be ``None``).
+        exact: whether ``lr * dW`` reproduces the last update to rounding (used by tests
+            and ``strict``); approximate rules state their error in their docstring.
+        closed_form: false only for the generic fallback.
+    """
+
+    name: str
+    direction: DirectionFn
+    keep: Optional[KeepFn] = None
+    after: Optional[AfterFn] = None
+    keeps_grad: bool = True
+    exact: bool = True
+    closed_form: bool = True
+
+
+def step_count(state: State, key: str = "step") -> float:
+    """The optimizer's step counter as a float (torch keeps a 0-d tensor, others an int)."""
+    return float(state[key])
+
+
+def decoupled(wd: float, lr: float) -> Tuple[float, float]:
+    """Exact correction for a decay applied to the *previous* weights.
+
+    An update ``W_t = W_{t-1} - lr*(u + wd*W_{t-1})`` (AdamW's ``W *= 1 - lr*wd`` is this
+    form) gives ``W_{t-1} - W_t = lr*(u + wd*W_t) / (1 - lr*wd)``. Returns the factor
+    ``1/(1 - lr*wd)`` for ``u`` and the decay coefficient ``wd/(1 - lr*wd)`` for ``W_t``.
+    Exact while the group's ``lr`` is the one the step used.
+    """
+    if not wd:
+        return 1.0, 0.0
+    f = 1.0 - lr * wd
+    if f == 0 or not math.isfinite(f):
+        return 1.0, wd
+    return 1.0 / f, wd / f
+
+
+def effective_grad(group: Group, w: Tensor, grad: Tensor) -> Tensor:
+    """The gradient torch's optimizers feed their update: ``±grad + weight_decay * W_{t-1}``
+    (negated when ``maximize``; coupled L2 weight decay)."""
+    g = -grad if group.get("maximize", False) else grad
+    wd = group.get("weight_decay", 0.0)
+    return g.add(w, alpha=wd) if wd else g
