@@ -10,7 +10,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from . import adam, fallback, sgd
+from . import adam, fallback, rms, sgd, sign
 from .base import Direction, Kept, Rule
 
 __all__ = ["Direction", "Kept", "Rule", "register_rule", "rule_for", "rule_named", "FALLBACK", "SMOOTHED_GRADIENT"]
@@ -61,5 +61,17 @@ for _cls, _r in (
     (torch.optim.Adamax, adam.ADAMAX),
     (torch.optim.RAdam, adam.RADAM),
     (torch.optim.NAdam, adam.NADAM),
+    (torch.optim.RMSprop, rms.RMSPROP),
+    (torch.optim.Adagrad, rms.ADAGRAD),
+    (torch.optim.Adadelta, rms.ADADELTA),
+    (torch.optim.Rprop, sign.RPROP),
 ):
     register_rule(_cls, _r)
+
+try:  # torch_optimizer is optional
+    import torch_optimizer as _to
+except ImportError:  # pragma: no cover
+    _to = None
+if _to is not None:
+    register_rule(_to.Yogi, adam.ADAM)
+    register_rule(_to.QHAdam, adam.QHADAM)

@@ -11,6 +11,10 @@
 * ``Adamax``: :math:`\\hat m_t / u_t` (``u = exp_inf``, no root, its eps inside ``u``).
 * ``RAdam``: :math:`r_t \\sqrt{1-\\beta_2^t}\\, \\hat m_t / (\\sqrt{v_t} + \\epsilon)` when
   :math:`\\rho_t > 5`, else :math:`\\hat m_t`.
+* ``Yogi`` (torch_optimizer): Adam's rule on its own ``exp_avg_sq``.
+* ``QHAdam`` (torch_optimizer): :math:`(\\nu_1 m_t + (1-\\nu_1) g'_t) / (\\sqrt{\\nu_2 v_t +
+  (1-\\nu_2) g'^2_t} + \\epsilon)` (its moments are already debiased); :math:`g'_t` kept only when
+  a :math:`\\nu \ne 1` (and the denominator then allocated per prediction).
 * ``NAdam``: :math:`\\frac{1-\\mu_t}{1-\\Pi_t} g'_t + \\frac{\\mu_{t+1}}{1-\\Pi_t\\mu_{t+1}} m_t`
   over :math:`\\sqrt{\\hat v_t} + \\epsilon`; :math:`g'_t` is kept at step time (one buffer per
   parameter, the fallback's cost).
@@ -25,13 +29,13 @@ so that ``lr * dW`` reproduces the update.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
 from .base import Direction, Group, Kept, Rule, State, decoupled, effective_grad, step_count
 
-__all__ = ["ADAM", "ADAMAX", "RADAM", "NADAM", "adam_like"]
+__all__ = ["ADAM", "ADAMAX", "RADAM", "NADAM", "QHADAM", "adam_like"]
 
 
 def adam_like(
@@ -39,7 +43,7 @@ def adam_like(
     state: State,
     terms: Sequence[Tuple[float, Tensor]],
     *,
-    second: Optional[str] = "exp_avg_sq",
+    second: Union[str, Tensor, None] = "exp_avg_sq",
     bias2: float = 1.0,
     root: bool = True,
     eps: Optional[float] = None,
@@ -49,15 +53,18 @@ def adam_like(
     """The shared Adam-family direction.
 
     ``sum(c*N for c, N in terms) / (sqrt(v / bias2) + eps)`` with ``v`` the state tensor
-    ``second`` (its running maximum ``max_<second>`` when the group has ``amsgrad``), or no
-    denominator when ``second`` is None; ``decay`` adds decoupled weight decay ``wd``
+    named ``second`` (its running maximum ``max_<second>`` when the group has ``amsgrad``) or
+    the tensor ``second``, or no denominator when ``second`` is None; ``decay`` adds decoupled weight decay ``wd``
     (default: the group's ``weight_decay``) applied to ``W_{t-1}``.
     """
     factor, lam = decoupled(group.get("weight_decay", 0.0) if wd is None else wd, group["lr"]) if decay else (1.0, 0.0)
     terms = tuple((c * factor, n) for c, n in terms)
     if second is None:
         return Direction(terms, decay=lam)
-    v = state["max_" + second] if group.get("amsgrad", False) else state[second]
+    if isinstance(second, Tensor):
+        v = second
+    else:
+        v = state["max_" + second] if group.get("amsgrad", False) else state[second]
     return Direction(terms, den=v, root=root, scale=1.0 / math.sqrt(bias2) if root else 1.0 / bias2,
                      eps=group["eps"] if eps is None else eps, decay=lam)
 
@@ -103,7 +110,7 @@ def _radam(group: Group, state: State, w: Tensor, kept: Optional[Kept]) -> Optio
 
 
 def _keep_nadam_grad(group: Group, state: State, w: Tensor, grad: Tensor) -> Tensor:
-    return effective_grad(dict(group, weight_decay=0.0), w, grad) if _decoupled_wd(group) else effective_grad(group, w, grad)
+    return effective_grad(group, w, grad, coupled=not _decoupled_wd(group))
 
 
 def _nadam(group: Group, state: State, w: Tensor, kept: Optional[Kept]) -> Optional[Direction]:
@@ -123,3 +130,27 @@ ADAM = Rule("adam", _adam)
 ADAMAX = Rule("adamax", _adamax)
 RADAM = Rule("radam", _radam)
 NADAM = Rule("nadam", _nadam, keep=_keep_nadam_grad)
+
+
+def _keep_qhadam(group: Group, state: State, w: Tensor, grad: Tensor) -> Optional[Tensor]:
+    if tuple(group["nus"]) == (1.0, 1.0):
+        return None
+    return effective_grad(group, w, grad, coupled=not group["decouple_weight_decay"])
+
+
+def _qhadam(group: Group, state: State, w: Tensor, kept: Optional[Kept]) -> Optional[Direction]:
+    if "exp_avg" not in state:
+        return None
+    nu1, nu2 = group["nus"]
+    if (nu1, nu2) != (1.0, 1.0) and kept is None:
+        return None
+    terms: Tuple[Tuple[float, Tensor], ...] = ((nu1, state["exp_avg"]),)
+    if nu1 != 1.0:
+        terms += ((1.0 - nu1, kept.tensor),)
+    v = state["exp_avg_sq"]
+    if nu2 != 1.0:
+        v = (v * nu2).addcmul_(kept.tensor, kept.tensor, value=1.0 - nu2)
+    return adam_like(group, state, terms, second=v, decay=group["decouple_weight_decay"])
+
+
+QHADAM = Rule("qhadam", _qhadam, keep=_keep_qhadam)

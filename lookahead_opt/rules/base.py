@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 from torch import Tensor
 
-__all__ = ["Direction", "Kept", "Rule", "step_count", "decoupled", "effective_grad"]
+__all__ = ["Direction", "Kept", "Rule", "step_count", "decoupled", "effective_grad", "keep_effective_grad"]
 
 Group = Dict[str, Any]
 State = Dict[str, Any]
@@ -132,9 +132,14 @@ def decoupled(wd: float, lr: float) -> Tuple[float, float]:
     return 1.0 / f, wd / f
 
 
-def effective_grad(group: Group, w: Tensor, grad: Tensor) -> Tensor:
+def effective_grad(group: Group, w: Tensor, grad: Tensor, coupled: bool = True) -> Tensor:
     """The gradient torch's optimizers feed their update: ``±grad + weight_decay * W_{t-1}``
-    (negated when ``maximize``; coupled L2 weight decay)."""
+    (negated when ``maximize``; the decay term only for coupled L2 weight decay)."""
     g = -grad if group.get("maximize", False) else grad
-    wd = group.get("weight_decay", 0.0)
+    wd = group.get("weight_decay", 0.0) if coupled else 0.0
     return g.add(w, alpha=wd) if wd else g
+
+
+def keep_effective_grad(group: Group, state: State, w: Tensor, grad: Tensor) -> Tensor:
+    """A :attr:`Rule.keep` that keeps :func:`effective_grad`."""
+    return effective_grad(group, w, grad)
