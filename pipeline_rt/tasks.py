@@ -1,0 +1,357 @@
+"""Built-in training tasks for comparing pipeline methods; no download needed.
+
+A task is a model already cut into stage-sized blocks (an :class:`torch.nn.Sequential`
+whose children are balanced, so that a pipeline of ``depth`` stages takes
+``len(model) // depth`` consecutive children per stage), one epoch of training
+minibatches, held-out data, a loss and (where it applies) an accuracy.
+
+Built-in tasks (see :data:`TASKS`):
+
+* ``"teacher"``: synthetic classification. Gaussian inputs labelled by a fixed random
+  teacher network; the student is a deep residual MLP. With the default learning rates,
+  stale gradients (PipeDream at depth 8) measurably slow it down against synchronous
+  training.
+* ``"charlm"``: a small causal transformer language model over characters of the English
+  text shipped in ``pipeline_rt/data/tiny_corpus.txt``.
+
+Users register their own with :func:`register_task`, or point the command line at an entry
+point ``module:function`` (see :func:`from_entry_point`) that returns
+``(model_or_stages, batches)`` or ``(model_or_stages, batches, loss_fn)``.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "Task", "TASKS", "register_task", "get_task", "from_entry_point", "evaluate",
+    "corpus_text", "CharTransformerBlock",
+]
+
+Batch = Tuple[Tensor, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+DATA = Path(__file__).with_name("data")
+
+
+@dataclass
+class Task:
+    """Everything a comparison run needs.
+
+    Attributes:
+        name: the task's registry name.
+        model: the full model; its children are the units that stages are made of.
+        batches: one epoch of training minibatches ``(input, target)``.
+        loss_fn: ``loss_fn(output, target) -> scalar tensor``.
+        eval_data: held-out ``(input, target)`` or ``None``.
+        metric: ``metric(output, target) -> float`` on held-out data (e.g. accuracy), or ``None``.
+        metric_name: how to label the metric in tables.
+        lr: default learning rate per optimizer name (``"sgd"``, ``"adam"``, ``"adamw"``).
+        epochs: default number of epochs.
+        stages: an explicit list of stage modules, when the task was given as stages
+            (then ``model`` is ``nn.Sequential(*stages)`` and depth is fixed).
+    """
+
+    name: str
+    model: nn.Sequential
+    batches: List[Batch]
+    loss_fn: LossFn
+    eval_data: Optional[Batch] = None
+    metric: Optional[Callable[[Tensor, Tensor], float]] = None
+    metric_name: str = "accuracy"
+    lr: Dict[str, float] = field(default_factory=lambda: {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3})
+    epochs: int = 1
+    stages: Optional[List[nn.Module]] = None
+
+    def split(self, depth: int) -> List[nn.Module]:
+        """The model cut into ``depth`` contiguous stages of (nearly) equal child counts.
+
+        When the task came as explicit stages, ``depth`` must equal their number.
+        """
+        if self.stages is not None:
+            if depth != len(self.stages):
+                raise ValueError(f"task {self.name!r} has {len(self.stages)} fixed stages, not depth {depth}")
+            return list(self.stages)
+        children = list(self.model.children())
+        if not 1 <= depth <= len(children):
+            raise ValueError(f"task {self.name!r}: depth {depth} not in 1..{len(children)} (its number of blocks)")
+        bounds = [round(i * len(children) / depth) for i in range(depth + 1)]
+        return [nn.Sequential(*children[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+TaskFn = Callable[..., Task]
+#: name -> factory ``fn(depth=..., seed=..., **options) -> Task``
+TASKS: Dict[str, TaskFn] = {}
+
+
+def register_task(name: str) -> Callable[[TaskFn], TaskFn]:
+    """Decorator registering a task factory under ``name``.
+
+    The factory is called as ``fn(depth=depth, seed=seed)`` and returns a :class:`Task`.
+    """
+    def deco(fn: TaskFn) -> TaskFn:
+        TASKS[name] = fn
+        return fn
+    return deco
+
+
+def get_task(name: str, depth: int = 8, seed: int = 0, **options: Any) -> Task:
+    """Build a registered task (or an entry point ``module:function``)."""
+    if ":" in name:
+        return from_entry_point(name, depth=depth, seed=seed)
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)} or give module:function")
+    return TASKS[name](depth=depth, seed=seed, **options)
+
+
+def accuracy(output: Tensor, target: Tensor) -> float:
+    """Fraction of argmax predictions equal to the target (any leading shape)."""
+    return float((output.argmax(-1) == target).float().mean())
+
+
+def _cross_entropy(output: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+
+
+# ----------------------------------------------------------------------------- teacher
+
+
+class ResidualBlock(nn.Module):
+    """``x + W2 tanh(W1 LN(x))``: the unit of the ``teacher`` task's student."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.fc2(torch.tanh(self.fc1(self.norm(x))))
+
+
+@register_task("teacher")
+def teacher_task(depth: int = 8, seed: int = 0, *, blocks: int = 8, width: int = 64, hidden: int = 128,
+                 in_dim: int = 32, classes: int = 4, batch_size: int = 32, train_size: int = 4096,
+                 eval_size: int = 2048, noise: float = 0.0, sharpness: float = 1.0) -> Task:
+    """Synthetic classification: a deep residual MLP student learns a random teacher.
+
+    Inputs are standard Gaussian vectors; labels are the argmax of a fixed random
+    two-layer tanh teacher (optionally with label noise). The student is
+    ``blocks`` (at least ``depth``) residual blocks; the first also embeds the input,
+    the last also holds the classifier head, so every stage has the same shape of work.
+
+    Args:
+        depth: pipeline depth the model will be cut into (sets the minimum block count).
+        seed: seeds data, teacher and student initialisation (deterministic).
+    """
+    g = torch.Generator().manual_seed(seed)
+    blocks = max(blocks, depth)
+    # teacher
+    t1 = torch.randn(in_dim, 4 * in_dim, generator=g) / math.sqrt(in_dim)
+    t2 = torch.randn(4 * in_dim, classes, generator=g) / math.sqrt(in_dim)
+
+    def label(x: Tensor) -> Tensor:
+        y = (torch.tanh(x @ t1 * sharpness) @ t2).argmax(-1)
+        if noise > 0:
+            flip = torch.rand(len(y), generator=g) < noise
+            y = torch.where(flip, torch.randint(0, classes, y.shape, generator=g), y)
+        return y
+
+    x_train = torch.randn(train_size, in_dim, generator=g)
+    x_eval = torch.randn(eval_size, in_dim, generator=g)
+    y_train, y_eval = label(x_train), label(x_eval)
+    batches = [(x_train[i:i + batch_size], y_train[i:i + batch_size])
+               for i in range(0, train_size - batch_size + 1, batch_size)]
+
+    torch.manual_seed(seed)  # nn init uses the global generator
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + 1)
+        units: List[nn.Module] = []
+        for b in range(blocks):
+            parts: List[nn.Module] = []
+            if b == 0:
+                parts.append(nn.Linear(in_dim, width))
+            parts.append(ResidualBlock(width, hidden))
+            if b == blocks - 1:
+                parts += [nn.LayerNorm(width), nn.Linear(width, classes)]
+            units.append(nn.Sequential(*parts) if len(parts) > 1 else parts[0])
+        model = nn.Sequential(*units)
+    return Task("teacher", model, batches, F.cross_entropy, (x_eval, y_eval), accuracy,
+                lr={"sgd": 0.08, "adam": 2e-3, "adamw": 2e-3}, epochs=2)
+
+
+# ----------------------------------------------------------------------------- charlm
+
+
+def corpus_text() -> str:
+    """The English text shipped with the package (written for it; public domain)."""
+    return (DATA / "tiny_corpus.txt").read_text(encoding="utf-8")
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention (``scaled_dot_product_attention``)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class CharTransformerBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))``."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = CausalSelfAttention(width, heads)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class Embed(nn.Module):
+    """Token plus learned position embedding."""
+
+    def __init__(self, vocab: int, width: int, context: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.zeros(context, width))
+        nn.init.normal_(self.pos, std=0.02)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.tok(idx) + self.pos[: idx.shape[1]]
+
+
+class Head(nn.Module):
+    """Final layer norm and the vocabulary projection."""
+
+    def __init__(self, width: int, vocab: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(width)
+        self.out = nn.Linear(width, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.ln(x))
+
+
+@register_task("charlm")
+def charlm_task(depth: int = 8, seed: int = 0, *, blocks: int = 8, width: int = 64, heads: int = 4,
+                context: int = 32, batch_size: int = 16, num_batches: int = 120,
+                eval_fraction: float = 0.1) -> Task:
+    """A character-level causal transformer language model on the shipped text.
+
+    The text (about 10 KB) is split into a training part and a held-out tail
+    (``eval_fraction``). An epoch is ``num_batches`` minibatches of ``batch_size``
+    windows of ``context`` characters at seeded random offsets of the training part; the
+    target is the window shifted by one character. The metric is next-character accuracy
+    on non-overlapping windows of the held-out tail.
+    """
+    text = corpus_text()
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+    split = int(len(data) * (1 - eval_fraction))
+    train, held = data[:split], data[split:]
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(train) - context - 1, (num_batches, batch_size), generator=g)
+    offs = torch.arange(context)
+    batches = [(train[s[:, None] + offs], train[s[:, None] + offs + 1]) for s in starts]
+    n = (len(held) - 1) // context
+    eval_data = (held[: n * context].view(n, context), held[1: n * context + 1].view(n, context))
+    blocks = max(blocks, depth)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + 1)
+        units: List[nn.Module] = []
+        for b in range(blocks):
+            parts: List[nn.Module] = []
+            if b == 0:
+                parts.append(Embed(len(chars), width, context))
+            parts.append(CharTransformerBlock(width, heads))
+            if b == blocks - 1:
+                parts.append(Head(width, len(chars)))
+            units.append(nn.Sequential(*parts) if len(parts) > 1 else parts[0])
+        model = nn.Sequential(*units)
+    return Task("charlm", model, batches, _cross_entropy, eval_data, accuracy,
+                metric_name="next-char acc", lr={"sgd": 0.3, "adam": 3e-3, "adamw": 3e-3}, epochs=1)
+
+
+# ----------------------------------------------------------------------------- user tasks
+
+
+def from_entry_point(spec: str, depth: Optional[int] = None, seed: int = 0) -> Task:
+    """A task from a user function ``"package.module:function"``.
+
+    The function is called with no arguments and returns ``(model, batches)`` or
+    ``(model, batches, loss_fn)``:
+
+    * ``model``: an ``nn.Sequential`` (cut into ``depth`` stages by child count) or a list
+      of stage modules (the depth is then their number);
+    * ``batches``: an iterable of ``(input, target)`` minibatches (one epoch);
+    * ``loss_fn``: ``loss_fn(output, target)``; default cross-entropy.
+
+    No held-out metric is computed for entry points.
+    """
+    mod_name, _, fn_name = spec.partition(":")
+    if not mod_name or not fn_name:
+        raise ValueError(f"entry point must look like 'module:function', got {spec!r}")
+    fn = getattr(importlib.import_module(mod_name), fn_name)
+    out = fn()
+    if not isinstance(out, tuple) or len(out) not in (2, 3):
+        raise TypeError(f"{spec} must return (model, batches) or (model, batches, loss_fn), got {type(out).__name__}")
+    model, batches = out[0], list(out[1])
+    loss_fn: LossFn = out[2] if len(out) == 3 else F.cross_entropy
+    stages: Optional[List[nn.Module]] = None
+    if isinstance(model, (list, tuple)):
+        stages = list(model)
+        model = nn.Sequential(*stages)
+    elif not isinstance(model, nn.Sequential):
+        raise TypeError(f"{spec} must return an nn.Sequential or a list of stage modules, got {type(model).__name__}")
+    if not batches:
+        raise ValueError(f"{spec} returned no batches")
+    return Task(spec, model, batches, loss_fn, stages=stages)
+
+
+def evaluate(stages: Sequence[nn.Module], data: Batch, loss_fn: LossFn,
+             metric: Optional[Callable[[Tensor, Tensor], float]] = None,
+             devices: Optional[Sequence[Union[str, torch.device]]] = None,
+             batch_size: int = 512) -> Tuple[float, Optional[float]]:
+    """Held-out ``(loss, metric)`` of the stages run in sequence (each on its device)."""
+    x_all, y_all = data
+    total, count, outs = 0.0, 0, []
+    was = [m.training for m in stages]
+    for m in stages:
+        m.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x_all), batch_size):
+                h: Any = x_all[i:i + batch_size]
+                for k, m in enumerate(stages):
+                    dev = torch.device(devices[k]) if devices is not None else None
+                    if dev is not None:
+                        h = h.to(dev)
+                    h = m(h)
+                y = y_all[i:i + batch_size].to(h.device)
+                total += float(loss_fn(h, y)) * len(y)
+                count += len(y)
+                if metric is not None:
+                    outs.append(metric(h, y) * len(y))
+    finally:
+        for m, w in zip(stages, was):
+            m.train(w)
+    return total / count, (sum(outs) / count if metric is not None else None)
