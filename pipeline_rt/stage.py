@@ -34,7 +34,7 @@ from lookahead_opt.redirect import redirect
 
 from .methods import Method
 
-__all__ = ["Stage", "StageError", "as_tuple"]
+__all__ = ["Stage", "StageError", "as_tuple", "as_leaf"]
 
 Unit = Tuple[int, int]
 
@@ -52,6 +52,17 @@ def as_tuple(x: Any) -> Tuple[Tensor, ...]:
     raise TypeError(f"stage outputs must be a Tensor or a tuple of Tensors, got {type(x).__name__}")
 
 
+def as_leaf(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A stage boundary: ``t`` detached, as a leaf that collects its gradient when it is
+    floating point (or complex); ``None`` stays ``None``."""
+    if t is None:
+        return None
+    x = t.detach()
+    if x.is_floating_point() or x.is_complex():
+        x.requires_grad_(True)
+    return x
+
+
 def _shapes(ts: Sequence[Tensor]) -> str:
     return ", ".join(f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" for t in ts)
 
@@ -64,6 +75,7 @@ class _Record:
     outputs: Tuple[Tensor, ...] = ()
     loss: Optional[Tensor] = None
     version: int = 0
+    predicted: bool = False  # the forward ran on predicted weights (distance > 0)
     weights: Optional[List[Tensor]] = None      # the backward's weights, when not live/stashed
     forward_weights: Optional[List[Tensor]] = None  # prediction-error tracking only
     start_weights: Optional[List[Tensor]] = None    # prediction-error tracking only
@@ -100,6 +112,7 @@ class Stage:
         self.errors: List[Tensor] = []
         self.peak_in_flight = 0
         self.peak_versions = 1
+        self._buffer_used = False  # the predictor's reusable buffer exists
 
     @property
     def is_last(self) -> bool:
@@ -115,12 +128,15 @@ class Stage:
         stage, ``(loss * weight,)`` where ``weight`` scales the micro-batch's share.
         """
         m = self.method
-        rec = _Record(inputs=inputs, version=self.version)
-        predicted = m.forward == "predict"
+        distance = m.extra(self.index) + s
+        # predict(0) is the live weights: no prediction, no buffer
+        predicted = m.forward == "predict" and distance > 0
+        rec = _Record(inputs=inputs, version=self.version, predicted=predicted)
         if self.track_error and s > 0:
             rec.start_weights = [p.detach().clone() for p in self.params]
         if predicted:
-            self.optimizer.swap_in(m.extra(self.index) + s)
+            self.optimizer.swap_in(distance)
+            self._buffer_used = True
         try:
             with redirect(self.params, self._resolver(rec)):
                 try:
@@ -163,7 +179,13 @@ class Stage:
         rec = self._records.pop(unit)
         m = self.method
         if m.backward == "predict":
-            rec.weights = self.optimizer.predict(m.extra(self.index))
+            extra = m.extra(self.index)
+            if extra > 0:
+                rec.weights = self.optimizer.predict(extra)
+                self._buffer_used = True
+                self._count_versions()
+            else:
+                rec.weights = [p.detach() for p in self.params]
         if rec.forward_weights is not None:
             self._record_error(rec)
         if self.is_last:
@@ -172,7 +194,7 @@ class Stage:
             pairs = [(o, g) for o, g in zip(rec.outputs, grads) if o.requires_grad and g is not None]
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        if m.backward == "forward" and m.forward != "predict":
+        if m.backward == "forward" and not rec.predicted:
             self._release(rec.version)
         return tuple(x.grad if x.requires_grad else None for x in rec.inputs)
 
@@ -188,6 +210,14 @@ class Stage:
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
 
+    def clear(self) -> None:
+        """Drop everything in flight (after an interrupted run): the micro-batches' records,
+        stashed versions and accumulated gradients. Updates already applied stay."""
+        self._records.clear()
+        self._stash.clear()
+        self._refs.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def loss_of(self, unit: Unit) -> Tensor:
         """The (weighted) loss tensor of an in-flight micro-batch at the last stage."""
         return self._records[unit].loss
@@ -198,7 +228,7 @@ class Stage:
         policy, params = self.method.backward, self.params
         if policy == "live":
             return lambda i: params[i].detach()
-        if policy == "forward" and self.method.forward != "predict":
+        if policy == "forward" and not rec.predicted:
             stash, v = self._stash, rec.version
             return lambda i: stash[v][i] if v in stash else params[i].detach()
         return lambda i: rec.weights[i]
@@ -211,7 +241,7 @@ class Stage:
 
     def _count_versions(self) -> None:
         held = 1 + len(self._stash) + sum(r.weights is not None for r in self._records.values())
-        if self.method.predicts:
+        if self._buffer_used:
             held += 1  # the predictor's reusable buffer
         self.peak_versions = max(self.peak_versions, held)
 
