@@ -84,7 +84,8 @@ class Pipeline:
             (a tensor or a tuple of tensors) is stage ``k+1``'s input; the last stage's
             output and the target go to ``loss_fn``. Modules are moved to their device.
         devices: one device per stage; stages may share a device.
-        optimizer: ``optimizer(params) -> torch.optim.Optimizer``, called once per stage;
+        optimizer: ``optimizer(params) -> torch.optim.Optimizer``, called once per stage
+            that has parameters;
             each is wrapped in :class:`~lookahead_opt.PredictiveOptimizer` with the
             method's prediction rule.
         loss_fn: ``loss_fn(output, target) -> scalar tensor`` (mean-reduced for
@@ -125,8 +126,9 @@ class Pipeline:
             if not isinstance(module, nn.Module):
                 raise TypeError(f"stage {k} must be an nn.Module or a factory of one, got {type(module).__name__}")
             module.to(devices[k])
-            opt = PredictiveOptimizer(optimizer(module.parameters()), rule=self.method.rule,
-                                      strict=strict, check_finite=check_finite)
+            params = list(module.parameters())
+            opt = PredictiveOptimizer(optimizer(params), rule=self.method.rule, strict=strict,
+                                      check_finite=check_finite) if params else None
             return Stage(k, self.num_stages, module, opt, self.method, loss_fn,
                          check_finite=check_finite, track_error=track_error)
 

@@ -89,20 +89,21 @@ class Stage:
         index: k, the stage's position (0 = first).
         num_stages: N.
         module: the stage's module, already on its device.
-        optimizer: the stage's :class:`~lookahead_opt.PredictiveOptimizer`.
+        optimizer: the stage's :class:`~lookahead_opt.PredictiveOptimizer`; ``None`` for a
+            stage without parameters (its F and B still run, its STEP does nothing).
         method: the method's policy.
         loss_fn: ``loss_fn(output, target)``; used by the last stage only.
         check_finite: check the loss and the gradients at every step (one host sync each).
         track_error: measure the prediction error at every backward (see :attr:`errors`).
     """
 
-    def __init__(self, index: int, num_stages: int, module: nn.Module, optimizer: PredictiveOptimizer,
+    def __init__(self, index: int, num_stages: int, module: nn.Module, optimizer: Optional[PredictiveOptimizer],
                  method: Method, loss_fn: Optional[Callable[[Any, Any], Tensor]] = None, *,
                  check_finite: bool = False, track_error: bool = False) -> None:
         self.index, self.num_stages = index, num_stages
         self.module, self.optimizer, self.method, self.loss_fn = module, optimizer, method, loss_fn
         self.check_finite, self.track_error = check_finite, track_error
-        self.params: List[Tensor] = list(optimizer.params)
+        self.params: List[Tensor] = [] if optimizer is None else list(optimizer.params)
         self.names: List[str] = _param_names(module, self.params)
         self.version = 0  # STEPs done
         self._records: Dict[Unit, _Record] = {}
@@ -130,7 +131,7 @@ class Stage:
         m = self.method
         distance = m.extra(self.index) + s
         # predict(0) is the live weights: no prediction, no buffer
-        predicted = m.forward == "predict" and distance > 0
+        predicted = m.forward == "predict" and distance > 0 and bool(self.params)
         rec = _Record(inputs=inputs, version=self.version, predicted=predicted)
         if self.track_error and s > 0:
             rec.start_weights = [p.detach().clone() for p in self.params]
@@ -180,7 +181,7 @@ class Stage:
         m = self.method
         if m.backward == "predict":
             extra = m.extra(self.index)
-            if extra > 0:
+            if extra > 0 and self.params:
                 rec.weights = self.optimizer.predict(extra)
                 self._buffer_used = True
                 self._count_versions()
@@ -206,8 +207,9 @@ class Stage:
             self._count_versions()
         if self.check_finite:
             self._check_grads()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
 
     def clear(self) -> None:
@@ -216,7 +218,8 @@ class Stage:
         self._records.clear()
         self._stash.clear()
         self._refs.clear()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def loss_of(self, unit: Unit) -> Tensor:
         """The (weighted) loss tensor of an in-flight micro-batch at the last stage."""
