@@ -1,0 +1,195 @@
+"""Point-to-point messages between neighbouring pipeline ranks (``torch.distributed``).
+
+A :class:`Channel` is one direction of one stage boundary (activations ``k -> k+1`` or
+gradients ``k+1 -> k``). Its messages go in the order the global plan gives, which both
+ends derive from the same schedule, so they can never be out of order. The first message
+carries a small header (count, dtype and shape of every tensor, or "absent" for a ``None``
+gradient); later messages are checked against it on the sending side, so a shape change is
+a clear error instead of a hang or a garbled tensor.
+
+A :class:`Transport` posts the operations:
+
+* gloo: plain ``isend``/``irecv``, in order, each with its own tag (batched P2P has hung on
+  gloo elsewhere). Sends are posted at once and waited for lazily.
+* NCCL: ``batch_isend_irecv``. A NCCL send blocks its stream until the peer receives, so
+  sends are held back and posted in one batch with the next receive (or at :meth:`flush`):
+  two neighbours that send to each other before receiving then meet in one group.
+
+Every wait has a deadline (``work.wait(timeout)``); a failure or timeout is raised as
+:class:`CommError`, which the executor turns into an error naming the action and the peer.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["Channel", "CommError", "ShapeMismatch", "Transport", "Meta", "describe"]
+
+Tensors = Tuple[Optional[Tensor], ...]
+#: per tensor of a message: (dtype, shape), or None for an absent (``None``) tensor
+Meta = Tuple[Optional[Tuple[torch.dtype, Tuple[int, ...]]], ...]
+
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
+           torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+_ABSENT = -1
+
+
+class CommError(RuntimeError):
+    """A point-to-point operation failed or did not complete before its deadline."""
+
+
+class ShapeMismatch(ValueError):
+    """A message whose tensors differ from the first message on its channel."""
+
+
+def describe(tensors: Sequence[Optional[Tensor]]) -> Meta:
+    """The header of a message: dtype and shape of each tensor (None when absent)."""
+    return tuple(None if t is None else (t.dtype, tuple(t.shape)) for t in tensors)
+
+
+def format_meta(meta: Meta) -> str:
+    """``[(4, 8):float64, None]``-style text for error messages."""
+    parts = ["None" if m is None else f"{m[1]}:{str(m[0]).replace('torch.', '')}" for m in meta]
+    return "[" + ", ".join(parts) + "]"
+
+
+def _encode(meta: Meta) -> List[int]:
+    out = [len(meta)]
+    for m in meta:
+        if m is None:
+            out.append(_ABSENT)
+            continue
+        dtype, shape = m
+        if dtype not in _DTYPES:
+            raise TypeError(f"cannot send tensors of dtype {dtype} between stages")
+        out += [_DTYPES.index(dtype), len(shape), *shape]
+    return out
+
+
+def _decode(code: Sequence[int]) -> Meta:
+    it = iter(code)
+    meta = []
+    for _ in range(next(it)):
+        dtype = next(it)
+        if dtype == _ABSENT:
+            meta.append(None)
+            continue
+        ndim = next(it)
+        meta.append((_DTYPES[dtype], tuple(next(it) for _ in range(ndim))))
+    return tuple(meta)
+
+
+class Transport:
+    """Posts point-to-point operations and waits for them with a deadline.
+
+    Args:
+        device: where received tensors are allocated (CUDA for NCCL).
+        timeout: seconds any single wait may take before :class:`CommError`.
+        group: the process group (default: the default group).
+    """
+
+    def __init__(self, device: torch.device, timeout: float, group: Optional[dist.ProcessGroup] = None) -> None:
+        self.device, self.timeout, self.group = device, timeout, group
+        self.batched = dist.get_backend(group) == "nccl"
+        self._held: List[dist.P2POp] = []                         # NCCL sends not yet posted
+        self._sending: List[Tuple[dist.Work, Tensor, str]] = []   # posted sends, kept alive
+
+    def send(self, tensors: Sequence[Tensor], peer: int, tag: int, what: str) -> None:
+        """Send ``tensors`` (in order, tags ``tag, tag+1, ...``) to rank ``peer``."""
+        for i, t in enumerate(tensors):
+            t = t.contiguous()
+            if self.batched:
+                self._held.append(dist.P2POp(dist.isend, t, peer, self.group, tag + i))
+            else:
+                self._sending.append((dist.isend(t, peer, self.group, tag + i), t, what))
+        self._collect()
+
+    def recv(self, tensors: Sequence[Tensor], peer: int, tag: int, what: str) -> None:
+        """Receive into ``tensors`` from rank ``peer`` and wait for them (deadline: timeout)."""
+        if self.batched:
+            ops = self._held + [dist.P2POp(dist.irecv, t, peer, self.group, tag + i) for i, t in enumerate(tensors)]
+            sent = [op.tensor for op in self._held]
+            self._held = []
+            works = dist.batch_isend_irecv(ops)
+            self._sending += [(w, t, what) for w, t in zip(works, sent)]
+            works = works[len(sent):]
+        else:
+            works = [dist.irecv(t, peer, self.group, tag + i) for i, t in enumerate(tensors)]
+        for w in works:
+            self.wait(w, what)
+
+    def flush(self) -> None:
+        """Post the held sends and wait until every posted send has completed."""
+        if self._held:
+            ops, self._held = self._held, []
+            self._sending += [(w, op.tensor, "send") for w, op in zip(dist.batch_isend_irecv(ops), ops)]
+        sending, self._sending = self._sending, []
+        for w, _, what in sending:
+            self.wait(w, what)
+
+    def _collect(self) -> None:
+        """Drop the sends that have completed (polls; never blocks)."""
+        self._sending = [s for s in self._sending if not s[0].is_completed()]
+
+    def wait(self, work: dist.Work, what: str) -> None:
+        """Wait for ``work`` until the deadline; :class:`CommError` on failure or timeout."""
+        try:
+            done = work.wait(timedelta(seconds=self.timeout))
+        except RuntimeError as e:
+            raise CommError(f"{what} failed: {e}") from e
+        if done is False:
+            raise CommError(f"{what} did not complete within {self.timeout:g} s")
+
+
+class Channel:
+    """The ordered messages from one rank to another across one stage boundary.
+
+    Args:
+        transport: the :class:`Transport` to post on.
+        peer: the other end's rank.
+        name: what the messages are, for errors (``"activations of stage 0"``).
+    """
+
+    def __init__(self, transport: Transport, peer: int, name: str) -> None:
+        self.transport, self.peer, self.name = transport, peer, name
+        self.meta: Optional[Meta] = None
+        self._tag = 0
+
+    def _tags(self, count: int) -> int:
+        tag, self._tag = self._tag, (self._tag + count) % (1 << 30)
+        return tag
+
+    def send(self, tensors: Tensors, what: str) -> None:
+        """Send one message (the header first, on the channel's first message)."""
+        meta = describe(tensors)
+        if self.meta is None:
+            code = torch.tensor(_encode(meta), dtype=torch.int64, device=self.transport.device)
+            size = torch.tensor([code.numel()], dtype=torch.int64, device=self.transport.device)
+            self.transport.send([size, code], self.peer, self._tags(2), f"{what} (header)")
+            self.meta = meta
+        elif meta != self.meta:
+            raise ShapeMismatch(
+                f"the {self.name} are {format_meta(meta)} but were {format_meta(self.meta)} for the first "
+                f"micro-batch; shapes are exchanged once, so every micro-batch must have the same shapes "
+                f"(drop or pad a smaller last batch)")
+        present = [t for t in tensors if t is not None]
+        self.transport.send(present, self.peer, self._tags(len(present)), what)
+
+    def recv(self, what: str) -> Tensors:
+        """Receive one message (its header first, on the channel's first message)."""
+        dev = self.transport.device
+        if self.meta is None:
+            size = torch.empty(1, dtype=torch.int64, device=dev)
+            tag = self._tags(2)
+            self.transport.recv([size], self.peer, tag, f"{what} (header size)")
+            code = torch.empty(int(size.item()), dtype=torch.int64, device=dev)
+            self.transport.recv([code], self.peer, tag + 1, f"{what} (header)")
+            self.meta = _decode(code.tolist())
+        out = [None if m is None else torch.empty(m[1], dtype=m[0], device=dev) for m in self.meta]
+        present = [t for t in out if t is not None]
+        self.transport.recv(present, self.peer, self._tags(len(present)), what)
+        return tuple(out)

@@ -1,0 +1,157 @@
+"""Shared by tests/test_dist.py and tests/test_checkpoint.py: a tiny float64 pipeline, the
+oracle run (the local executor in this process) and a launcher of gloo worker processes.
+
+Workers are forked from a forkserver that has imported torch once, so a launch of four
+ranks costs well under a second instead of four cold interpreter starts.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import multiprocessing.connection as mp_connection
+import os
+import signal
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from pipeline_rt.pipeline import Pipeline
+
+WIDTH, ROWS, MINIBATCHES = 4, 8, 6
+
+
+class Fault(nn.Module):
+    """Wraps a stage: sleeps ``seconds`` before every forward, and on forward number
+    ``at`` (counting from 1) kills this process (``kill``) or sleeps ``stall`` seconds."""
+
+    def __init__(self, inner: nn.Module, seconds: float = 0.0, at: int = 0, kill: bool = False,
+                 stall: float = 0.0) -> None:
+        super().__init__()
+        self.inner, self.seconds, self.at, self.kill, self.stall = inner, seconds, at, kill, stall
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(self.seconds)  # an injected slow stage, not synchronisation
+        if self.calls == self.at:
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(self.stall)  # an injected stall
+        return self.inner(x)
+
+
+@dataclass
+class Spec:
+    """One launch: the pipeline, the faults to inject, what to run."""
+
+    world: int
+    methods: Tuple[str, ...] = ("sync", "pipedream", "pipeoptim")
+    faults: Dict[int, Dict[str, Any]] = field(default_factory=dict)  # stage -> Fault kwargs
+    timeout: float = 60.0
+    train: Dict[str, Any] = field(default_factory=dict)  # extra train() kwargs
+    minibatches: int = MINIBATCHES
+
+
+def make_stage(k: int, n: int) -> nn.Module:
+    """Stage ``k`` of ``n``: deterministic float64 weights from a per-stage seed."""
+    g = torch.Generator().manual_seed(1000 + k)
+    lin = nn.Linear(WIDTH, 1 if k == n - 1 else WIDTH).double()
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+    return lin if k == n - 1 else nn.Sequential(lin, nn.Tanh())
+
+
+def batches(count: int = MINIBATCHES) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(ROWS, WIDTH, generator=g, dtype=torch.float64),
+             torch.randn(ROWS, 1, generator=g, dtype=torch.float64)) for _ in range(count)]
+
+
+def pipeline(spec: Spec, method: str, backend: str) -> Pipeline:
+    """The pipeline of ``spec`` (faults injected with ``backend="dist"`` only)."""
+    n = spec.world
+
+    def factory(k: int):
+        def build() -> nn.Module:
+            module = make_stage(k, n)
+            return Fault(module, **spec.faults[k]) if backend == "dist" and k in spec.faults else module
+        return build
+
+    return Pipeline([factory(k) for k in range(n)], ["cpu"] * n, lambda ps: torch.optim.Adam(ps, lr=0.05),
+                    nn.functional.mse_loss, method=method, backend=backend)
+
+
+def weights(module: Optional[nn.Module]) -> Dict[str, torch.Tensor]:
+    """A stage's parameters (a :class:`Fault` wrapper's prefix removed)."""
+    inner = module.inner if isinstance(module, Fault) else module
+    return {n: p.detach().clone() for n, p in inner.named_parameters()}
+
+
+def oracle(spec: Spec, method: str) -> Tuple[List[float], List[Dict[str, torch.Tensor]]]:
+    """Losses and final weights of the local executor on the same pipeline and data."""
+    pipe = pipeline(spec, method, "local")
+    losses = pipe.train(batches(spec.minibatches))
+    return losses, [weights(m) for m in pipe.stages]
+
+
+def _worker(rank: int, spec: Spec, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(spec.world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      PIPELINE_RT_TIMEOUT=str(spec.timeout))
+    torch.set_num_threads(1)
+    result: Dict[str, Any] = {}
+    try:
+        for method in spec.methods:
+            pipe = pipeline(spec, method, "dist")
+            losses = pipe.train(batches(spec.minibatches), **spec.train)
+            result[method] = (losses, weights(pipe.stages[rank]))
+    except BaseException:
+        Path(out, f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    torch.save(result, Path(out, f"rank{rank}.pt"))
+
+
+@dataclass
+class Outcome:
+    """What a launch left: exit codes, per-rank results or error texts, wall time."""
+
+    exitcodes: List[Optional[int]]
+    results: List[Optional[Dict[str, Any]]]
+    errors: List[str]
+    seconds: float
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(spec: Spec, out: Path, deadline: float = 60.0, wait_for: Optional[Sequence[int]] = None) -> Outcome:
+    """Run ``spec.world`` gloo ranks; wait until the ranks ``wait_for`` (default: all) have
+    exited, at most ``deadline`` s, then kill what is left."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "pipeline_rt.pipeline", "pipeline_rt.dist"])
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, spec, port, str(out))) for r in range(spec.world)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    waiting = {procs[r].sentinel for r in (range(spec.world) if wait_for is None else wait_for)}
+    while waiting and time.monotonic() - t0 < deadline:
+        waiting -= set(mp_connection.wait(list(waiting), deadline - (time.monotonic() - t0)))
+    seconds = time.monotonic() - t0
+    codes = [p.exitcode for p in procs]  # None: still running at the deadline
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    results = [torch.load(out / f"rank{r}.pt") if (out / f"rank{r}.pt").exists() else None for r in range(spec.world)]
+    errors = [(out / f"rank{r}.err").read_text() if (out / f"rank{r}.err").exists() else "" for r in range(spec.world)]
+    return Outcome(codes, results, errors, seconds)

@@ -1,0 +1,68 @@
+"""The distributed executor against the local one: gloo processes on CPU, float64.
+
+Every test launches real ranks (see :func:`dist_worker.launch`) and compares with the oracle,
+the local executor run in this process on the same stages, data and seeds: losses and final
+weights must be identical, not close.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from dist_worker import Outcome, Spec, launch, oracle
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+
+def assert_matches_local(spec: Spec, out: Outcome) -> None:
+    assert out.exitcodes == [0] * spec.world, out.errors
+    for method in spec.methods:
+        losses, weights = oracle(spec, method)
+        for rank, result in enumerate(out.results):
+            got_losses, got_weights = result[method]
+            assert got_losses == losses, f"{method}: rank {rank} losses differ from the local executor's"
+            for name, w in weights[rank].items():
+                assert torch.equal(got_weights[name], w), f"{method}: stage {rank} {name} differs"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_same_losses_and_weights_as_local(world, tmp_path):
+    spec = Spec(world=world)
+    assert_matches_local(spec, launch(spec, tmp_path))
+
+
+def test_slow_stage_changes_nothing(tmp_path):
+    spec = Spec(world=4, faults={1: {"seconds": 0.02}})
+    assert_matches_local(spec, launch(spec, tmp_path))
+
+
+def _assert_names_failure(err: str, stage: int) -> None:
+    assert f"pipeline stage {stage} (rank {stage}) failed at action" in err, err
+    assert re.search(r"with stage \d \(rank \d\)", err), err
+    assert ">>" in err and "<<" in err and f"stage {stage}:" in err, "the schedule table with the mark"
+
+
+def test_killed_rank_makes_the_others_exit_nonzero(tmp_path):
+    timeout = 5.0
+    spec = Spec(world=4, methods=("pipeoptim",), timeout=timeout, faults={2: {"at": 3, "kill": True}})
+    out = launch(spec, tmp_path, deadline=4 * timeout)
+    assert out.exitcodes[2] == -9
+    for rank in (0, 1, 3):
+        assert out.exitcodes[rank] not in (0, None), f"rank {rank} exited with {out.exitcodes[rank]}"
+    # neighbours of the dead rank see the connection drop and name it as the peer
+    for rank in (1, 3):
+        _assert_names_failure(out.errors[rank], rank)
+        assert "with stage 2 (rank 2)" in out.errors[rank]
+
+
+def test_stalled_rank_times_out_the_others(tmp_path):
+    timeout = 1.5
+    spec = Spec(world=2, methods=("pipedream",), timeout=timeout, faults={0: {"at": 3, "stall": 30.0}})
+    out = launch(spec, tmp_path, deadline=8 * timeout, wait_for=[1])
+    assert out.seconds < 4 * timeout
+    assert out.exitcodes[1] == 1, "the waiting rank fails by itself within the timeout"
+    assert out.exitcodes[0] is None, "the stalled rank is still asleep (killed by the test)"
+    _assert_names_failure(out.errors[1], 1)
+    assert "with stage 0 (rank 0)" in out.errors[1] and "1.5 s" in out.errors[1]
