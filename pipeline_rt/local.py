@@ -24,6 +24,9 @@ tensor by its copy.
 Losses. The last stage adds each micro-batch's weighted loss into a device tensor of
 per-minibatch losses, returned at the end; reading it is the caller's single host sync.
 
+Mixed pipelines. A CPU stage fed by a GPU stage has no stream to wait on: the host waits
+for the copy's event there (the only host synchronisation in the loop, and only then).
+
 Errors. The loop is plain single-threaded Python: an exception in any stage propagates
 at once (no worker thread, no peer waiting on a message), so it cannot hang.
 """
@@ -199,7 +202,9 @@ class LocalExecutor(Executor):
             wait(src_s, parcel.ready)
             with use_streams(src_s, dst_s):
                 moved = tuple(None if t is None else t.to(dst_dev, non_blocking=True) for t in tensors)
-            ready = record(dst_s)  # the copy is ordered before it on the destination's copy stream
+            # the copy is ordered before this on the destination's copy stream (or, into host
+            # memory, on the source's)
+            ready = record(dst_s if dst_dev.type == "cuda" else src_s)
             self.lifetimes.keep(ready, tensors)
             parcel = _Parcel(moved, ready)
         else:
@@ -227,7 +232,8 @@ class LocalExecutor(Executor):
             if t.device != device:
                 wait(stream, self._current_event(t.device))
         with use_streams(stream):
-            moved = tuple(t.to(device, non_blocking=True) for t in tensors)
+            # into host memory: a plain blocking copy (a CPU stage has no stream to order it on)
+            moved = tuple(t.to(device, non_blocking=device.type == "cuda") for t in tensors)
         return _Parcel(moved, record(stream))
 
     def _move_target(self, target: Any, device: torch.device, held: List[Tensor], stream: AnyStream) -> Any:

@@ -74,7 +74,11 @@ def record(stream: AnyStream) -> AnyEvent:
 
 
 def wait(stream: AnyStream, event: AnyEvent) -> None:
-    """Make later work on ``stream`` wait for ``event`` (on the device, never the host)."""
-    if isinstance(stream, CPUStream) or isinstance(event, CPUEvent):
+    """Make later work on ``stream`` wait for ``event``: on the device, except that a CPU
+    placeholder waiting for a CUDA event (a CPU stage fed by a GPU one) must block the host."""
+    if isinstance(event, CPUEvent):
+        return
+    if isinstance(stream, CPUStream):
+        event.synchronize()
         return
     stream.wait_event(event)

@@ -1,0 +1,132 @@
+"""The local executor on CUDA: same results as on CPU, no host sync, streams that overlap.
+
+Run on a GPU machine with ``pytest -m cuda`` (benchmarks/gpu_checks.sh); skipped cleanly
+without one.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from pipeline_rt import Pipeline, split_by_balance
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DT = torch.float64
+SGDM = lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)  # noqa: E731
+ADAM = lambda ps: torch.optim.Adam(ps, lr=0.01)  # noqa: E731
+CLOSE = dict(rtol=1e-9, atol=1e-10)  # float64 GEMMs on GPU round differently from CPU
+METHODS = [("sync", {}), ("1f1b-flush", {}), ("async", {}), ("pipedream", {}), ("2bw", {}),
+           ("spectrain", {}), ("pipeoptim", {}), ("pipeoptim", {"backward": "predicted"})]
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16, dtype=DT), nn.Tanh(), nn.Linear(16, 16, dtype=DT), nn.Tanh(),
+                         nn.Linear(16, 16, dtype=DT), nn.Tanh(), nn.Linear(16, 3, dtype=DT))
+
+
+def data(num=6, rows=8):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(rows, 5, generator=g, dtype=DT), torch.randn(rows, 3, generator=g, dtype=DT))
+            for _ in range(num)]
+
+
+def run(devices, method, kw, make_opt, batches):
+    stages = split_by_balance(copy.deepcopy(mlp()), [2, 2, 2, 1])
+    pipe = Pipeline(stages, devices, make_opt, nn.functional.mse_loss, method=method, **kw)
+    losses = pipe.train(batches)
+    return losses, [p.detach().cpu() for s in pipe.stages for p in s.parameters()]
+
+
+def device_sets():
+    sets = [["cuda:0"] * 4, ["cpu", "cuda:0", "cuda:0", "cpu"]]
+    if torch.cuda.device_count() >= 2:
+        sets.append(["cuda:0", "cuda:0", "cuda:1", "cuda:1"])
+    return sets
+
+
+@pytest.mark.parametrize("devices", device_sets(), ids=lambda d: "-".join(d))
+@pytest.mark.parametrize("method,kw", METHODS, ids=[m + "-".join(kw.values()) for m, kw in METHODS])
+@pytest.mark.parametrize("make_opt", [SGDM, ADAM], ids=["sgdm", "adam"])
+def test_cuda_matches_cpu(devices, method, kw, make_opt):
+    batches = data()
+    want_losses, want = run(["cpu"] * 4, method, kw, make_opt, batches)
+    losses, got = run(devices, method, kw, make_opt, batches)
+    assert_close(losses, want_losses, **CLOSE)
+    for p, q in zip(got, want):
+        assert_close(p, q, **CLOSE)
+
+
+@pytest.mark.parametrize("method", ["pipeoptim", "pipedream", "2bw"])
+def test_no_host_sync_on_cuda(method):
+    stages = split_by_balance(copy.deepcopy(mlp()), [2, 2, 2, 1])
+    pipe = Pipeline(stages, ["cuda:0"] * 4, SGDM, nn.functional.mse_loss, method=method, track_error=True)
+    plan = pipe.plan([(x.cuda(), y.cuda()) for x, y in data()])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = pipe.executor.run(plan)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(losses).all()
+
+
+class Sleep(torch.autograd.Function):
+    """Identity whose forward and backward each spin the GPU for ``cycles`` clock cycles."""
+
+    @staticmethod
+    def forward(ctx, x, cycles):
+        ctx.cycles = cycles
+        torch.cuda._sleep(cycles)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        torch.cuda._sleep(ctx.cycles)
+        return g.clone(), None
+
+
+class Sleeper(nn.Module):
+    def __init__(self, cycles):
+        super().__init__()
+        self.cycles = cycles
+        self.w = nn.Parameter(torch.ones(1, device="cuda"))
+
+    def forward(self, x):
+        return Sleep.apply(x * self.w, self.cycles)
+
+
+def _timed(num_stages, cycles, minibatches):
+    pipe = Pipeline([Sleeper(cycles) for _ in range(num_stages)], ["cuda:0"] * num_stages,
+                    lambda ps: torch.optim.SGD(ps, lr=0.0), lambda out, y: (out - y).pow(2).mean(), method="async")
+    batches = [(torch.ones(4, 1, device="cuda"), torch.zeros(4, 1, device="cuda"))] * minibatches
+    pipe.train(batches[:2])  # warm-up (allocator, kernels)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    pipe.train(batches)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def test_stage_streams_overlap():
+    """N stages on one GPU, one stream each: async 1F1B over M minibatches takes about
+    (M + N - 1) stage-times on an ideal machine, against N * M if the streams serialised."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(1_000_000)
+    end.record()
+    torch.cuda.synchronize()
+    cycles = int(1_000_000 * 5.0 / max(start.elapsed_time(end), 1e-3))  # about 5 ms per pass
+    n, m = 4, 12
+    one = _timed(1, cycles, m)
+    many = _timed(n, cycles, m)
+    assert many < 0.6 * n * one, f"{n} stages took {many:.3f}s, one stage {one:.3f}s: streams do not overlap"
