@@ -15,6 +15,12 @@ single-device training.
 
 Every :meth:`Pipeline.train` call runs the method's full schedule over its batches and
 drains (all updates applied before it returns); the prediction distances restart with it.
+
+Errors. Shapes that do not chain fail at the first micro-batch's forward, before any
+update (:class:`~pipeline_rt.stage.StageError` names the stage and the input shapes). An
+exception in a stage propagates from :meth:`Pipeline.train` as is: the local executor is a
+single-threaded loop with no worker to wait for, so it cannot hang; the in-flight state is
+dropped (updates already applied stay) and the pipeline can train again.
 """
 from __future__ import annotations
 
