@@ -29,7 +29,7 @@ from torch import Tensor
 from .executor import Executor, Plan
 from .p2p import Channel, CommError, ShapeMismatch, Tensors, Transport
 from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, Schedule
-from .stage import Stage
+from .stage import Stage, as_leaf
 
 __all__ = ["DistExecutor", "PipelineCommError", "init_distributed", "rank_device", "DEFAULT_TIMEOUT"]
 
@@ -164,6 +164,20 @@ class DistExecutor(Executor):
         self._guard(sched, None, None, self.transport.flush)
         return self._gather_losses(sched)
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def transit(self) -> Dict[Key, Tensors]:
+        """The messages received and not yet used at the end of the last range (those sent
+        before its end for actions after it included); see :mod:`pipeline_rt.checkpoint`."""
+        if self._outbox:
+            raise RuntimeError(f"stage {self.rank}: {sorted(self._outbox)} produced but not sent at the end of the range")
+        return dict(self.inbox)
+
+    def resume(self, plan: Plan, transit: Dict[Key, Tensors]) -> None:
+        """Continue ``plan`` from a checkpoint: ``transit`` becomes the inbox."""
+        self._outbox.clear()
+        self.inbox = {key: tuple(as_leaf(t) for t in ts) if key[0] == F else ts for key, ts in transit.items()}
+
     # ------------------------------------------------------------------ actions
 
     def _forward(self, plan: Plan, a: Action) -> None:
@@ -209,7 +223,7 @@ class DistExecutor(Executor):
         if key in self.inbox:  # carried over from the previous range or a checkpoint
             return
         msg = self._guard(plan.schedule, a, src, lambda: self._from[a.kind].recv(f"{a.kind} {a}"))
-        self.inbox[key] = tuple(_leaf(t) for t in msg) if kind == F else msg
+        self.inbox[key] = tuple(as_leaf(t) for t in msg) if kind == F else msg
 
     # ------------------------------------------------------------------ helpers
 
@@ -251,13 +265,6 @@ def carried(plan: Plan, stop: int, stage: int) -> List[Action]:
             if index[send] < stop:
                 out.append(a)
     return out
-
-
-def _leaf(t: Optional[Tensor]) -> Optional[Tensor]:
-    """A stage boundary: a leaf that collects its gradient (floating and complex tensors)."""
-    if t is not None and (t.is_floating_point() or t.is_complex()):
-        t.requires_grad_(True)
-    return t
 
 
 def _to(x: Any, device: torch.device) -> Any:

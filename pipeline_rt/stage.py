@@ -19,12 +19,19 @@ the backward must use:
 
 Gradients reach the parameters themselves (they are the autograd leaves whatever their
 ``.data`` holds), so micro-batches accumulate and ``STEP`` applies the sum.
+
+Checkpoints. An autograd graph cannot be saved, so a micro-batch in flight at a checkpoint
+is re-run at resume: the forwards of the units in :attr:`Stage.retain` (chosen from the
+schedule, see :mod:`pipeline_rt.checkpoint`) keep a :class:`Replay` (inputs, a copy of the
+weights they ran on, the RNG state, the version), and :meth:`Stage.load_state_dict` re-runs
+them, so their backwards see the same graph and the same redirected weights.
 """
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +41,7 @@ from lookahead_opt.redirect import redirect
 
 from .methods import Method
 
-__all__ = ["Stage", "StageError", "as_tuple", "as_leaf"]
+__all__ = ["Stage", "StageError", "Replay", "as_tuple", "as_leaf"]
 
 Unit = Tuple[int, int]
 
@@ -82,6 +89,20 @@ class _Record:
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Replay:
+    """What it takes to re-run one forward exactly (a checkpointed in-flight micro-batch)."""
+
+    unit: Unit
+    inputs: Tuple[Tensor, ...]  # the forward's inputs (leaves; requires_grad as they were)
+    weights: List[Tensor]      # a copy of the weights the forward ran on (live or predicted)
+    version: int               # the STEPs done at the forward
+    predicted: bool
+    rng: Tuple[Tensor, Optional[Tensor]]  # CPU and (on CUDA) device RNG states at the forward
+    target: Any = None
+    weight: float = 1.0
+
+
 class Stage:
     """A stage of the pipeline.
 
@@ -114,6 +135,9 @@ class Stage:
         self.peak_in_flight = 0
         self.peak_versions = 1
         self._buffer_used = False  # the predictor's reusable buffer exists
+        #: units whose forward keeps a :class:`Replay` (in flight at a planned checkpoint)
+        self.retain: Set[Unit] = set()
+        self._replays: Dict[Unit, Replay] = {}
 
     @property
     def is_last(self) -> bool:
@@ -128,39 +152,41 @@ class Stage:
         Returns the outputs to send on (detach them before sending), or, at the last
         stage, ``(loss * weight,)`` where ``weight`` scales the micro-batch's share.
         """
+        return self._forward(unit, inputs, s, target, weight, None)
+
+    def _forward(self, unit: Unit, inputs: Tuple[Tensor, ...], s: int, target: Any, weight: float,
+                 replay: Optional[Replay]) -> Tuple[Tensor, ...]:
         m = self.method
         distance = m.extra(self.index) + s
         # predict(0) is the live weights: no prediction, no buffer
         predicted = m.forward == "predict" and distance > 0 and bool(self.params)
-        rec = _Record(inputs=inputs, version=self.version, predicted=predicted)
-        if self.track_error and s > 0:
+        if replay is not None:
+            predicted = replay.predicted
+        rec = _Record(inputs=inputs, version=self.version if replay is None else replay.version, predicted=predicted)
+        keep = replay is None and unit in self.retain
+        track = self.track_error and s > 0 and replay is None  # a replay has no start weights
+        if track:
             rec.start_weights = [p.detach().clone() for p in self.params]
-        if predicted:
-            self.optimizer.swap_in(distance)
-            self._buffer_used = True
-        try:
-            with redirect(self.params, self._resolver(rec)):
-                try:
-                    out = self.module(*inputs)
-                    if self.is_last:
-                        out = self.loss_fn(out, target) * weight
-                except (RuntimeError, TypeError, ValueError) as e:
-                    what = "loss_fn" if self.is_last and "out" in locals() else "forward"
-                    raise StageError(
-                        f"stage {self.index} {what} failed on micro-batch {unit} with inputs of shapes "
-                        f"[{_shapes(inputs)}]: {e}. The previous stage's outputs must match this stage's "
-                        f"inputs (check the split of the model).") from e
-            if predicted and (m.backward == "forward" or self.track_error):
-                snap = [p.detach().clone() for p in self.params]
-                if m.backward == "forward":
-                    rec.weights = snap
-                if self.track_error and s > 0:
-                    rec.forward_weights = snap
-        finally:
-            if predicted:
-                self.optimizer.swap_out()
-        if self.track_error and s > 0 and rec.forward_weights is None:
-            rec.forward_weights = rec.start_weights
+        rng = self.rng_state() if keep else None
+        with self._weights_for(distance, predicted, replay), redirect(self.params, self._resolver(rec)):
+            try:
+                out = self.module(*inputs)
+                if self.is_last:
+                    out = self.loss_fn(out, target) * weight
+            except (RuntimeError, TypeError, ValueError) as e:
+                what = "loss_fn" if self.is_last and "out" in locals() else "forward"
+                raise StageError(
+                    f"stage {self.index} {what} failed on micro-batch {unit} with inputs of shapes "
+                    f"[{_shapes(inputs)}]: {e}. The previous stage's outputs must match this stage's "
+                    f"inputs (check the split of the model).") from e
+            need = keep or (predicted and (m.backward == "forward" or track))
+            snap = [p.detach().clone() for p in self.params] if need else []
+        if predicted and m.backward == "forward":
+            rec.weights = snap
+        if track:
+            rec.forward_weights = snap if predicted else rec.start_weights
+        if keep:
+            self._replays[unit] = Replay(unit, inputs, snap, rec.version, predicted, rng, target, weight)
         outs = as_tuple(out)
         if self.is_last:
             rec.loss = outs[0]
@@ -178,6 +204,7 @@ class Stage:
     def backward(self, unit: Unit, grads: Optional[Tuple[Optional[Tensor], ...]] = None) -> Tuple[Optional[Tensor], ...]:
         """Backward of micro-batch ``unit``; returns the gradients of its inputs."""
         rec = self._records.pop(unit)
+        self._replays.pop(unit, None)
         m = self.method
         if m.backward == "predict":
             extra = m.extra(self.index)
@@ -216,6 +243,7 @@ class Stage:
         """Drop everything in flight (after an interrupted run): the micro-batches' records,
         stashed versions and accumulated gradients. Updates already applied stay."""
         self._records.clear()
+        self._replays.clear()
         self._stash.clear()
         self._refs.clear()
         if self.optimizer is not None:
@@ -225,7 +253,79 @@ class Stage:
         """The (weighted) loss tensor of an in-flight micro-batch at the last stage."""
         return self._records[unit].loss
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything of this stage between two actions: module, optimizer (with the
+        predictor's state), STEPs done, stashed versions, accumulated gradients and a
+        :class:`Replay` per micro-batch in flight (each must be in :attr:`retain`)."""
+        missing = [u for u in self._records if u not in self._replays]
+        if missing:
+            raise RuntimeError(f"stage {self.index}: micro-batches {missing} are in flight but their forwards were "
+                               f"not retained; set Stage.retain before the run (pipeline_rt.checkpoint does)")
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "version": self.version,
+            "stash": self._stash,
+            "grads": [p.grad for p in self.params],
+            "replays": [self._replays[u] for u in self._records],
+        }
+
+    def load_state_dict(self, state: Dict[str, Any], s: Callable[[Unit], int]) -> None:
+        """Restore :meth:`state_dict` and re-run the in-flight forwards (``s(unit)`` gives
+        their prediction distance); the RNG is left as it was. Module buffers that the
+        forwards update (e.g. running statistics) end as saved."""
+        self.clear()
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.version = state["version"]
+        self._stash = {v: list(ws) for v, ws in state["stash"].items()}
+        for p, g in zip(self.params, state["grads"]):
+            p.grad = g
+        for r in state["replays"]:
+            with torch.random.fork_rng(devices=_cuda_devices(self.params)):
+                self.set_rng_state(r.rng)
+                self._forward(r.unit, r.inputs, s(r.unit), r.target, r.weight, r)
+            self._replays[r.unit] = r
+        self.module.load_state_dict(state["module"])
+
     # ------------------------------------------------------------------ helpers
+
+    def rng_state(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """The process's CPU RNG state and, for a stage on a CUDA device, that device's."""
+        cuda = _cuda_devices(self.params)
+        return torch.get_rng_state(), torch.cuda.get_rng_state(cuda[0]) if cuda else None
+
+    def set_rng_state(self, state: Tuple[Tensor, Optional[Tensor]]) -> None:
+        """Restore :meth:`rng_state`."""
+        torch.set_rng_state(state[0])
+        cuda = _cuda_devices(self.params)
+        if cuda and state[1] is not None:
+            torch.cuda.set_rng_state(state[1], cuda[0])
+
+    @contextmanager
+    def _weights_for(self, distance: int, predicted: bool, replay: Optional[Replay]) -> Iterator[None]:
+        """The parameters hold the forward's weights inside the block: a replay's, a
+        prediction, or the live ones."""
+        if replay is not None:
+            live = [p.data for p in self.params]
+            for p, w in zip(self.params, replay.weights):
+                p.data = w
+            try:
+                yield
+            finally:
+                for p, w in zip(self.params, live):
+                    p.data = w
+        elif predicted:
+            self.optimizer.swap_in(distance)
+            self._buffer_used = True
+            try:
+                yield
+            finally:
+                self.optimizer.swap_out()
+        else:
+            yield
 
     def _resolver(self, rec: _Record) -> Callable[[int], Tensor]:
         policy, params = self.method.backward, self.params
@@ -260,6 +360,11 @@ class Stage:
                 raise FloatingPointError(
                     f"stage {self.index}: gradient of {name} {tuple(p.shape)} is not finite before STEP "
                     f"{self.version}; lower the learning rate or check the inputs")
+
+
+def _cuda_devices(params: Sequence[Tensor]) -> List[torch.device]:
+    """The (first) CUDA device the parameters are on, as a list for ``fork_rng``."""
+    return sorted({p.device for p in params if p.device.type == "cuda"}, key=str)[:1]
 
 
 def _norm(ts: List[Tensor]) -> Tensor:
