@@ -53,18 +53,19 @@ class Spec:
     methods: Tuple[str, ...] = ("sync", "pipedream", "pipeoptim")
     faults: Dict[int, Dict[str, Any]] = field(default_factory=dict)  # stage -> Fault kwargs
     timeout: float = 60.0
-    train: Dict[str, Any] = field(default_factory=dict)  # extra train() kwargs
+    train: Dict[str, Any] = field(default_factory=dict)  # extra train() kwargs; "{method}" in strings
     minibatches: int = MINIBATCHES
+    dropout: float = 0.0  # makes the run depend on the RNG streams
 
 
-def make_stage(k: int, n: int) -> nn.Module:
+def make_stage(k: int, n: int, dropout: float = 0.0) -> nn.Module:
     """Stage ``k`` of ``n``: deterministic float64 weights from a per-stage seed."""
     g = torch.Generator().manual_seed(1000 + k)
     lin = nn.Linear(WIDTH, 1 if k == n - 1 else WIDTH).double()
     with torch.no_grad():
         for p in lin.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
-    return lin if k == n - 1 else nn.Sequential(lin, nn.Tanh())
+    return lin if k == n - 1 else nn.Sequential(lin, nn.Tanh(), nn.Dropout(dropout))
 
 
 def batches(count: int = MINIBATCHES) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -79,7 +80,7 @@ def pipeline(spec: Spec, method: str, backend: str) -> Pipeline:
 
     def factory(k: int):
         def build() -> nn.Module:
-            module = make_stage(k, n)
+            module = make_stage(k, n, spec.dropout)
             return Fault(module, **spec.faults[k]) if backend == "dist" and k in spec.faults else module
         return build
 
@@ -109,7 +110,8 @@ def _worker(rank: int, spec: Spec, port: int, out: str) -> None:
     try:
         for method in spec.methods:
             pipe = pipeline(spec, method, "dist")
-            losses = pipe.train(batches(spec.minibatches), **spec.train)
+            kwargs = {k: v.format(method=method) if isinstance(v, str) else v for k, v in spec.train.items()}
+            losses = pipe.train(batches(spec.minibatches), **kwargs)
             result[method] = (losses, weights(pipe.stages[rank]))
     except BaseException:
         Path(out, f"rank{rank}.err").write_text(traceback.format_exc())
