@@ -135,15 +135,15 @@ class LocalExecutor(Executor):
         self._join_current()  # compute streams see the weights/inputs made on current streams
         handlers = {F: self._forward, B: self._backward, STEP: self._step, SEND_F: self._send,
                     SEND_B: self._send, RECV_F: self._receive, RECV_B: self._receive}
-        for action in plan.order[start:stop]:
-            handlers[action.kind](st, action)
-            self.lifetimes.collect()
-        losses = st.losses
-        if losses is None:
-            last = self.devices[-1]
-            losses = torch.zeros(plan.schedule.num_minibatches, device=last)
-        self._join_back()
-        return losses
+        try:
+            for action in plan.order[start:stop]:
+                handlers[action.kind](st, action)
+                self.lifetimes.collect()
+        finally:
+            self._join_back()  # also after an error: later work on the current streams stays ordered
+        if st.losses is None:
+            return torch.zeros(plan.schedule.num_minibatches, device=self.devices[-1])
+        return st.losses
 
     # ------------------------------------------------------------------ actions
 
