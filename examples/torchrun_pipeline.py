@@ -62,11 +62,10 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     args = parser.parse_args()
 
-    os.environ.setdefault("PIPELINE_RT_TIMEOUT", str(args.timeout))
     n = int(os.environ.get("WORLD_SIZE", 1))
     stages = [stage_factory(k, n, args.width) for k in range(n)]
     pipe = Pipeline(stages, [args.device] * n, lambda ps: torch.optim.AdamW(ps, lr=args.lr),
-                    nn.functional.mse_loss, method=args.method, backend="dist")
+                    nn.functional.mse_loss, method=args.method, backend="dist", timeout=args.timeout)
     rank = dist.get_rank()
     module = pipe.stages[rank]
     print(f"rank {rank}/{n} (host {os.uname().nodename}): stage {rank}, "

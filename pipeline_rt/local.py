@@ -145,6 +145,32 @@ class LocalExecutor(Executor):
             return torch.zeros(plan.schedule.num_minibatches, device=self.devices[-1])
         return st.losses
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def transit(self) -> Dict[Tuple[str, int, Unit], Tensors]:
+        """The tensors between stages at the end of the last range (in transit, or received
+        and not yet used), keyed ``(kind, receiving stage, unit)``; waits for their copies.
+        See :mod:`pipeline_rt.checkpoint`."""
+        st = self._state
+        if st is None:
+            return {}
+        if st.produced:
+            raise RuntimeError(f"{sorted(st.produced)} produced but not sent at the end of the range")
+        for parcel in st.parcels.values():
+            parcel.ready.synchronize()
+        return {key: parcel.tensors for key, parcel in st.parcels.items()}
+
+    def resume(self, plan: Plan, transit: Dict[Tuple[str, int, Unit], Tensors]) -> None:
+        """Continue ``plan`` from a checkpoint with ``run(plan, start=position)``: the
+        tensors of :meth:`transit` are put back, on the receiving stages' devices."""
+        self._state = st = _RunState(plan)
+        for key, tensors in transit.items():
+            device = self.devices[key[1]]
+            moved = tuple(None if t is None else t.to(device) for t in tensors)
+            if key[0] == "F":
+                moved = tuple(as_leaf(t) for t in moved)
+            st.parcels[key] = _Parcel(moved, self._current_event(device))
+
     # ------------------------------------------------------------------ actions
 
     def _forward(self, st: _RunState, a: Action) -> None:

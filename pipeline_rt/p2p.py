@@ -12,8 +12,10 @@ A :class:`Transport` posts the operations:
 * gloo: plain ``isend``/``irecv``, in order, each with its own tag (batched P2P has hung on
   gloo elsewhere). Sends are posted at once and waited for lazily.
 * NCCL: ``batch_isend_irecv``. A NCCL send blocks its stream until the peer receives, so
-  sends are held back and posted in one batch with the next receive (or at :meth:`flush`):
-  two neighbours that send to each other before receiving then meet in one group.
+  sends are held back and posted in one batch with the next receive (or at :meth:`flush`),
+  and the whole batch is waited for: in 1F1B, stage ``k`` sends ``F(j+w_k)`` and receives
+  ``B(j)`` while stage ``k+1`` sends ``B(j)`` and receives ``F(j+w_k)``, so neighbours meet
+  in matching groups (torch.distributed.pipelining pairs its operations the same way).
 
 Every wait has a deadline (``work.wait(timeout)``); a failure or timeout is raised as
 :class:`CommError`, which the executor turns into an error naming the action and the peer.
@@ -96,7 +98,7 @@ class Transport:
         self.device, self.timeout, self.group = device, timeout, group
         self.batched = dist.get_backend(group) == "nccl"
         self._held: List[dist.P2POp] = []                         # NCCL sends not yet posted
-        self._sending: List[Tuple[dist.Work, Tensor, str]] = []   # posted sends, kept alive
+        self._sending: List[Tuple[dist.Work, Tensor, str]] = []   # gloo sends posted, kept alive
 
     def send(self, tensors: Sequence[Tensor], peer: int, tag: int, what: str) -> None:
         """Send ``tensors`` (in order, tags ``tag, tag+1, ...``) to rank ``peer``."""
@@ -112,11 +114,8 @@ class Transport:
         """Receive into ``tensors`` from rank ``peer`` and wait for them (deadline: timeout)."""
         if self.batched:
             ops = self._held + [dist.P2POp(dist.irecv, t, peer, self.group, tag + i) for i, t in enumerate(tensors)]
-            sent = [op.tensor for op in self._held]
             self._held = []
-            works = dist.batch_isend_irecv(ops)
-            self._sending += [(w, t, what) for w, t in zip(works, sent)]
-            works = works[len(sent):]
+            works = dist.batch_isend_irecv(ops)  # one coalesced work or one per op
         else:
             works = [dist.irecv(t, peer, self.group, tag + i) for i, t in enumerate(tensors)]
         for w in works:
@@ -126,7 +125,8 @@ class Transport:
         """Post the held sends and wait until every posted send has completed."""
         if self._held:
             ops, self._held = self._held, []
-            self._sending += [(w, op.tensor, "send") for w, op in zip(dist.batch_isend_irecv(ops), ops)]
+            for w in dist.batch_isend_irecv(ops):
+                self.wait(w, "the held sends")
         sending, self._sending = self._sending, []
         for w, _, what in sending:
             self.wait(w, what)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from lookahead_opt import PredictiveOptimizer
 
+from . import checkpoint
 from .executor import Executor, MicroBatch, Plan
 from .methods import Method, get_method
 from .schedule import Schedule, build
@@ -44,8 +45,8 @@ BuildStage = Callable[[int], Stage]
 BACKENDS = ("local", "dist")
 
 
-def make_executor(backend: str, build_stage: BuildStage, devices: Sequence[torch.device]
-                  ) -> Tuple[Executor, List[Optional[Stage]]]:
+def make_executor(backend: str, build_stage: BuildStage, devices: Sequence[torch.device],
+                  timeout: Optional[float] = None) -> Tuple[Executor, List[Optional[Stage]]]:
     """The executor of ``backend`` and the stages it runs (``None`` where another process
     runs that stage).
 
@@ -62,7 +63,7 @@ def make_executor(backend: str, build_stage: BuildStage, devices: Sequence[torch
             from .dist import DistExecutor
         except ImportError as e:
             raise RuntimeError(f"backend='dist' needs pipeline_rt.dist.DistExecutor, which failed to import: {e}") from e
-        ex = DistExecutor(build_stage, devices)
+        ex = DistExecutor(build_stage, devices, timeout=timeout)
         return ex, list(ex.stages)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
@@ -106,13 +107,16 @@ class Pipeline:
         track_error: record the prediction error at every backward with ``s > 0``
             (see :attr:`prediction_errors`); no host sync until it is read.
         strict: refuse optimizers without a closed-form prediction rule.
+        timeout: ``backend="dist"``: seconds a rank waits for a peer before it fails with
+            the schedule table (default ``$PIPELINE_RT_TIMEOUT`` or 300).
     """
 
     def __init__(self, stages: Sequence[StageSpec], devices: Sequence[Device],
                  optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
                  loss_fn: Callable[[Any, Any], Tensor], method: Union[str, Method] = "pipeoptim", *,
                  chunks: Optional[int] = None, backward: Optional[str] = None, backend: str = "local",
-                 check_finite: bool = False, track_error: bool = False, strict: bool = False) -> None:
+                 check_finite: bool = False, track_error: bool = False, strict: bool = False,
+                 timeout: Optional[float] = None) -> None:
         stages, devices = list(stages), [torch.device(d) for d in devices]
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
@@ -138,18 +142,32 @@ class Pipeline:
             return Stage(k, self.num_stages, module, opt, self.method, loss_fn,
                          check_finite=check_finite, track_error=track_error)
 
-        self.executor, self._stages = make_executor(backend, build_stage, devices)
+        self.executor, self._stages = make_executor(backend, build_stage, devices, timeout)
         self._schedules: Dict[int, Schedule] = {}
         self._last: Optional[Schedule] = None
 
     # ------------------------------------------------------------------ training
 
-    def train(self, batches: Iterable[Tuple[Any, Any]]) -> List[float]:
+    def train(self, batches: Iterable[Tuple[Any, Any]], *, checkpoint_every: Optional[int] = None,
+              checkpoint_dir: Optional[checkpoint.PathLike] = None,
+              resume_from: Optional[checkpoint.PathLike] = None) -> List[float]:
         """Run the method's schedule over ``batches`` (``(input, target)`` pairs), drain,
-        and return the per-minibatch losses as floats (one host sync, at the end)."""
+        and return the per-minibatch losses as floats (one host sync, at the end).
+
+        Checkpoints (see :mod:`pipeline_rt.checkpoint`): with ``checkpoint_every=K`` and
+        ``checkpoint_dir``, the run is saved after minibatches ``K, 2K, ...`` (folders
+        ``mb00000K``). ``resume_from`` (a checkpoint folder, or a ``checkpoint_dir``: its
+        latest complete checkpoint) continues that run; give the same ``batches``. The
+        losses returned (all of them) and the final weights are identical to an
+        uninterrupted run's.
+        """
         plan = self.plan(batches)
         try:
-            losses = self.executor.run(plan)
+            if checkpoint_every is None and checkpoint_dir is None and resume_from is None:
+                losses = self.executor.run(plan)
+            else:
+                losses = checkpoint.train(self.executor, plan, self._stages, checkpoint_every=checkpoint_every,
+                                          checkpoint_dir=checkpoint_dir, resume_from=resume_from)
         except BaseException:
             for s in self._stages:
                 if s is not None:

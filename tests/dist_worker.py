@@ -84,8 +84,9 @@ def pipeline(spec: Spec, method: str, backend: str) -> Pipeline:
             return Fault(module, **spec.faults[k]) if backend == "dist" and k in spec.faults else module
         return build
 
+    extra = {"timeout": spec.timeout} if backend == "dist" else {}
     return Pipeline([factory(k) for k in range(n)], ["cpu"] * n, lambda ps: torch.optim.Adam(ps, lr=0.05),
-                    nn.functional.mse_loss, method=method, backend=backend)
+                    nn.functional.mse_loss, method=method, backend=backend, **extra)
 
 
 def weights(module: Optional[nn.Module]) -> Dict[str, torch.Tensor]:
@@ -103,8 +104,7 @@ def oracle(spec: Spec, method: str) -> Tuple[List[float], List[Dict[str, torch.T
 
 def _worker(rank: int, spec: Spec, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(spec.world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      PIPELINE_RT_TIMEOUT=str(spec.timeout))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     result: Dict[str, Any] = {}
     try:
