@@ -45,6 +45,21 @@ class Fault(nn.Module):
         return self.inner(x)
 
 
+class Pair(nn.Module):
+    """Tuple boundaries: adds the previous stage's int64 labels (if given) to the input, and
+    (unless last) returns ``(h, labels of h)``: a float and a non-floating tensor."""
+
+    def __init__(self, inner: nn.Module, emit: bool) -> None:
+        super().__init__()
+        self.inner, self.emit = inner, emit
+
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        if labels is not None:
+            x = x + 0.1 * labels.unsqueeze(1).to(x.dtype)
+        h = self.inner(x)
+        return (h, h.argmax(dim=1)) if self.emit else h
+
+
 @dataclass
 class Spec:
     """One launch: the pipeline, the faults to inject, what to run."""
@@ -56,6 +71,8 @@ class Spec:
     train: Dict[str, Any] = field(default_factory=dict)  # extra train() kwargs; "{method}" in strings
     minibatches: int = MINIBATCHES
     dropout: float = 0.0  # makes the run depend on the RNG streams
+    tuples: bool = False  # stages exchange (float, int64) tuples
+    ragged: bool = False  # the last minibatch has fewer rows
 
 
 def make_stage(k: int, n: int, dropout: float = 0.0) -> nn.Module:
@@ -68,10 +85,11 @@ def make_stage(k: int, n: int, dropout: float = 0.0) -> nn.Module:
     return lin if k == n - 1 else nn.Sequential(lin, nn.Tanh(), nn.Dropout(dropout))
 
 
-def batches(count: int = MINIBATCHES) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+def batches(count: int = MINIBATCHES, ragged: bool = False) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(7)
-    return [(torch.randn(ROWS, WIDTH, generator=g, dtype=torch.float64),
-             torch.randn(ROWS, 1, generator=g, dtype=torch.float64)) for _ in range(count)]
+    rows = [ROWS] * (count - 1) + [ROWS - 2 if ragged else ROWS]
+    return [(torch.randn(r, WIDTH, generator=g, dtype=torch.float64),
+             torch.randn(r, 1, generator=g, dtype=torch.float64)) for r in rows]
 
 
 def pipeline(spec: Spec, method: str, backend: str) -> Pipeline:
@@ -81,6 +99,7 @@ def pipeline(spec: Spec, method: str, backend: str) -> Pipeline:
     def factory(k: int):
         def build() -> nn.Module:
             module = make_stage(k, n, spec.dropout)
+            module = Pair(module, emit=k < n - 1) if spec.tuples else module
             return Fault(module, **spec.faults[k]) if backend == "dist" and k in spec.faults else module
         return build
 
@@ -90,15 +109,16 @@ def pipeline(spec: Spec, method: str, backend: str) -> Pipeline:
 
 
 def weights(module: Optional[nn.Module]) -> Dict[str, torch.Tensor]:
-    """A stage's parameters (a :class:`Fault` wrapper's prefix removed)."""
-    inner = module.inner if isinstance(module, Fault) else module
-    return {n: p.detach().clone() for n, p in inner.named_parameters()}
+    """A stage's parameters (wrappers' prefixes removed)."""
+    while isinstance(module, (Fault, Pair)):
+        module = module.inner
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
 def oracle(spec: Spec, method: str) -> Tuple[List[float], List[Dict[str, torch.Tensor]]]:
     """Losses and final weights of the local executor on the same pipeline and data."""
     pipe = pipeline(spec, method, "local")
-    losses = pipe.train(batches(spec.minibatches))
+    losses = pipe.train(batches(spec.minibatches, spec.ragged))
     return losses, [weights(m) for m in pipe.stages]
 
 
@@ -111,7 +131,7 @@ def _worker(rank: int, spec: Spec, port: int, out: str) -> None:
         for method in spec.methods:
             pipe = pipeline(spec, method, "dist")
             kwargs = {k: v.format(method=method) if isinstance(v, str) else v for k, v in spec.train.items()}
-            losses = pipe.train(batches(spec.minibatches), **kwargs)
+            losses = pipe.train(batches(spec.minibatches, spec.ragged), **kwargs)
             result[method] = (losses, weights(pipe.stages[rank]))
     except BaseException:
         Path(out, f"rank{rank}.err").write_text(traceback.format_exc())

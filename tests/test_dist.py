@@ -29,7 +29,7 @@ def assert_matches_local(spec: Spec, out: Outcome) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_same_losses_and_weights_as_local(world, tmp_path):
-    spec = Spec(world=world)
+    spec = Spec(world=world, tuples=world == 2)  # 2 ranks: (float64, int64) tuples between stages
     assert_matches_local(spec, launch(spec, tmp_path))
 
 
@@ -66,3 +66,11 @@ def test_stalled_rank_times_out_the_others(tmp_path):
     assert out.exitcodes[0] is None, "the stalled rank is still asleep (killed by the test)"
     _assert_names_failure(out.errors[1], 1)
     assert "with stage 0 (rank 0)" in out.errors[1] and "1.5 s" in out.errors[1]
+
+
+def test_shape_change_is_a_clear_error(tmp_path):
+    spec = Spec(world=2, methods=("pipedream",), ragged=True, timeout=5.0)
+    out = launch(spec, tmp_path, deadline=20.0)
+    assert out.exitcodes[0] == 1 and out.exitcodes[1] not in (0, None)
+    assert "ShapeMismatch: stage 0, SEND_F of micro-batch (5, 0)" in out.errors[0], out.errors[0]
+    assert "(6, 4):float64] but were [(8, 4):float64]" in out.errors[0]
