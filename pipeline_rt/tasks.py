@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .partition import split_by_balance
+
 __all__ = [
     "Task", "TASKS", "register_task", "get_task", "from_entry_point", "evaluate",
     "corpus_text", "CharTransformerBlock",
@@ -83,7 +85,7 @@ class Task:
         if not 1 <= depth <= len(children):
             raise ValueError(f"task {self.name!r}: depth {depth} not in 1..{len(children)} (its number of blocks)")
         bounds = [round(i * len(children) / depth) for i in range(depth + 1)]
-        return [nn.Sequential(*children[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        return list(split_by_balance(self.model, [b - a for a, b in zip(bounds[:-1], bounds[1:])]))
 
 
 TaskFn = Callable[..., Task]
@@ -184,7 +186,7 @@ def teacher_task(depth: int = 8, seed: int = 0, *, blocks: int = 8, width: int =
             units.append(nn.Sequential(*parts) if len(parts) > 1 else parts[0])
         model = nn.Sequential(*units)
     return Task("teacher", model, batches, F.cross_entropy, (x_eval, y_eval), accuracy,
-                lr={"sgd": 0.08, "adam": 2e-3, "adamw": 2e-3}, epochs=2)
+                lr={"sgd": 0.08, "adam": 2e-3, "adamw": 2e-3}, epochs=1)
 
 
 # ----------------------------------------------------------------------------- charlm

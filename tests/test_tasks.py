@@ -1,0 +1,123 @@
+"""Built-in tasks: deterministic given a seed, stages chain, entry points load."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline_rt.tasks import TASKS, Task, corpus_text, evaluate, from_entry_point, get_task, register_task
+
+SMALL = {"teacher": {"train_size": 256, "eval_size": 64}, "charlm": {"num_batches": 4}}
+
+
+def _run(stages, x):
+    for s in stages:
+        x = s(x)
+    return x
+
+
+def test_builtin_tasks_registered():
+    assert {"teacher", "charlm"} <= set(TASKS)
+
+
+@pytest.mark.parametrize("name", ["teacher", "charlm"])
+def test_deterministic_given_seed(name):
+    a, b = get_task(name, depth=4, seed=3, **SMALL[name]), get_task(name, depth=4, seed=3, **SMALL[name])
+    c = get_task(name, depth=4, seed=4, **SMALL[name])
+    assert len(a.batches) == len(b.batches) > 0
+    for (xa, ya), (xb, yb) in zip(a.batches, b.batches):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+    assert not torch.equal(a.batches[0][0], c.batches[0][0])
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.model.parameters(), c.model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["teacher", "charlm"])
+@pytest.mark.parametrize("depth", [1, 2, 4, 8])
+def test_stages_chain(name, depth):
+    task = get_task(name, depth=depth, **SMALL[name])
+    stages = task.split(depth)
+    assert len(stages) == depth
+    x, y = task.batches[0]
+    out = _run(stages, x)
+    loss = task.loss_fn(out, y)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    # the stages are the model's own modules, cut in balanced contiguous pieces
+    assert sum(len(s) for s in stages) == len(task.model)
+    assert max(len(s) for s in stages) - min(len(s) for s in stages) <= 1
+    ev_loss, metric = evaluate(stages, task.eval_data, task.loss_fn, task.metric)
+    assert ev_loss > 0 and 0.0 <= metric <= 1.0
+
+
+def test_deeper_than_default_blocks():
+    task = get_task("teacher", depth=12, **SMALL["teacher"])
+    assert len(task.split(12)) == 12
+
+
+def test_charlm_targets_are_next_characters():
+    task = get_task("charlm", depth=2, **SMALL["charlm"])
+    x, y = task.batches[0]
+    assert x.shape == y.shape and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert len(corpus_text()) > 5000
+    xe, ye = task.eval_data
+    assert torch.equal(xe[:, 1:], ye[:, :-1])
+
+
+def test_teacher_labels_are_learnable_classes():
+    task = get_task("teacher", depth=2, **SMALL["teacher"])
+    ys = torch.cat([y for _, y in task.batches])
+    counts = torch.bincount(ys, minlength=4)
+    assert (counts > 0).all()  # every class occurs
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("nope")
+
+
+def test_register_task():
+    @register_task("_tiny_test")
+    def tiny(depth=2, seed=0):
+        model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(depth)])
+        return Task("_tiny_test", model, [(torch.randn(4, 3), torch.randint(0, 3, (4,)))],
+                    nn.functional.cross_entropy)
+    try:
+        assert get_task("_tiny_test", depth=3).split(3)[2][0].in_features == 3
+    finally:
+        TASKS.pop("_tiny_test")
+
+
+def _write_module(tmp_path, monkeypatch, name, body):
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_entry_point_sequential_and_stages(tmp_path, monkeypatch):
+    _write_module(tmp_path, monkeypatch, "user_task_mod", """
+        import torch
+        from torch import nn
+
+        def seq():
+            model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+            return model, [(torch.randn(6, 4), torch.randint(0, 2, (6,)))]
+
+        def staged():
+            return [nn.Linear(4, 8), nn.Linear(8, 1)], iter([(torch.randn(6, 4), torch.randn(6, 1))]), nn.functional.mse_loss
+
+        def bad():
+            return 3
+    """)
+    t = from_entry_point("user_task_mod:seq")
+    assert len(t.split(3)) == 3 and t.loss_fn is nn.functional.cross_entropy
+    t2 = get_task("user_task_mod:staged", depth=2)
+    assert len(t2.split(2)) == 2 and t2.loss_fn is nn.functional.mse_loss and len(t2.batches) == 1
+    with pytest.raises(ValueError, match="fixed stages"):
+        t2.split(3)
+    with pytest.raises(TypeError, match="must return"):
+        from_entry_point("user_task_mod:bad")
+    with pytest.raises(ValueError, match="module:function"):
+        from_entry_point("user_task_mod")
