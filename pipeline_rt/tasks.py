@@ -290,7 +290,7 @@ def charlm_task(depth: int = 8, seed: int = 0, *, blocks: int = 8, width: int = 
             units.append(nn.Sequential(*parts) if len(parts) > 1 else parts[0])
         model = nn.Sequential(*units)
     return Task("charlm", model, batches, _cross_entropy, eval_data, accuracy,
-                metric_name="next-char acc", lr={"sgd": 0.3, "adam": 3e-3, "adamw": 3e-3}, epochs=1)
+                metric_name="next-char acc", lr={"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3}, epochs=1)
 
 
 # ----------------------------------------------------------------------------- user tasks
