@@ -11,11 +11,12 @@ one param group) and the same device and dtypes are evaluated together by a shor
     out = W * (1 - m*decay)                     (a copy when there is no decay)
     out += (-m*c_k/scale) * N_k / tmp           (addcdiv, or add without a denominator)
 
-On CUDA the foreach ops run over whole tensors (one launch per op for many tensors). On CPU a
-foreach op is a loop over tensors, each op one full pass over memory, so the chain would move
-every temporary through DRAM; there the tensors are cut into chunks and the chain runs over
-batches of chunk views small enough to stay in cache, so that memory traffic is close to the
-ideal: read ``W``, ``N_k``, ``D`` once, write ``out`` once.
+On CUDA (and any non-CPU device) the chain is ``torch._foreach_*`` ops over whole tensors:
+one launch per op for many tensors. On CPU a foreach op is only a C++ loop over tensors, each
+op a full pass over memory, so a chain moves every temporary through DRAM (measured: Adam at
+about a third of copy bandwidth); there each parameter is instead done by single-pass ``out=``
+ops (``torch.sqrt(out=)``, ``torch.addcdiv(out=)``, ``torch.add(out=)``) with one temporary
+reused across parameters, which reads ``W``, ``N_k``, ``D`` once and writes ``out`` once.
 """
 from __future__ import annotations
 
@@ -26,12 +27,10 @@ from torch import Tensor
 
 from .rules.base import Direction
 
-__all__ = ["predict_into", "CPU_CHUNK", "CPU_BATCH"]
+__all__ = ["predict_into", "FOREACH"]
 
-#: CPU chunk length (elements) a tensor is cut into.
-CPU_CHUNK = 1 << 16
-#: CPU elements per foreach chain (all chunks of a batch together stay in cache).
-CPU_BATCH = 1 << 18
+#: Default of :func:`predict_into`'s ``foreach``: ``None`` picks by device.
+FOREACH: Optional[bool] = None
 
 _Item = Tuple[Tensor, ...]  # (out, W, N_1..N_k[, D])
 
@@ -45,13 +44,6 @@ def _key(w: Tensor, d: Optional[Direction], mult: float) -> Tuple[Hashable, _Ite
     den = None if d.den is None else (d.root, d.inner, d.eps / d.scale)
     key = (w.device, w.dtype, tuple(t.dtype for t in tensors), alphas, den, 1.0 - mult * d.decay)
     return key, tensors
-
-
-def _chunks(item: _Item, chunk: int) -> List[_Item]:
-    if chunk <= 0 or item[0].numel() <= chunk or not all(t.is_contiguous() for t in item):
-        return [item]
-    flat = [t.view(-1) for t in item]
-    return [tuple(f[i:i + chunk] for f in flat) for i in range(0, flat[0].numel(), chunk)]
 
 
 class _Scratch:
@@ -74,6 +66,7 @@ class _Scratch:
 
 
 def _chain(items: Sequence[_Item], key: Tuple, scratch: _Scratch) -> None:
+    """Multi-tensor (foreach) evaluation of one bucket."""
     outs = [it[0] for it in items]
     ws = [it[1] for it in items]
     if key[0] == "copy":
@@ -102,6 +95,37 @@ def _chain(items: Sequence[_Item], key: Tuple, scratch: _Scratch) -> None:
             torch._foreach_addcdiv_(outs, nums, tmp, value=alpha)
 
 
+def _loop(items: Sequence[_Item], key: Tuple, scratch: _Scratch) -> None:
+    """Per-tensor single-pass evaluation of one bucket (CPU): the same math as :func:`_chain`."""
+    if key[0] == "copy":
+        torch._foreach_copy_([it[0] for it in items], [it[1] for it in items])
+        return
+    _, _, _, alphas, den, wscale = key
+    for out, w, *rest in items:
+        tmp = None
+        if den is not None:
+            root, inner, eps = den
+            (tmp,) = scratch.views([rest[-1]])
+            d = torch.add(rest[-1], inner, out=tmp) if inner else rest[-1]
+            if root:
+                torch.sqrt(d, out=tmp)
+            elif d is not tmp:
+                tmp.copy_(d)
+            if eps:
+                tmp.add_(eps)
+        src = w
+        if wscale != 1.0:
+            src = torch.mul(w, wscale, out=out)
+        for k, alpha in enumerate(alphas):
+            if tmp is None:
+                torch.add(src, rest[k], alpha=alpha, out=out)
+            else:
+                torch.addcdiv(src, rest[k], tmp, value=alpha, out=out)
+            src = out
+        if src is w:
+            out.copy_(w)
+
+
 def predict_into(
     outs: Sequence[Tensor],
     weights: Sequence[Tensor],
@@ -109,15 +133,13 @@ def predict_into(
     mults: Sequence[float],
     scratch: Optional[_Scratch] = None,
     *,
-    chunk: Optional[int] = None,
-    batch: Optional[int] = None,
+    foreach: Optional[bool] = None,
 ) -> None:
     """``outs[i] = weights[i] - mults[i] * directions[i]`` (a copy where the direction is
     ``None`` or the multiplier 0), by multi-tensor ops grouped by device, dtype and coefficients.
 
-    ``chunk``/``batch`` override the CPU chunking (:data:`CPU_CHUNK`, :data:`CPU_BATCH`;
-    ``chunk=0``: whole tensors, ``batch=0``: one chain over all); CUDA tensors are never
-    chunked.
+    ``foreach`` forces the multi-tensor chain (``True``) or the per-tensor loop (``False``);
+    by default (:data:`FOREACH`, ``None``) CUDA and other accelerators use the chain, CPU the loop.
     """
     scratch = scratch if scratch is not None else _Scratch()
     buckets: Dict[Hashable, List[_Item]] = {}
@@ -125,20 +147,6 @@ def predict_into(
         key, tensors = _key(w, d, m)
         buckets.setdefault(key, []).append((out, w) + tensors)
     for key, items in buckets.items():
-        dev = items[0][1].device
-        if dev.type != "cpu":
-            _chain(items, key, scratch)
-            continue
-        c = CPU_CHUNK if chunk is None else chunk
-        b = CPU_BATCH if batch is None else batch
-        pending: List[_Item] = []
-        size = 0
-        for item in items:
-            for piece in _chunks(item, c):
-                pending.append(piece)
-                size += piece[0].numel()
-                if 0 < b <= size:
-                    _chain(pending, key, scratch)
-                    pending, size = [], 0
-        if pending:
-            _chain(pending, key, scratch)
+        choice = FOREACH if foreach is None else foreach
+        use_chain = items[0][1].device.type != "cpu" if choice is None else choice
+        (_chain if use_chain else _loop)(items, key, scratch)
