@@ -18,7 +18,13 @@ method             shape       forward    backward    prediction rule
 ``2bw``            async-1f1b  live       forward     -- (micro-batches, one update each)
 ``spectrain``      async-1f1b  predict    predict     smoothed gradient, extra = k // 2
 ``pipeoptim``      async-1f1b  predict    live        the optimizer's own rule
+``pipeoptim-cal``  async-1f1b  predict    forward     own rule, calibrated scale
 =================  ==========  =========  ==========  ================================
+
+``pipeoptim-cal`` scales each tensor's predicted displacement by a factor in [0, 1] fitted
+online by least squares against the weights each backward finds
+(:class:`lookahead_opt.calibrated.CalibratedPredictor`; docs/improved_prediction.rst), and
+its backward reuses the forward's weights, so a scale of 0 is exactly ``pipedream``.
 
 ``pipeoptim`` with ``backward="predicted"`` keeps each micro-batch's predicted weights until
 its backward (``backward="forward"`` policy).
@@ -45,6 +51,8 @@ class Method:
             (``None``: the optimizer's own rule).
         half_stage_lookahead: add ``extra(k) = k // 2`` to every prediction distance
             (SpecTrain's correction for the time a backward takes to reach stage k).
+        calibrate: predict with :class:`~lookahead_opt.calibrated.CalibratedPredictor`
+            (per-tensor scale fitted at each backward).
     """
 
     name: str
@@ -54,6 +62,7 @@ class Method:
     backward: str = "live"
     rule: Optional[str] = None
     half_stage_lookahead: bool = False
+    calibrate: bool = False
 
     def extra(self, stage: int) -> int:
         """Prediction distance added at stage ``stage`` (0 unless SpecTrain-style)."""
@@ -80,6 +89,7 @@ METHODS = {
         Method("spectrain", "async-1f1b", forward="predict", backward="predict",
                rule="smoothed_gradient", half_stage_lookahead=True),
         Method("pipeoptim", "async-1f1b", forward="predict"),
+        Method("pipeoptim-cal", "async-1f1b", forward="predict", backward="forward", calibrate=True),
     )
 }
 

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from lookahead_opt import PredictiveOptimizer
+from lookahead_opt.calibrated import CalibratedPredictor
 from lookahead_opt.redirect import redirect
 
 from .methods import Method
@@ -138,6 +139,8 @@ class Stage:
         #: units whose forward keeps a :class:`Replay` (in flight at a planned checkpoint)
         self.retain: Set[Unit] = set()
         self._replays: Dict[Unit, Replay] = {}
+        #: what swaps predicted weights in: the optimizer, or its calibrated predictor
+        self.predictor = CalibratedPredictor(optimizer) if method.calibrate and optimizer is not None else optimizer
 
     @property
     def is_last(self) -> bool:
@@ -165,7 +168,8 @@ class Stage:
         rec = _Record(inputs=inputs, version=self.version if replay is None else replay.version, predicted=predicted)
         keep = replay is None and unit in self.retain
         track = self.track_error and s > 0 and replay is None  # a replay has no start weights
-        if track:
+        calib = m.calibrate and predicted and replay is None
+        if track or calib:
             rec.start_weights = [p.detach().clone() for p in self.params]
         rng = self.rng_state() if keep else None
         with self._weights_for(distance, predicted, replay), redirect(self.params, self._resolver(rec)):
@@ -179,12 +183,14 @@ class Stage:
                     f"stage {self.index} {what} failed on micro-batch {unit} with inputs of shapes "
                     f"[{_shapes(inputs)}]: {e}. The previous stage's outputs must match this stage's "
                     f"inputs (check the split of the model).") from e
-            need = keep or (predicted and (m.backward == "forward" or track))
+            need = keep or (predicted and (m.backward == "forward" or track or calib))
             snap = [p.detach().clone() for p in self.params] if need else []
         if predicted and m.backward == "forward":
             rec.weights = snap
         if track:
             rec.forward_weights = snap if predicted else rec.start_weights
+        if calib:
+            rec.extra["calib"] = (rec.start_weights, snap, self.predictor.last_scales)
         if keep:
             self._replays[unit] = Replay(unit, inputs, snap, rec.version, predicted, rng, target, weight)
         outs = as_tuple(out)
@@ -216,6 +222,8 @@ class Stage:
                 rec.weights = [p.detach() for p in self.params]
         if rec.forward_weights is not None:
             self._record_error(rec)
+        if "calib" in rec.extra:  # the weights the prediction aimed at are the live ones now
+            self.predictor.observe(*rec.extra["calib"][:2], [p.detach() for p in self.params], rec.extra["calib"][2])
         if self.is_last:
             torch.autograd.backward(rec.loss)
         else:
@@ -318,12 +326,12 @@ class Stage:
                 for p, w in zip(self.params, live):
                     p.data = w
         elif predicted:
-            self.optimizer.swap_in(distance)
+            self.predictor.swap_in(distance)
             self._buffer_used = True
             try:
                 yield
             finally:
-                self.optimizer.swap_out()
+                self.predictor.swap_out()
         else:
             yield
 
