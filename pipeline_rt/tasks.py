@@ -122,6 +122,20 @@ def _cross_entropy(output: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
 
 
+def _stack(blocks: int, seed: int, block: Callable[[], nn.Module], first: Callable[[], List[nn.Module]],
+           last: Callable[[], List[nn.Module]]) -> nn.Sequential:
+    """``blocks`` units of equal work: ``block()`` each, the first preceded by ``first()`` and
+    the last followed by ``last()``. Initialised from ``seed + 1`` without touching the
+    global random state."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + 1)
+        units: List[nn.Module] = []
+        for b in range(blocks):
+            parts = (first() if b == 0 else []) + [block()] + (last() if b == blocks - 1 else [])
+            units.append(nn.Sequential(*parts) if len(parts) > 1 else parts[0])
+    return nn.Sequential(*units)
+
+
 # ----------------------------------------------------------------------------- teacher
 
 
@@ -172,19 +186,8 @@ def teacher_task(depth: int = 8, seed: int = 0, *, blocks: int = 8, width: int =
     batches = [(x_train[i:i + batch_size], y_train[i:i + batch_size])
                for i in range(0, train_size - batch_size + 1, batch_size)]
 
-    torch.manual_seed(seed)  # nn init uses the global generator
-    with torch.random.fork_rng():
-        torch.manual_seed(seed + 1)
-        units: List[nn.Module] = []
-        for b in range(blocks):
-            parts: List[nn.Module] = []
-            if b == 0:
-                parts.append(nn.Linear(in_dim, width))
-            parts.append(ResidualBlock(width, hidden))
-            if b == blocks - 1:
-                parts += [nn.LayerNorm(width), nn.Linear(width, classes)]
-            units.append(nn.Sequential(*parts) if len(parts) > 1 else parts[0])
-        model = nn.Sequential(*units)
+    model = _stack(blocks, seed, lambda: ResidualBlock(width, hidden), first=lambda: [nn.Linear(in_dim, width)],
+                   last=lambda: [nn.LayerNorm(width), nn.Linear(width, classes)])
     return Task("teacher", model, batches, F.cross_entropy, (x_eval, y_eval), accuracy,
                 lr={"sgd": 0.08, "adam": 2e-3, "adamw": 2e-3}, epochs=1)
 
@@ -277,18 +280,8 @@ def charlm_task(depth: int = 8, seed: int = 0, *, blocks: int = 8, width: int = 
     n = (len(held) - 1) // context
     eval_data = (held[: n * context].view(n, context), held[1: n * context + 1].view(n, context))
     blocks = max(blocks, depth)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed + 1)
-        units: List[nn.Module] = []
-        for b in range(blocks):
-            parts: List[nn.Module] = []
-            if b == 0:
-                parts.append(Embed(len(chars), width, context))
-            parts.append(CharTransformerBlock(width, heads))
-            if b == blocks - 1:
-                parts.append(Head(width, len(chars)))
-            units.append(nn.Sequential(*parts) if len(parts) > 1 else parts[0])
-        model = nn.Sequential(*units)
+    model = _stack(blocks, seed, lambda: CharTransformerBlock(width, heads),
+                   first=lambda: [Embed(len(chars), width, context)], last=lambda: [Head(width, len(chars))])
     return Task("charlm", model, batches, _cross_entropy, eval_data, accuracy,
                 metric_name="next-char acc", lr={"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3}, epochs=1)
 

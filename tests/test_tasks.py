@@ -121,3 +121,11 @@ def test_entry_point_sequential_and_stages(tmp_path, monkeypatch):
         from_entry_point("user_task_mod:bad")
     with pytest.raises(ValueError, match="module:function"):
         from_entry_point("user_task_mod")
+
+
+def test_building_a_task_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    get_task("teacher", depth=2, **SMALL["teacher"])
+    assert torch.equal(torch.rand(3), expected)
