@@ -132,6 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--plot", type=Path, default=Path(__file__).with_name("learning_efficiency.png"))
     ap.add_argument("--json", type=Path, default=None, help="also dump the raw results here")
     ap.add_argument("--write", type=Path, default=None, help="write the table into this RESULTS.md section")
+    ap.add_argument("--load", type=Path, default=None, help="rebuild table/plot/section from a --json dump")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.quick:
@@ -141,7 +142,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     mbs = {k: int(v) for k, v in (kv.split("=") for kv in a.minibatches.split(",") if kv)}
     results: Dict[Key, Dict[str, Dict[str, float]]] = {}
     t0 = time.perf_counter()
-    for task in a.tasks.split(","):
+    if a.load:
+        raw = json.loads(a.load.read_text())
+        results = {(t, o, int(d), float(m)): v for (t, o, d, m), v in ((k.split("|"), v) for k, v in raw.items())}
+        methods = list(next(iter(results.values())))
+    for task in ([] if a.load else a.tasks.split(",")):
         for opt in a.optimizers.split(","):
             for depth in (int(d) for d in a.depths.split(",")):
                 for mult in (float(x) for x in a.lr_mults.split(",")):
@@ -155,13 +160,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(text)
     if a.json:
         a.json.write_text(json.dumps({"|".join(map(str, k)): v for k, v in results.items()}, indent=1))
-    if a.plot and not a.quick:
+    if a.plot and not a.quick and results:
         plot(results, methods, a.plot)
     if a.write:
         from _sections import provenance, write_section
         body = ("## learning_efficiency: improved prediction (pipeoptim-cal) vs PipeDream, PipeOptim, sync\n\n"
                 + provenance("cpu")
-                + f"* total time {time.perf_counter() - t0:.0f} s; cells: last-epoch mean train loss (held-out "
+                + (f"* rebuilt from {a.load}\n" if a.load else f"* total time {time.perf_counter() - t0:.0f} s\n")
+                + "* cells: last-epoch mean train loss (held-out "
                   "loss of the final weights); `div`: diverged\n\n" + text)
         write_section(a.write, "learning_efficiency", body)
 

@@ -42,14 +42,19 @@ def _step(po, ps, grads):
     po.step()
 
 
-@pytest.mark.parametrize("kind", ["sgdm", "adam", "adamw"])
-def test_initial_scale_is_the_papers_rule(kind):
+def _stepped(kind, steps, seed):
+    """Parameters, their PredictiveOptimizer after ``steps`` random-gradient steps, a predictor."""
     ps = _params()
     po = PredictiveOptimizer(_opt(kind, ps))
-    cal = CalibratedPredictor(po)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(3):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
         _step(po, ps, [torch.randn(p.shape, generator=g) for p in ps])
+    return ps, po, CalibratedPredictor(po)
+
+
+@pytest.mark.parametrize("kind", ["sgdm", "adam", "adamw"])
+def test_initial_scale_is_the_papers_rule(kind):
+    ps, po, cal = _stepped(kind, 3, 1)
     for s in (0, 1, 4):
         want = [w.clone() for w in po.predict(s)]
         torch.testing.assert_close(cal.predict(s), want)
@@ -57,12 +62,7 @@ def test_initial_scale_is_the_papers_rule(kind):
 
 @pytest.mark.parametrize("kind", ["sgdm", "adam"])
 def test_predict_is_w_minus_alpha_s_lr_dw(kind):
-    ps = _params()
-    po = PredictiveOptimizer(_opt(kind, ps))
-    cal = CalibratedPredictor(po)
-    g = torch.Generator().manual_seed(2)
-    for _ in range(2):
-        _step(po, ps, [torch.randn(p.shape, generator=g) for p in ps])
+    ps, po, cal = _stepped(kind, 2, 2)
     cal._num = [torch.tensor(0.3), torch.tensor(0.7)]
     cal._den = [torch.tensor(1.0), torch.tensor(1.0)]
     lr = po.param_groups[0]["lr"]
