@@ -23,11 +23,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .methods import get_method
+from .methods import METHODS, get_method
 from .tasks import TASKS, Task, evaluate, get_task
 
 __all__ = ["main", "compare", "RunResult", "OPTIMIZERS", "METHOD_NAMES"]
 
+#: the methods of DESIGN.md §3, run by default; ``--methods`` accepts any name in ``METHODS``
 METHOD_NAMES = ("sync", "1f1b-flush", "async", "pipedream", "2bw", "spectrain", "pipeoptim")
 
 OptFactory = Callable[[Sequence[nn.Parameter], float], torch.optim.Optimizer]
@@ -161,7 +162,7 @@ def plot(results: Sequence[RunResult], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(opts), figsize=(4.2 * len(opts), 3.4), squeeze=False, sharey=True)
     styles = {"sync": ("k", "-"), "1f1b-flush": ("0.55", "--"), "async": ("tab:orange", ":"),
               "pipedream": ("tab:red", "-"), "2bw": ("tab:purple", "-."), "spectrain": ("tab:green", "--"),
-              "pipeoptim": ("tab:blue", "-")}
+              "pipeoptim": ("tab:blue", "-"), "pipeoptim-cal": ("tab:cyan", "--")}
     for ax, opt in zip(axes[0], opts):
         for r in results:
             if r.optimizer != opt:
@@ -260,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--entry", metavar="MODULE:FUNCTION",
                    help="your own task: a function returning (model_or_stages, batches[, loss_fn])")
     c.add_argument("--depth", type=int, default=8, help="pipeline stages [8]")
-    c.add_argument("--methods", type=_csv_list(METHOD_NAMES), default=list(METHOD_NAMES),
-                   help="comma-separated methods [all]")
+    c.add_argument("--methods", type=_csv_list(tuple(METHODS)), default=list(METHOD_NAMES),
+                   help=f"comma-separated, from {', '.join(METHODS)} [the first seven]")
     c.add_argument("--optimizers", type=_csv_list(tuple(OPTIMIZERS)), default=list(OPTIMIZERS),
                    help="comma-separated optimizers [sgd,adam,adamw]")
     c.add_argument("--epochs", type=int, default=None, help="epochs [the task's default]")
