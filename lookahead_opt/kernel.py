@@ -2,21 +2,24 @@
 parameters at once, ``dW`` given as :class:`~lookahead_opt.rules.base.Direction`.
 
 Parameters whose directions have the same shape and coefficients (normally all parameters of
-one param group) and the same device and dtypes are evaluated together by a short chain of
-``torch._foreach_*`` ops writing into the caller's output buffers:
+one param group) and the same device and dtypes are evaluated together:
 
 .. code-block:: text
 
-    tmp = sqrt(D + inner) + eps/scale          (only with a denominator; scratch buffer)
+    tmp = (D + inner)^p + eps/scale            (only with a denominator; scratch buffer)
+          [rate form: tmp = min(clamp(1/(scale*(D + inner)^p + eps), lo, hi), cap)]
     out = W * (1 - m*decay)                     (a copy when there is no decay)
-    out += (-m*c_k/scale) * N_k / tmp           (addcdiv, or add without a denominator)
+    out += (-m*a_j) * P_j                       (plain terms)
+    out += (-m*c_k/scale) * N_k / tmp           (addcdiv; addcmul in rate form; add without D)
+    out += -m*offset                            (only with an offset)
 
 On CUDA (and any non-CPU device) the chain is ``torch._foreach_*`` ops over whole tensors:
 one launch per op for many tensors. On CPU a foreach op is only a C++ loop over tensors, each
 op a full pass over memory, so a chain moves every temporary through DRAM (measured: Adam at
 about a third of copy bandwidth); there each parameter is instead done by single-pass ``out=``
-ops (``torch.sqrt(out=)``, ``torch.addcdiv(out=)``, ``torch.add(out=)``) with one temporary
-reused across parameters, which reads ``W``, ``N_k``, ``D`` once and writes ``out`` once.
+ops (``torch.sqrt(out=)``, ``torch.addcdiv(out=)``, ``torch.add(out=)``) on chunks of
+:data:`CHUNK` elements of contiguous tensors, with one chunk-sized temporary reused, which
+reads ``W``, ``N_k``, ``D`` once and writes ``out`` once while the temporary stays in cache.
 """
 from __future__ import annotations
 
@@ -27,22 +30,37 @@ from torch import Tensor
 
 from .rules.base import Direction
 
-__all__ = ["predict_into", "FOREACH"]
+__all__ = ["predict_into", "FOREACH", "CHUNK"]
 
 #: Default of :func:`predict_into`'s ``foreach``: ``None`` picks by device.
 FOREACH: Optional[bool] = None
 
-_Item = Tuple[Tensor, ...]  # (out, W, N_1..N_k[, D])
+#: Elements per chunk of the CPU per-tensor path (``0``: whole tensors). A chunk of float32
+#: ``W``, ``N``, ``D``, ``out`` and the temporary (5 x 64 KiB at 16384) fits a 512 KiB-1 MiB L2.
+CHUNK: int = 16384
+
+_Item = Tuple[Tensor, ...]  # (out, W, N_1..N_k, P_1..P_j[, D][, cap])
 
 
 def _key(w: Tensor, d: Optional[Direction], mult: float) -> Tuple[Hashable, _Item]:
     if d is None or mult == 0.0:
         return ("copy", w.device, w.dtype), ()
-    tensors = tuple(n for _, n in d.terms) + ((d.den,) if d.den is not None else ())
-    div = d.scale if d.den is not None else 1.0
+    has_den = d.den is not None
+    rate = d.rate
+    tensors = tuple(n for _, n in d.terms) + tuple(n for _, n in d.plain) + ((d.den,) if has_den else ()) \
+        + ((d.cap,) if rate and d.cap is not None else ())
+    div = d.scale if has_den and not rate else 1.0
     alphas = tuple(-mult * c / div for c, _ in d.terms)
-    den = None if d.den is None else (d.root, d.inner, d.eps / d.scale)
-    key = (w.device, w.dtype, tuple(t.dtype for t in tensors), alphas, den, 1.0 - mult * d.decay)
+    plain = tuple(-mult * a for a, _ in d.plain)
+    power = (d.power if d.root else 1.0) if has_den else None
+    if not has_den:
+        den = None
+    elif rate:
+        den = (power, d.inner, d.scale, d.eps, d.bounds, d.cap is not None)
+    else:
+        den = (power, d.inner, d.eps / d.scale)
+    key = (w.device, w.dtype, tuple(t.dtype for t in tensors), alphas, plain, den, 1.0 - mult * d.decay,
+           -mult * d.offset)
     return key, tensors
 
 
@@ -52,12 +70,14 @@ class _Scratch:
     def __init__(self) -> None:
         self.bufs: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}
 
-    def views(self, like: Sequence[Tensor]) -> List[Tensor]:
-        total = sum(t.numel() for t in like)
+    def views(self, like: Sequence[Tensor], numel: Optional[int] = None) -> List[Tensor]:
+        total = sum(t.numel() for t in like) if numel is None else numel
         key = (like[0].device, like[0].dtype)
         buf = self.bufs.get(key)
         if buf is None or buf.numel() < total:
             buf = self.bufs[key] = torch.empty(total, device=key[0], dtype=key[1])
+        if numel is not None:
+            return [buf]
         out, at = [], 0
         for t in like:
             out.append(buf[at:at + t.numel()].view(t.shape))
@@ -72,58 +92,124 @@ def _chain(items: Sequence[_Item], key: Tuple, scratch: _Scratch) -> None:
     if key[0] == "copy":
         torch._foreach_copy_(outs, ws)
         return
-    _, _, _, alphas, den, wscale = key
+    _, _, _, alphas, plain, den, wscale, shift = key
+    k, j = len(alphas), len(plain)
     tmp = None
     if den is not None:
-        root, inner, eps = den
-        tmp = scratch.views([it[-1] for it in items])
-        torch._foreach_copy_(tmp, [it[-1] for it in items])
+        power, inner = den[0], den[1]
+        dens = [it[2 + k + j] for it in items]
+        tmp = scratch.views(dens)
+        torch._foreach_copy_(tmp, dens)
         if inner:
             torch._foreach_add_(tmp, inner)
-        if root:
+        if power == 0.5:
             torch._foreach_sqrt_(tmp)
-        if eps:
-            torch._foreach_add_(tmp, eps)
+        elif power != 1.0:
+            torch._foreach_pow_(tmp, power)
+        if len(den) == 3:
+            if den[2]:
+                torch._foreach_add_(tmp, den[2])
+        else:
+            _, _, scale, eps, bounds, has_cap = den
+            if scale != 1.0:
+                torch._foreach_mul_(tmp, scale)
+            if eps:
+                torch._foreach_add_(tmp, eps)
+            torch._foreach_reciprocal_(tmp)
+            if bounds is not None:
+                torch._foreach_clamp_min_(tmp, bounds[0])
+                torch._foreach_clamp_max_(tmp, bounds[1])
+            if has_cap:
+                torch._foreach_minimum_(tmp, [it[3 + k + j] for it in items])
     torch._foreach_copy_(outs, ws)
     if wscale != 1.0:
         torch._foreach_mul_(outs, wscale)
-    for k, alpha in enumerate(alphas):
-        nums = [it[2 + k] for it in items]
+    for i, a in enumerate(plain):
+        torch._foreach_add_(outs, [it[2 + k + i] for it in items], alpha=a)
+    rate = den is not None and len(den) != 3
+    for i, alpha in enumerate(alphas):
+        nums = [it[2 + i] for it in items]
         if tmp is None:
             torch._foreach_add_(outs, nums, alpha=alpha)
+        elif rate:
+            torch._foreach_addcmul_(outs, nums, tmp, value=alpha)
         else:
             torch._foreach_addcdiv_(outs, nums, tmp, value=alpha)
+    if shift:
+        torch._foreach_add_(outs, shift)
 
 
-def _loop(items: Sequence[_Item], key: Tuple, scratch: _Scratch) -> None:
-    """Per-tensor single-pass evaluation of one bucket (CPU): the same math as :func:`_chain`."""
+def _one(out: Tensor, w: Tensor, rest: Sequence[Tensor], key: Tuple, tmp: Optional[Tensor]) -> None:
+    """``out = W - m dW`` for one tensor (or one chunk) by single-pass ``out=`` ops; ``tmp`` is
+    a scratch tensor shaped like ``out`` (needed only with a denominator)."""
+    _, _, _, alphas, plain, den, wscale, shift = key
+    k, j = len(alphas), len(plain)
+    rate = False
+    if den is not None:
+        assert tmp is not None
+        power, inner = den[0], den[1]
+        d = rest[k + j]
+        if inner:
+            d = torch.add(d, inner, out=tmp)
+        if power == 0.5:
+            torch.sqrt(d, out=tmp)
+        elif power != 1.0:
+            torch.pow(d, power, out=tmp)
+        elif d is not tmp:
+            tmp.copy_(d)
+        if len(den) == 3:
+            if den[2]:
+                tmp.add_(den[2])
+        else:
+            rate = True
+            _, _, scale, eps, bounds, has_cap = den
+            if scale != 1.0:
+                tmp.mul_(scale)
+            if eps:
+                tmp.add_(eps)
+            tmp.reciprocal_()
+            if bounds is not None:
+                tmp.clamp_(bounds[0], bounds[1])
+            if has_cap:
+                torch.minimum(tmp, rest[k + j + 1], out=tmp)
+    src = w
+    if wscale != 1.0:
+        src = torch.mul(w, wscale, out=out)
+    for i, a in enumerate(plain):
+        src = torch.add(src, rest[k + i], alpha=a, out=out)
+    for i, alpha in enumerate(alphas):
+        if den is None:
+            torch.add(src, rest[i], alpha=alpha, out=out)
+        elif rate:
+            torch.addcmul(src, rest[i], tmp, value=alpha, out=out)
+        else:
+            torch.addcdiv(src, rest[i], tmp, value=alpha, out=out)
+        src = out
+    if shift:
+        torch.add(src, shift, out=out)
+    elif src is w:
+        out.copy_(w)
+
+
+def _loop(items: Sequence[_Item], key: Tuple, scratch: _Scratch, chunk: int) -> None:
+    """Per-tensor single-pass evaluation of one bucket (CPU), in chunks of ``chunk`` elements of
+    contiguous tensors (whole tensors otherwise): the same math as :func:`_chain`."""
     if key[0] == "copy":
         torch._foreach_copy_([it[0] for it in items], [it[1] for it in items])
         return
-    _, _, _, alphas, den, wscale = key
+    den = key[5]
     for out, w, *rest in items:
-        tmp = None
-        if den is not None:
-            root, inner, eps = den
-            (tmp,) = scratch.views([rest[-1]])
-            d = torch.add(rest[-1], inner, out=tmp) if inner else rest[-1]
-            if root:
-                torch.sqrt(d, out=tmp)
-            elif d is not tmp:
-                tmp.copy_(d)
-            if eps:
-                tmp.add_(eps)
-        src = w
-        if wscale != 1.0:
-            src = torch.mul(w, wscale, out=out)
-        for k, alpha in enumerate(alphas):
-            if tmp is None:
-                torch.add(src, rest[k], alpha=alpha, out=out)
-            else:
-                torch.addcdiv(src, rest[k], tmp, value=alpha, out=out)
-            src = out
-        if src is w:
-            out.copy_(w)
+        n = out.numel()
+        if chunk and n > chunk and all(t.is_contiguous() for t in (out, w, *rest)):
+            flat = [t.view(-1) for t in (out, w, *rest)]
+            tmp = scratch.views([w], numel=chunk)[0] if den is not None else None
+            for a in range(0, n, chunk):
+                b = min(n, a + chunk)
+                _one(flat[0][a:b], flat[1][a:b], [t[a:b] for t in flat[2:]], key,
+                     None if tmp is None else tmp[:b - a])
+        else:
+            tmp = scratch.views([w])[0] if den is not None else None
+            _one(out, w, rest, key, tmp)
 
 
 def predict_into(
@@ -134,14 +220,17 @@ def predict_into(
     scratch: Optional[_Scratch] = None,
     *,
     foreach: Optional[bool] = None,
+    chunk: Optional[int] = None,
 ) -> None:
     """``outs[i] = weights[i] - mults[i] * directions[i]`` (a copy where the direction is
     ``None`` or the multiplier 0), by multi-tensor ops grouped by device, dtype and coefficients.
 
     ``foreach`` forces the multi-tensor chain (``True``) or the per-tensor loop (``False``);
     by default (:data:`FOREACH`, ``None``) CUDA and other accelerators use the chain, CPU the loop.
+    ``chunk``: elements per chunk of the loop (default :data:`CHUNK`; ``0``: whole tensors).
     """
     scratch = scratch if scratch is not None else _Scratch()
+    chunk = CHUNK if chunk is None else chunk
     buckets: Dict[Hashable, List[_Item]] = {}
     for out, w, d, m in zip(outs, weights, directions, mults):
         key, tensors = _key(w, d, m)
@@ -149,4 +238,7 @@ def predict_into(
     for key, items in buckets.items():
         choice = FOREACH if foreach is None else foreach
         use_chain = items[0][1].device.type != "cpu" if choice is None else choice
-        (_chain if use_chain else _loop)(items, key, scratch)
+        if use_chain:
+            _chain(items, key, scratch)
+        else:
+            _loop(items, key, scratch, chunk)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections import OrderedDict
+from collections import ChainMap, OrderedDict
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -12,6 +12,7 @@ from torch import Tensor
 from .kernel import _Scratch, predict_into
 from .redirect import redirect
 from .rules import FALLBACK, Direction, Kept, Rule, rule_for, rule_named
+from .rules.base import group_lr
 
 __all__ = ["PredictiveOptimizer"]
 
@@ -140,12 +141,18 @@ class PredictiveOptimizer(torch.optim.Optimizer):
         self.num_steps += 1
         return loss
 
+    def _groups(self) -> Iterator[Tuple[Dict[str, Any], Any]]:
+        """(group, what the rule sees of it): the group itself, or a view with the rule's settings."""
+        settings = self.rule.settings
+        for i, g in enumerate(self.base.param_groups):
+            yield g, (g if settings is None else ChainMap(settings(self.base, i), g))
+
     def _keep(self) -> None:
         keep = self.rule.keep
         assert keep is not None
-        for g in self.base.param_groups:
-            lr = float(g["lr"])
-            for p in g["params"]:
+        for g0, g in self._groups():
+            lr = group_lr(g0)
+            for p in g0["params"]:
                 grad = p.grad
                 t = None if grad is None and self.rule.keeps_grad else keep(g, self.base.state.get(p, {}), p.detach(), grad)
                 if t is None:
@@ -165,9 +172,9 @@ class PredictiveOptimizer(torch.optim.Optimizer):
         dirs: List[Optional[Direction]] = []
         lrs: List[float] = []
         i = 0
-        for g in self.base.param_groups:
-            lr = float(g["lr"])
-            for p in g["params"]:
+        for g0, g in self._groups():
+            lr = group_lr(g0)
+            for p in g0["params"]:
                 dirs.append(self.rule.direction(g, self.base.state.get(p, {}), weights[i], self._kept.get(p)))
                 lrs.append(lr)
                 i += 1

@@ -30,19 +30,29 @@ def directions(ws, shift=0):
             Direction(((1.0, n1), (0.2, n2)), den=v, inner=1e-2, decay=0.05),
             Direction(((1.0, n1),), den=v, root=False, eps=1e-8),
             Direction(((1.0, n1),), lr=0.5),
-        ][(i + shift) % 7])
+            Direction(((0.8, n1),), den=v, power=1 / 3, scale=2.0, eps=1e-2, plain=((-0.4, n2),), decay=0.2),
+            Direction(((1.0, n1),), offset=0.25),
+            Direction(((0.6, n1), (0.1, n2)), den=v, scale=0.5, eps=1e-3, bounds=(0.4, 1.5)),
+            Direction(((1.5, n1),), den=v, inner=1e-3, eps=1e-3, cap=v * 0.8, decay=0.1),
+            Direction(((1.0, n1),), den=v, power=0.75, bounds=(0.1, 0.9), cap=torch.rand_like(w), offset=-0.1),
+        ][(i + shift) % SHAPES])
     return out
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+SHAPES = 12
+
+
+@pytest.mark.parametrize("foreach,chunk", [(True, None), (False, 0), (False, 5), (False, None)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_all_direction_shapes(foreach, dtype):
-    for shift in range(7):
+def test_all_direction_shapes(foreach, chunk, dtype):
+    """Every Direction shape, chain and loop (whole tensors, small chunks with a ragged last
+    chunk, the default chunk), against Direction.materialize."""
+    for shift in range(SHAPES):
         ws = tensors(dtype) + tensors(dtype)[:2]
         dirs = directions(ws, shift)
         mults = [0.3 * (i + 1) for i in range(len(ws))]
         outs = [torch.empty_like(w) for w in ws]
-        predict_into(outs, ws, dirs, mults, foreach=foreach)
+        predict_into(outs, ws, dirs, mults, foreach=foreach, chunk=chunk)
         tol = dict(rtol=1e-12, atol=1e-12) if dtype is torch.float64 else dict(rtol=1e-5, atol=1e-5)
         for o, w, d, m in zip(outs, ws, dirs, mults):
             want = w.clone() if d is None else w - m * d.materialize(w)

@@ -5,10 +5,14 @@ Every rule writes the direction of its optimizer's last update in one shape,
 
 .. math::
 
-    dW = \\frac{\\sum_k c_k N_k}{\\beta \\sqrt{D + \\iota} + \\epsilon} + \\delta\\, W_t
+    dW = \\frac{\\sum_k c_k N_k}{\\beta\\, (D + \\iota)^{p} + \\epsilon}
+         + \\sum_j a_j P_j + \\delta\\, W_t + o
 
-(without the fraction when there is no denominator ``D``; with ``D`` itself instead of the
-root when ``root`` is false), so that one multi-tensor kernel
+(without the fraction when there is no denominator ``D``; :math:`p = 1/2` by default, :math:`p = 1`
+when ``root`` is false), or, in *rate* form (``bounds`` or ``cap`` given: AdaBound, AdaMod),
+with the fraction replaced by :math:`\\sum_k c_k N_k \\odot R`,
+:math:`R = \\min(\\operatorname{clamp}(1/(\\beta (D+\\iota)^p + \\epsilon), lo, hi), C)`.
+All of it is elementwise, so that one multi-tensor kernel
 (:mod:`lookahead_opt.kernel`) evaluates every rule at memory speed. ``N_k`` and ``D`` are
 tensors of the optimizer state (or tensors the wrapper kept at ``step()`` time), the
 coefficients are Python floats derived from the state (bias corrections, step counts).
@@ -19,9 +23,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
+import torch
 from torch import Tensor
 
-__all__ = ["Direction", "Kept", "Rule", "step_count", "decoupled", "effective_grad", "keep_effective_grad"]
+__all__ = ["Direction", "Kept", "Rule", "step_count", "decoupled", "effective_grad", "keep_effective_grad",
+           "group_lr"]
 
 Group = Dict[str, Any]
 State = Dict[str, Any]
@@ -34,11 +40,17 @@ class Direction:
     Attributes:
         terms: ``((c_1, N_1), (c_2, N_2), ...)``, the numerator :math:`\\sum_k c_k N_k`.
         den: the denominator tensor ``D``, or ``None`` for a plain linear combination.
-        root: take :math:`\\sqrt{D + \\iota}` (true) or :math:`D + \\iota` (false).
+        root: take :math:`(D + \\iota)^p` (true) or :math:`D + \\iota` (false).
+        power: :math:`p` (``0.5``, a square root, unless a rule says otherwise: Adahessian's
+            ``hessian_power/2``, MADGRAD's cube root).
         inner: :math:`\\iota`, added to ``D`` before the root.
         scale: :math:`\\beta`, multiplies the root.
         eps: :math:`\\epsilon`, added after the root.
         decay: :math:`\\delta`, the coefficient of the current weights ``W_t``.
+        plain: ``((a_1, P_1), ...)``, terms added without the denominator.
+        offset: :math:`o`, a constant added to every element (torch_optimizer's ``SGDW`` decay).
+        bounds: ``(lo, hi)``: rate form, the per-element rate is clamped to these.
+        cap: a tensor: rate form, the per-element rate is at most ``cap`` (elementwise).
         lr: ``None`` when the terms are per unit learning rate (prediction multiplies by the
             group's ``lr`` now). A float when the terms are an update applied at that learning
             rate: prediction rescales it by ``lr_now / lr`` (exactly 1 when unchanged).
@@ -52,15 +64,39 @@ class Direction:
     eps: float = 0.0
     decay: float = 0.0
     lr: Optional[float] = None
+    power: float = 0.5
+    plain: Tuple[Tuple[float, Tensor], ...] = ()
+    offset: float = 0.0
+    bounds: Optional[Tuple[float, float]] = None
+    cap: Optional[Tensor] = None
+
+    @property
+    def rate(self) -> bool:
+        """Whether the denominator is used in rate form (``bounds`` or ``cap`` set)."""
+        return self.den is not None and (self.bounds is not None or self.cap is not None)
 
     def materialize(self, w: Tensor) -> Tensor:
         """``dW`` as a new tensor, by plain (allocating) torch ops; ``w`` is ``W_t``."""
-        num = sum(c * n for c, n in self.terms)
+        num = sum(c * n for c, n in self.terms) if self.terms else torch.zeros_like(w)
         if self.den is not None:
             d = self.den + self.inner
-            num = num / ((d.sqrt() if self.root else d) * self.scale + self.eps)
+            d = (d.sqrt() if self.power == 0.5 else d.pow(self.power)) if self.root else d
+            d = d * self.scale + self.eps
+            if self.rate:
+                r = 1.0 / d
+                if self.bounds is not None:
+                    r = r.clamp(*self.bounds)
+                if self.cap is not None:
+                    r = torch.minimum(r, self.cap)
+                num = num * r
+            else:
+                num = num / d
+        for a, n in self.plain:
+            num = num + a * n
         if self.decay:
             num = num + self.decay * w
+        if self.offset:
+            num = num + self.offset
         return num
 
 
@@ -100,6 +136,10 @@ class Rule:
         exact: whether ``lr * dW`` reproduces the last update to rounding (used by tests
             and ``strict``); approximate rules state their error in their docstring.
         closed_form: false only for the generic fallback.
+        settings: ``settings(optimizer, i) -> dict``: options the optimizer keeps outside its
+            param groups (attributes such as AdaBelief's ``_rectify``, AdaBound's
+            ``base_lrs[i]``); the wrapper passes ``direction`` and ``keep`` a read-only view of
+            group ``i`` with these keys added. ``None``: the group as is.
     """
 
     name: str
@@ -109,11 +149,20 @@ class Rule:
     keeps_grad: bool = True
     exact: bool = True
     closed_form: bool = True
+    settings: Optional[Callable[[Any, int], Dict[str, Any]]] = None
 
 
 def step_count(state: State, key: str = "step") -> float:
     """The optimizer's step counter as a float (torch keeps a 0-d tensor, others an int)."""
     return float(state[key])
+
+
+def group_lr(group: Group) -> float:
+    """The group's learning rate as a float; ``1.0`` for optimizers whose groups hold
+    ``lr=None`` (torch_optimizer's A2Grad and Adafactor without an explicit lr): their ``dW``
+    is the update itself."""
+    lr = group.get("lr")
+    return 1.0 if lr is None else float(lr)
 
 
 def decoupled(wd: float, lr: float) -> Tuple[float, float]:
