@@ -1,6 +1,7 @@
 """Replace (or add) one marked section of ``benchmarks/RESULTS.md``, leaving the rest alone."""
 from __future__ import annotations
 
+import os
 import platform
 import re
 import shlex
@@ -17,8 +18,10 @@ def device_line(device: str) -> str:
     """What ran it: the CPU (and thread count) or the CUDA device's name."""
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}"
-    return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
-            f"torch {torch.__version__}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}; "
+            f"load average {load:.1f} at the end (other jobs share the cores when it exceeds 1)")
 
 
 def provenance(device: str) -> str:
