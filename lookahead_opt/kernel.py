@@ -212,6 +212,7 @@ def _loop(items: Sequence[_Item], key: Tuple, scratch: _Scratch, chunk: int) -> 
             _one(out, w, rest, key, tmp)
 
 
+@torch.no_grad()
 def predict_into(
     outs: Sequence[Tensor],
     weights: Sequence[Tensor],
@@ -228,6 +229,8 @@ def predict_into(
     ``foreach`` forces the multi-tensor chain (``True``) or the per-tensor loop (``False``);
     by default (:data:`FOREACH`, ``None``) CUDA and other accelerators use the chain, CPU the loop.
     ``chunk``: elements per chunk of the loop (default :data:`CHUNK`; ``0``: whole tensors).
+    Runs without autograd (state tensors of some optimizers, e.g. Apollo's with weight decay,
+    carry ``requires_grad``).
     """
     scratch = scratch if scratch is not None else _Scratch()
     chunk = CHUNK if chunk is None else chunk

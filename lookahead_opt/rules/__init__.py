@@ -1,8 +1,37 @@
-"""Registry of prediction rules, keyed by optimizer class (looked up along the MRO) and by name.
+r"""Registry of prediction rules, keyed by optimizer class (looked up along the MRO) and by name.
 
-Families live one per module (:mod:`~lookahead_opt.rules.sgd`,
-:mod:`~lookahead_opt.rules.adam`, ...); :mod:`~lookahead_opt.rules.fallback` is the generic
-rule for everything else.
+Families live one per module, each rule a parameterisation of its family's shape:
+
+* :mod:`~lookahead_opt.rules.sgd`: SGD; torch_optimizer SGDW, LARS, QHM, AggMo, NovoGrad,
+  Shampoo, PID, Apollo, Adafactor (state buffers, plus the kept gradient where needed).
+* :mod:`~lookahead_opt.rules.adam`: Adam/AdamW, Adamax, RAdam, NAdam; torch_optimizer Yogi,
+  QHAdam, AdaBelief, Lamb, SWATS, Adahessian.
+* :mod:`~lookahead_opt.rules.bounded`: torch_optimizer AdaBound, AdaMod (bounded rate).
+* :mod:`~lookahead_opt.rules.projected`: torch_optimizer AdamP, SGDP (projected steps go to
+  the fallback).
+* :mod:`~lookahead_opt.rules.dual`: torch_optimizer MADGRAD (dual averaging).
+* :mod:`~lookahead_opt.rules.rms`: RMSprop, Adagrad, Adadelta; :mod:`~lookahead_opt.rules.sign`:
+  Rprop.
+
+:mod:`~lookahead_opt.rules.fallback` is the generic rule for everything else. Left on it on
+purpose, because a rule would be no cheaper than the fallback (one buffer per parameter,
+refreshed each step) or not exact:
+
+* torch_optimizer ``DiffGrad``: its update needs :math:`g_{t-1}` and :math:`g_t` (the state
+  keeps only :math:`g_t`): a kept buffer plus a per-prediction sigmoid, dearer than the fallback.
+* torch_optimizer ``A2GradUni/Inc/Exp``, ``AccSGD``: :math:`W_t` mixes :math:`W_{t-1}`, a state
+  average and the raw gradient; the rule would keep the gradient (the fallback's buffer) and make
+  a longer prediction pass.
+* ``torch.optim.Adafactor``: no first moment; the update is the factored
+  :math:`g_t/\sqrt{\hat v_t}` of the raw gradient (kept buffer plus a row/column outer product
+  per prediction).
+* torch_optimizer ``RAdam`` (a different class from torch's; keyed by class object, not name),
+  ``LBFGS`` (closure, flattened state), ``SparseAdam`` (sparse rows), ``Muon`` (5 matmuls per
+  prediction), ``ASGD``, ``Lookahead`` (a sync every k steps makes W jump).
+
+Some rules hand particular steps to the fallback (:func:`~lookahead_opt.rules.fallback.with_fallback`):
+SWATS's first SGD step, PID's first step and PID without momentum, AdamP/SGDP steps that are
+projected or Nesterov, MADGRAD without momentum, torch_optimizer Adafactor without ``beta1``.
 """
 from __future__ import annotations
 
@@ -10,7 +39,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from . import adam, fallback, rms, sgd, sign
+from . import adam, bounded, dual, fallback, projected, rms, sgd, sign
 from .base import Direction, Kept, Rule
 
 __all__ = ["Direction", "Kept", "Rule", "register_rule", "rule_for", "rule_named", "FALLBACK", "SMOOTHED_GRADIENT"]
@@ -73,5 +102,26 @@ try:  # torch_optimizer is optional
 except ImportError:  # pragma: no cover
     _to = None
 if _to is not None:
-    register_rule(_to.Yogi, adam.ADAM)
-    register_rule(_to.QHAdam, adam.QHADAM)
+    for _cls, _r in (
+        (_to.Yogi, adam.ADAM),
+        (_to.QHAdam, adam.QHADAM),
+        (_to.AdaBelief, adam.ADABELIEF),
+        (_to.Lamb, adam.LAMB),
+        (_to.SWATS, adam.SWATS),
+        (_to.Adahessian, adam.ADAHESSIAN),
+        (_to.AdaBound, bounded.ADABOUND),
+        (_to.AdaMod, bounded.ADAMOD),
+        (_to.AdamP, projected.ADAMP),
+        (_to.SGDP, projected.SGDP),
+        (_to.MADGRAD, dual.MADGRAD),
+        (_to.SGDW, sgd.SGDW),
+        (_to.LARS, sgd.LARS),
+        (_to.QHM, sgd.QHM),
+        (_to.AggMo, sgd.AGGMO),
+        (_to.NovoGrad, sgd.NOVOGRAD),
+        (_to.Shampoo, sgd.SHAMPOO),
+        (_to.PID, sgd.PID),
+        (_to.Apollo, sgd.APOLLO),
+        (_to.Adafactor, sgd.ADAFACTOR),
+    ):
+        register_rule(_cls, _r)

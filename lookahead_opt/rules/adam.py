@@ -15,6 +15,20 @@
 * ``QHAdam`` (torch_optimizer): :math:`(\\nu_1 m_t + (1-\\nu_1) g'_t) / (\\sqrt{\\nu_2 v_t +
   (1-\\nu_2) g'^2_t} + \\epsilon)` (its moments are already debiased); :math:`g'_t` kept only when
   a :math:`\\nu \ne 1` (and the denominator then allocated per prediction).
+* ``AdaBelief`` (torch_optimizer): Adam's shape on ``exp_avg_var`` (which its step leaves
+  with ``eps`` added in place); ``rectify`` as RAdam (SGD-style ``m_t`` when
+  :math:`\\rho_t \\le 4`); ``weight_decouple`` decays by ``1 - lr*wd`` or, with
+  ``fixed_decay``, by ``1 - wd`` (settings read from the optimizer's attributes).
+* ``Lamb`` (torch_optimizer): :math:`\\tau_t\\, b\\, (m_t/(\\sqrt{v_t}+\\epsilon) + \\lambda W_{t-1})`
+  with the trust ratio :math:`\\tau_t` the step stored in ``state["trust_ratio"]`` (computed on
+  :math:`W_{t-1}`, so reading it is exact, not a recomputation on :math:`W_t`; 1 with ``adam``),
+  :math:`b = \\sqrt{1-\\beta_2^t}/(1-\\beta_1^t)` with ``debias``, else 1. Reading the 0-d
+  ``trust_ratio`` tensor is one host sync per parameter on CUDA.
+* ``SWATS`` (torch_optimizer): Adam's shape in its Adam phase; in its SGD phase the momentum
+  buffer is the update (its step rescales the buffer in place), except for the first SGD step,
+  which goes to the fallback (:func:`~lookahead_opt.rules.fallback.with_fallback`).
+* ``Adahessian`` (torch_optimizer): :math:`\\hat m_t / (\\hat v_t^{k/2} + \\epsilon)`,
+  :math:`k` = ``hessian_power`` (a ``power`` of the denominator), decay on :math:`W_{t-1}`.
 * ``NAdam``: :math:`\\frac{1-\\mu_t}{1-\\Pi_t} g'_t + \\frac{\\mu_{t+1}}{1-\\Pi_t\\mu_{t+1}} m_t`
   over :math:`\\sqrt{\\hat v_t} + \\epsilon`; :math:`g'_t` is kept at step time (one buffer per
   parameter, the fallback's cost).
@@ -34,8 +48,9 @@ from typing import Optional, Sequence, Tuple, Union
 from torch import Tensor
 
 from .base import Direction, Group, Kept, Rule, State, decoupled, effective_grad, step_count
+from .fallback import with_fallback
 
-__all__ = ["ADAM", "ADAMAX", "RADAM", "NADAM", "QHADAM", "adam_like"]
+__all__ = ["ADAM", "ADAMAX", "RADAM", "NADAM", "QHADAM", "ADABELIEF", "LAMB", "SWATS", "ADAHESSIAN", "adam_like"]
 
 
 def adam_like(
@@ -49,15 +64,22 @@ def adam_like(
     eps: Optional[float] = None,
     decay: bool = False,
     wd: Optional[float] = None,
+    at_lr: Optional[float] = None,
+    gain: float = 1.0,
+    power: float = 0.5,
 ) -> Direction:
     """The shared Adam-family direction.
 
     ``sum(c*N for c, N in terms) / (sqrt(v / bias2) + eps)`` with ``v`` the state tensor
     named ``second`` (its running maximum ``max_<second>`` when the group has ``amsgrad``) or
     the tensor ``second``, or no denominator when ``second`` is None; ``decay`` adds decoupled weight decay ``wd``
-    (default: the group's ``weight_decay``) applied to ``W_{t-1}``.
+    (default: the group's ``weight_decay``) applied to ``W_{t-1}`` by a step of learning rate
+    ``at_lr`` (default: the group's); ``gain`` multiplies the whole direction; ``power`` is the
+    root's exponent (with ``bias2`` then raised to it too).
     """
-    factor, lam = decoupled(group.get("weight_decay", 0.0) if wd is None else wd, group["lr"]) if decay else (1.0, 0.0)
+    lr = group["lr"] if at_lr is None else at_lr
+    factor, lam = decoupled(group.get("weight_decay", 0.0) if wd is None else wd, lr) if decay else (1.0, 0.0)
+    factor, lam = factor * gain, lam * gain
     terms = tuple((c * factor, n) for c, n in terms)
     if second is None:
         return Direction(terms, decay=lam)
@@ -65,7 +87,7 @@ def adam_like(
         v = second
     else:
         v = state["max_" + second] if group.get("amsgrad", False) else state[second]
-    return Direction(terms, den=v, root=root, scale=1.0 / math.sqrt(bias2) if root else 1.0 / bias2,
+    return Direction(terms, den=v, root=root, scale=(1.0 / math.sqrt(bias2) if power == 0.5 else bias2 ** -power) if root else 1.0 / bias2, power=power,
                      eps=group["eps"] if eps is None else eps, decay=lam)
 
 
@@ -154,3 +176,76 @@ def _qhadam(group: Group, state: State, w: Tensor, kept: Optional[Kept]) -> Opti
 
 
 QHADAM = Rule("qhadam", _qhadam, keep=_keep_qhadam)
+
+
+def _adabelief_settings(opt, i: int) -> dict:
+    return {"_decouple": opt._weight_decouple, "_fixed_decay": opt._fixed_decay, "_rectify": opt._rectify}
+
+
+def _adabelief(group: Group, state: State, w: Tensor, kept: Optional[Kept]) -> Optional[Direction]:
+    if "step" not in state:
+        return None
+    t = step_count(state)
+    b1, b2 = group["betas"]
+    bc1, bc2 = _bias(b1, t), _bias(b2, t)
+    lr, wd = group["lr"], group["weight_decay"]
+    decay = bool(group["_decouple"]) and wd != 0
+    if decay and group["_fixed_decay"]:
+        wd = wd / lr if lr else 0.0  # W *= 1 - wd: decoupled() at lr with wd/lr
+    kw = dict(second="exp_avg_var", decay=decay, wd=wd)
+    if not group["_rectify"]:
+        return adam_like(group, state, ((1.0 / bc1, state["exp_avg"]),), bias2=bc2, **kw)
+    rho_inf, rho_t = state["rho_inf"], state["rho_t"]
+    if rho_t <= 4:
+        return adam_like(group, state, ((1.0, state["exp_avg"]),), **dict(kw, second=None))
+    rt = math.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / (rho_inf - 4.0) / (rho_inf - 2.0) / rho_t)
+    return adam_like(group, state, ((rt / bc1, state["exp_avg"]),), bias2=bc2, **kw)
+
+
+ADABELIEF = Rule("adabelief", _adabelief, settings=_adabelief_settings)
+
+
+def _lamb_settings(opt, i: int) -> dict:
+    return {"_adam": opt.adam, "_debias": opt.debias}
+
+
+def _lamb(group: Group, state: State, w: Tensor, kept: Optional[Kept]) -> Optional[Direction]:
+    if "step" not in state:
+        return None
+    t = step_count(state)
+    b1, b2 = group["betas"]
+    bc = math.sqrt(_bias(b2, t)) / _bias(b1, t) if group["_debias"] else 1.0
+    gain = bc * (1.0 if group["_adam"] else float(state["trust_ratio"]))
+    return adam_like(group, state, ((1.0, state["exp_avg"]),), decay=True, at_lr=group["lr"] * gain, gain=gain)
+
+
+LAMB = Rule("lamb", _lamb, settings=_lamb_settings)
+
+
+def _swats(group: Group, state: State, w: Tensor, kept: Optional[Kept]) -> Optional[Direction]:
+    if "step" not in state:
+        return None
+    if group["phase"] == "SGD":
+        return Direction(((1.0, state["momentum_buffer"]),))
+    t = step_count(state)
+    b1, b2 = group["betas"]
+    return adam_like(group, state, ((math.sqrt(_bias(b2, t)) / _bias(b1, t), state["exp_avg"]),))
+
+
+def _swats_first_sgd_step(group: Group, state: State, w: Tensor, grad: Optional[Tensor]) -> bool:
+    return group["phase"] == "SGD" and "momentum_buffer" not in state
+
+
+SWATS = with_fallback("swats", _swats, _swats_first_sgd_step)
+
+
+def _adahessian(group: Group, state: State, w: Tensor, kept: Optional[Kept]) -> Optional[Direction]:
+    if "step" not in state:
+        return None
+    t = step_count(state)
+    b1, b2 = group["betas"]
+    return adam_like(group, state, ((1.0 / _bias(b1, t), state["exp_avg"]),), second="exp_hessian_diag_sq",
+                     bias2=_bias(b2, t), power=group["hessian_power"] / 2, decay=True)
+
+
+ADAHESSIAN = Rule("adahessian", _adahessian)
