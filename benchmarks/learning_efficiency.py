@@ -132,6 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--plot", type=Path, default=Path(__file__).with_name("learning_efficiency.png"))
     ap.add_argument("--json", type=Path, default=None, help="also dump the raw results here")
     ap.add_argument("--write", type=Path, default=None, help="write the table into this RESULTS.md section")
+    ap.add_argument("--note", default="", help="a summary paragraph for the RESULTS.md section")
     ap.add_argument("--load", type=Path, default=None, help="rebuild table/plot/section from a --json dump")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -168,7 +169,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 + provenance("cpu")
                 + (f"* rebuilt from {a.load}\n" if a.load else f"* total time {time.perf_counter() - t0:.0f} s\n")
                 + "* cells: last-epoch mean train loss (held-out "
-                  "loss of the final weights); `div`: diverged\n\n" + text)
+                  "loss of the final weights); `div`: diverged\n\n" + (a.note + "\n\n" if a.note else "") + text
+                + "\n![learning efficiency](learning_efficiency.png)\n")
         write_section(a.write, "learning_efficiency", body)
 
 
