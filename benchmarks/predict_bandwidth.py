@@ -80,11 +80,16 @@ def main(argv=None) -> None:
     ap.add_argument("--tensors", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--s", type=int, default=3)
-    ap.add_argument("--kernel", choices=["auto", "foreach", "loop"], default="auto",
-                    help="foreach: multi-tensor chain; loop: per-tensor out= ops; auto: by device")
+    ap.add_argument("--kernel", choices=["auto", "foreach", "loop", "compile"], default="auto",
+                    help="foreach: multi-tensor chain; loop: per-tensor out= ops; auto: by device; "
+                         "compile: opt-in torch.compile'd fused kernel per tensor (compiles first)")
+    ap.add_argument("--chunk", type=int, default=None, help="elements per chunk of the loop (default kernel.CHUNK)")
     ap.add_argument("--write", type=Path, default=None, help="append a section to this markdown file")
     args = ap.parse_args(argv)
-    kernel.FOREACH = {"auto": None, "foreach": True, "loop": False}[args.kernel]
+    kernel.FOREACH = {"auto": None, "foreach": True, "loop": False, "compile": False}[args.kernel]
+    kernel.COMPILE = args.kernel == "compile"
+    if args.chunk is not None:
+        kernel.CHUNK = args.chunk
     device = torch.device(args.device)
     dtype = torch.float32
     params = make_params(args.params, args.tensors, device, dtype)
@@ -105,7 +110,7 @@ def main(argv=None) -> None:
         f"* command: `python benchmarks/predict_bandwidth.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"* device: {dev_name}; torch {torch.__version__}; {numel / 1e6:.1f}M {str(dtype).split('.')[-1]} parameters "
         f"in {len(params)} tensors; s={args.s}; median of {args.repeats}"
-        + f"; kernel {args.kernel}",
+        + f"; kernel {args.kernel}" + (f", chunk {kernel.CHUNK}" if args.kernel in ("auto", "loop") else ""),
         "",
         "| operation | tensor passes | median time (ms) | GB/s | efficiency vs copy | efficiency, median per round |",
         "|---|---|---|---|---|---|",

@@ -30,14 +30,22 @@ from torch import Tensor
 
 from .rules.base import Direction
 
-__all__ = ["predict_into", "FOREACH", "CHUNK"]
+__all__ = ["predict_into", "FOREACH", "CHUNK", "COMPILE"]
 
 #: Default of :func:`predict_into`'s ``foreach``: ``None`` picks by device.
 FOREACH: Optional[bool] = None
 
-#: Elements per chunk of the CPU per-tensor path (``0``: whole tensors). A chunk of float32
-#: ``W``, ``N``, ``D``, ``out`` and the temporary (5 x 64 KiB at 16384) fits a 512 KiB-1 MiB L2.
-CHUNK: int = 16384
+#: Elements per chunk of the CPU per-tensor path (``0``: whole tensors). Measured (1 thread,
+#: 50M float32 in 200 tensors): L2-sized chunks (4K-64K elements) are 1.4-7x *slower* than whole
+#: tensors, as each chunk pays the dispatch of 3-4 ops; chunks only bound the temporary
+#: (4 MiB in float32, within L3) for very large tensors.
+CHUNK: int = 1 << 20
+
+#: Opt-in: evaluate each parameter by one ``torch.compile``d fused kernel instead of the
+#: per-tensor ``out=`` ops (where the loop would run). Never required and not used by the
+#: tests' default paths: the first call compiles (tens of seconds, needs a C++ compiler on CPU).
+#: Coefficients are passed as tensors, so new step sizes do not recompile.
+COMPILE: bool = False
 
 _Item = Tuple[Tensor, ...]  # (out, W, N_1..N_k, P_1..P_j[, D][, cap])
 
@@ -212,6 +220,54 @@ def _loop(items: Sequence[_Item], key: Tuple, scratch: _Scratch, chunk: int) -> 
             _one(out, w, rest, key, tmp)
 
 
+_FUSED = None
+
+
+def _fused_impl(out: Tensor, w: Tensor, ns: List[Tensor], ps: List[Tensor], d: Optional[Tensor],
+                cap: Optional[Tensor], c: Tensor, power: Optional[float], rate: bool, bounded: bool) -> None:
+    # c = [wscale, shift, inner, eps, scale, lo, hi, alpha_1..alpha_k, plain_1..plain_j]
+    k = len(ns)
+    acc = w * c[0]
+    for i, p in enumerate(ps):
+        acc = acc + c[7 + k + i] * p
+    num = ns[0] * c[7]
+    for i in range(1, k):
+        num = num + ns[i] * c[7 + i]
+    if d is not None:
+        r = d + c[2]
+        r = r.sqrt() if power == 0.5 else (r if power == 1.0 else r.pow(power))
+        if rate:
+            r = 1.0 / (r * c[4] + c[3])
+            if bounded:
+                r = torch.clamp(r, c[5], c[6])
+            if cap is not None:
+                r = torch.minimum(r, cap)
+            num = num * r
+        else:
+            num = num / (r + c[3])
+    out.copy_(acc + num + c[1])
+
+
+def _compiled(items: Sequence[_Item], key: Tuple) -> None:
+    """One compiled fused kernel call per tensor (see :data:`COMPILE`)."""
+    global _FUSED
+    if key[0] == "copy" or key[5] is None or not key[3]:
+        return _loop(items, key, _Scratch(), 0)  # no denominator: already one single-pass op
+    if _FUSED is None:
+        _FUSED = torch.compile(_fused_impl, dynamic=True)
+    _, _, _, alphas, plain, den, wscale, shift = key
+    k, j = len(alphas), len(plain)
+    rate = len(den) != 3
+    inner, eps, scale, bounds = (den[1], den[2], 1.0, None) if not rate else (den[1], den[3], den[2], den[4])
+    lo, hi = bounds if bounds is not None else (0.0, 0.0)
+    w0 = items[0][1]
+    c = torch.tensor([wscale, shift, inner, eps, scale, lo, hi, *alphas, *plain], dtype=torch.float64,
+                     device=w0.device)
+    for out, w, *rest in items:
+        cap = rest[k + j + 1] if rate and den[5] else None
+        _FUSED(out, w, rest[:k], rest[k:k + j], rest[k + j], cap, c, den[0], rate, bounds is not None)
+
+
 @torch.no_grad()
 def predict_into(
     outs: Sequence[Tensor],
@@ -243,5 +299,7 @@ def predict_into(
         use_chain = items[0][1].device.type != "cpu" if choice is None else choice
         if use_chain:
             _chain(items, key, scratch)
+        elif COMPILE:
+            _compiled(items, key)
         else:
             _loop(items, key, scratch, chunk)
