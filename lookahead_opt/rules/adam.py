@@ -14,7 +14,7 @@
 * ``Yogi`` (torch_optimizer): Adam's rule on its own ``exp_avg_sq``.
 * ``QHAdam`` (torch_optimizer): :math:`(\\nu_1 m_t + (1-\\nu_1) g'_t) / (\\sqrt{\\nu_2 v_t +
   (1-\\nu_2) g'^2_t} + \\epsilon)` (its moments are already debiased); :math:`g'_t` kept only when
-  a :math:`\\nu \ne 1` (and the denominator then allocated per prediction).
+  a :math:`\\nu \\ne 1` (and the denominator then allocated per prediction).
 * ``AdaBelief`` (torch_optimizer): Adam's shape on ``exp_avg_var`` (which its step leaves
   with ``eps`` added in place); ``rectify`` as RAdam (SGD-style ``m_t`` when
   :math:`\\rho_t \\le 4`); ``weight_decouple`` decays by ``1 - lr*wd`` or, with
