@@ -48,19 +48,18 @@ device (0-d tensors): no host synchronisation.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .optimizer import PredictiveOptimizer, _check_s
-from .redirect import redirect
+from .swapping import SwappingPredictor
 
 __all__ = ["CalibratedPredictor"]
 
 
-class CalibratedPredictor:
+class CalibratedPredictor(SwappingPredictor):
     """A per-tensor, online-calibrated scale on top of a :class:`PredictiveOptimizer`'s rule.
 
     Args:
@@ -82,13 +81,11 @@ class CalibratedPredictor:
 
     def __init__(self, optimizer: PredictiveOptimizer, *, smoothing: float = 0.9, init_scale: float = 1.0,
                  min_scale: float = 0.0, max_scale: float = 1.0) -> None:
-        if not isinstance(optimizer, PredictiveOptimizer):
-            raise TypeError(f"CalibratedPredictor wraps a lookahead_opt.PredictiveOptimizer, got {type(optimizer).__name__}")
+        super().__init__(optimizer)
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
         if not min_scale <= max_scale:
             raise ValueError(f"min_scale {min_scale} > max_scale {max_scale}")
-        self.optimizer = optimizer
         self.smoothing, self.init_scale = float(smoothing), float(init_scale)
         self.min_scale, self.max_scale = float(min_scale), float(max_scale)
         params = optimizer.params
@@ -97,7 +94,6 @@ class CalibratedPredictor:
         self.num_observations = 0
         #: the per-tensor scales used by the last :meth:`predict` (0-d tensors)
         self.last_scales: List[Tensor] = []
-        self._swapped: Optional[tuple] = None
 
     # ----------------------------------------------------------------- scales
     def scales(self) -> List[Tensor]:
@@ -148,41 +144,6 @@ class CalibratedPredictor:
         # res <- W + a s (res - W) = lerp(res, W, 1 - a s)
         torch._foreach_lerp_(res, weights, [1.0 - s * a.to(r.dtype) for a, r in zip(self.last_scales, res)])
         return res
-
-    def swap_in(self, s: int) -> None:
-        """Point the parameters at :meth:`predict` ``(s)``; saved weights resolve to the live
-        ones at backward (as :meth:`PredictiveOptimizer.swap_in`)."""
-        opt = self.optimizer
-        if self._swapped is not None or opt._swapped is not None:
-            raise RuntimeError("swap_in() twice: the predicted weights are already swapped in; call swap_out() first")
-        pred = self.predict(s)
-        params = opt.params
-        live = [p.data for p in params]
-        for p, w in zip(params, pred):
-            p.data = w
-        swapped = self  # resolve to the live weights current at backward time
-        ctx = redirect(params, resolve=lambda i: live[i] if swapped._swapped is not None else params[i].detach())
-        ctx.__enter__()
-        self._swapped = (params, live, ctx)
-
-    def swap_out(self) -> None:
-        """Undo :meth:`swap_in`."""
-        if self._swapped is None:
-            raise RuntimeError("swap_out() without swap_in(): the parameters already hold the live weights")
-        params, live, ctx = self._swapped
-        for p, w in zip(params, live):
-            p.data = w
-        self._swapped = None
-        ctx.__exit__(None, None, None)
-
-    @contextlib.contextmanager
-    def predicted(self, s: int) -> Iterator[List[Tensor]]:
-        """``with pred.predicted(s):`` the block runs on the calibrated prediction."""
-        self.swap_in(s)
-        try:
-            yield [p.data for p in self._swapped[0]]  # type: ignore[index]
-        finally:
-            self.swap_out()
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:

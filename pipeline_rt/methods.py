@@ -8,23 +8,27 @@ stashed; ``"predict"``: a fresh prediction made at backward time). The predictio
 of a forward is ``extra(k) + s``, with ``s = v_B - v_F`` counted on the schedule; a
 ``"predict"`` backward uses ``extra(k)``.
 
-=================  ==========  =========  ==========  ================================
-method             shape       forward    backward    prediction rule
-=================  ==========  =========  ==========  ================================
-``sync``           gpipe       live       live        --
-``1f1b-flush``     1f1b-flush  live       live        --
-``async``          async-1f1b  live       live        --
-``pipedream``      async-1f1b  live       forward     --
-``2bw``            async-1f1b  live       forward     -- (micro-batches, one update each)
-``spectrain``      async-1f1b  predict    predict     smoothed gradient, extra = k // 2
-``pipeoptim``      async-1f1b  predict    live        the optimizer's own rule
-``pipeoptim-cal``  async-1f1b  predict    forward     own rule, calibrated scale
-=================  ==========  =========  ==========  ================================
+=====================  ==========  =======  ========  ===================================
+method                 shape       forward  backward  prediction rule
+=====================  ==========  =======  ========  ===================================
+``sync``               gpipe       live     live      --
+``1f1b-flush``         1f1b-flush  live     live      --
+``async``              async-1f1b  live     live      --
+``pipedream``          async-1f1b  live     forward   --
+``2bw``                async-1f1b  live     forward   -- (micro-batches, one update each)
+``spectrain``          async-1f1b  predict  predict   smoothed gradient, extra = k // 2
+``pipeoptim``          async-1f1b  predict  live      the optimizer's own rule
+``pipeoptim-cal``      async-1f1b  predict  forward   own rule, calibrated scale
+``pipeoptim-rollout``  async-1f1b  predict  forward   own update rolled s steps
+=====================  ==========  =======  ========  ===================================
 
 ``pipeoptim-cal`` scales each tensor's predicted displacement by a factor in [0, 1] fitted
 online by least squares against the weights each backward finds
 (:class:`lookahead_opt.calibrated.CalibratedPredictor`; docs/improved_prediction.rst), and
 its backward reuses the forward's weights, so a scale of 0 is exactly ``pipedream``.
+``pipeoptim-rollout`` rolls the optimizer's real update ``s`` steps forward with the last
+gradient held fixed (:class:`lookahead_opt.rollout.RolloutPredictor`; exact when the
+gradient is constant), with the same consistent backward.
 
 ``pipeoptim`` with ``backward="predicted"`` keeps each micro-batch's predicted weights until
 its backward (``backward="forward"`` policy).
@@ -51,8 +55,11 @@ class Method:
             (``None``: the optimizer's own rule).
         half_stage_lookahead: add ``extra(k) = k // 2`` to every prediction distance
             (SpecTrain's correction for the time a backward takes to reach stage k).
-        calibrate: predict with :class:`~lookahead_opt.calibrated.CalibratedPredictor`
-            (per-tensor scale fitted at each backward).
+        predictor: what predicts a ``"predict"`` forward: ``"rule"`` (the optimizer's own
+            rule, :meth:`~lookahead_opt.PredictiveOptimizer.predict`), ``"calibrated"``
+            (:class:`~lookahead_opt.calibrated.CalibratedPredictor`, per-tensor scale fitted
+            at each backward) or ``"rollout"`` (:class:`~lookahead_opt.rollout.RolloutPredictor`,
+            the update rule rolled ``s`` steps forward with the last gradient held fixed).
     """
 
     name: str
@@ -62,7 +69,12 @@ class Method:
     backward: str = "live"
     rule: Optional[str] = None
     half_stage_lookahead: bool = False
-    calibrate: bool = False
+    predictor: str = "rule"
+
+    @property
+    def calibrate(self) -> bool:
+        """Whether the forward's prediction is calibrated at each backward."""
+        return self.predictor == "calibrated"
 
     def extra(self, stage: int) -> int:
         """Prediction distance added at stage ``stage`` (0 unless SpecTrain-style)."""
@@ -89,7 +101,8 @@ METHODS = {
         Method("spectrain", "async-1f1b", forward="predict", backward="predict",
                rule="smoothed_gradient", half_stage_lookahead=True),
         Method("pipeoptim", "async-1f1b", forward="predict"),
-        Method("pipeoptim-cal", "async-1f1b", forward="predict", backward="forward", calibrate=True),
+        Method("pipeoptim-cal", "async-1f1b", forward="predict", backward="forward", predictor="calibrated"),
+        Method("pipeoptim-rollout", "async-1f1b", forward="predict", backward="forward", predictor="rollout"),
     )
 }
 

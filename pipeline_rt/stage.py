@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from lookahead_opt import PredictiveOptimizer
 from lookahead_opt.calibrated import CalibratedPredictor
 from lookahead_opt.redirect import redirect
+from lookahead_opt.rollout import RolloutPredictor
 
 from .methods import Method
 
@@ -102,6 +103,7 @@ class Replay:
     rng: Tuple[Tensor, Optional[Tensor]]  # CPU and (on CUDA) device RNG states at the forward
     target: Any = None
     weight: float = 1.0
+    calib: Optional[tuple] = None  # pipeoptim-cal: (start weights, prediction, scales) for observe()
 
 
 class Stage:
@@ -140,7 +142,9 @@ class Stage:
         self.retain: Set[Unit] = set()
         self._replays: Dict[Unit, Replay] = {}
         #: what swaps predicted weights in: the optimizer, or its calibrated predictor
-        self.predictor = CalibratedPredictor(optimizer) if method.calibrate and optimizer is not None else optimizer
+        self.predictor = optimizer
+        if optimizer is not None and method.predictor != "rule":
+            self.predictor = {"calibrated": CalibratedPredictor, "rollout": RolloutPredictor}[method.predictor](optimizer)
 
     @property
     def is_last(self) -> bool:
@@ -191,8 +195,11 @@ class Stage:
             rec.forward_weights = snap if predicted else rec.start_weights
         if calib:
             rec.extra["calib"] = (rec.start_weights, snap, self.predictor.last_scales)
+        if replay is not None and replay.calib is not None:
+            rec.extra["calib"] = replay.calib
         if keep:
-            self._replays[unit] = Replay(unit, inputs, snap, rec.version, predicted, rng, target, weight)
+            self._replays[unit] = Replay(unit, inputs, snap, rec.version, predicted, rng, target, weight,
+                                         rec.extra.get("calib"))
         outs = as_tuple(out)
         if self.is_last:
             rec.loss = outs[0]
@@ -265,7 +272,7 @@ class Stage:
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything of this stage between two actions: module, optimizer (with the
-        predictor's state), STEPs done, stashed versions, accumulated gradients and a
+        predictor's state; a calibrated or roll-out predictor's own state too), STEPs done, stashed versions, accumulated gradients and a
         :class:`Replay` per micro-batch in flight (each must be in :attr:`retain`)."""
         missing = [u for u in self._records if u not in self._replays]
         if missing:
@@ -278,6 +285,8 @@ class Stage:
             "stash": self._stash,
             "grads": [p.grad for p in self.params],
             "replays": [self._replays[u] for u in self._records],
+            # the calibrated scales' statistics / the roll-out's last gradients
+            "predictor": None if self.predictor is self.optimizer else self.predictor.state_dict(),
         }
 
     def load_state_dict(self, state: Dict[str, Any], s: Callable[[Unit], int]) -> None:
@@ -287,6 +296,8 @@ class Stage:
         self.clear()
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("predictor") is not None:
+            self.predictor.load_state_dict(state["predictor"])
         self.version = state["version"]
         self._stash = {v: list(ws) for v, ws in state["stash"].items()}
         for p, g in zip(self.params, state["grads"]):

@@ -36,7 +36,8 @@ def _assert_same(got, want, what: str) -> None:
             assert torch.equal(a[name], b[name]), f"{what}: stage {k} {name} differs"
 
 
-@pytest.mark.parametrize("method", ["sync", "pipedream", "pipeoptim", "2bw", "spectrain"])
+@pytest.mark.parametrize("method", ["sync", "pipedream", "pipeoptim", "2bw", "spectrain", "pipeoptim-cal",
+                                    "pipeoptim-rollout"])
 def test_local_resume_is_exact(method, tmp_path):
     spec = Spec(world=4, minibatches=MINIBATCHES, dropout=0.2)
     torch.manual_seed(0)

@@ -314,4 +314,5 @@ def test_exception_in_a_stage_propagates_and_the_pipeline_recovers():
 def test_all_methods_are_covered():
     tested = {m for m, _ in ASYNC} | {"sync", "1f1b-flush"}
     tested |= {"pipeoptim-cal"}  # against pipedream and pipeoptim(backward=predicted): tests/test_calibrated.py
+    tested |= {"pipeoptim-rollout"}  # against pipeoptim(backward=predicted) with plain SGD: tests/test_rollout.py
     assert tested == set(METHODS)
