@@ -3,8 +3,9 @@
 For every task, optimizer (SGD-momentum, Adam, AdamW), pipeline depth and learning rate
 (the task's default times each ``--lr-mults`` factor, a decade by default: 0.3, 1, 3) it
 trains the same model with ``sync`` (sequential semantics, one micro-batch), ``pipedream``,
-``pipeoptim`` (the paper) and ``pipeoptim-cal`` (:class:`lookahead_opt.calibrated.
-CalibratedPredictor`) with the real runtime (:class:`pipeline_rt.Pipeline`, CPU stages) and
+``pipeoptim`` (the paper), ``pipeoptim-cal`` (:class:`lookahead_opt.calibrated.
+CalibratedPredictor`) and ``pipeoptim-rollout`` (:class:`lookahead_opt.rollout.RolloutPredictor`)
+with the real runtime (:class:`pipeline_rt.Pipeline`, CPU stages) and
 reports the mean training loss of the last epoch (as the pipeline computes it: at each
 method's forward weights) and the held-out loss of the final weights. ``div`` marks a
 non-finite or exploded run (last-epoch loss above 10x the first minibatch's).
@@ -33,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_rt import Pipeline  # noqa: E402
 from pipeline_rt.tasks import evaluate, get_task  # noqa: E402
 
-METHODS = ("sync", "pipedream", "pipeoptim", "pipeoptim-cal")
-SHORT = {"sync": "sync", "pipedream": "pd", "pipeoptim": "po", "pipeoptim-cal": "cal"}
+METHODS = ("sync", "pipedream", "pipeoptim", "pipeoptim-cal", "pipeoptim-rollout")
+SHORT = {"sync": "sync", "pipedream": "pd", "pipeoptim": "po", "pipeoptim-cal": "cal", "pipeoptim-rollout": "roll"}
 OPTIMIZERS = {
     "sgdm": ("sgd", lambda lr: (lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9))),
     "adam": ("adam", lambda lr: (lambda ps: torch.optim.Adam(ps, lr=lr))),
@@ -95,7 +96,8 @@ def plot(results: Dict[Key, Dict[str, Dict[str, float]]], methods: Sequence[str]
     depths = sorted({d for _, _, d, _ in results})
     fig, axes = plt.subplots(len(depths), len(panels), figsize=(3.2 * len(panels), 2.8 * len(depths)),
                              squeeze=False)
-    colors = {"sync": "k", "pipedream": "tab:blue", "pipeoptim": "tab:orange", "pipeoptim-cal": "tab:green"}
+    colors = {"sync": "k", "pipedream": "tab:blue", "pipeoptim": "tab:orange", "pipeoptim-cal": "tab:green",
+              "pipeoptim-rollout": "tab:red"}
     for r, depth in enumerate(depths):
         for c, (task, opt) in enumerate(panels):
             ax = axes[r][c]
@@ -133,6 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--json", type=Path, default=None, help="also dump the raw results here")
     ap.add_argument("--write", type=Path, default=None, help="write the table into this RESULTS.md section")
     ap.add_argument("--note", default="", help="a summary paragraph for the RESULTS.md section")
+    ap.add_argument("--merge", action="store_true", help="add this run's cells to an existing --json dump")
     ap.add_argument("--load", type=Path, default=None, help="rebuild table/plot/section from a --json dump")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -160,6 +163,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     text = table(results, methods)
     print(text)
     if a.json:
+        if a.merge:  # earlier partial runs first, this one's cells win
+            old = json.loads(a.json.read_text()) if a.json.exists() else {}
+            results = {**{(t, o, int(d), float(m)): v for (t, o, d, m), v in ((k.split("|"), v) for k, v in old.items())},
+                       **results}
         a.json.write_text(json.dumps({"|".join(map(str, k)): v for k, v in results.items()}, indent=1))
     if a.plot and not a.quick and results:
         plot(results, methods, a.plot)
