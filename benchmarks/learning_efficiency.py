@@ -105,7 +105,8 @@ def plot(results: Dict[Key, Dict[str, Dict[str, float]]], methods: Sequence[str]
             for m in methods:
                 xs = [results[k][m]["lr"] for k in keys]
                 ys = [results[k][m]["last"] if not results[k][m]["diverged"] else float("nan") for k in keys]
-                ax.plot(xs, ys, "o-", color=colors.get(m), label=m)
+                if any(math.isfinite(y) for y in ys):  # an all-diverged series has nothing to draw
+                    ax.plot(xs, ys, "o-", color=colors.get(m), label=m)
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"{task} {opt} depth {depth}", fontsize=8)
