@@ -171,7 +171,8 @@ class Stage:
             predicted = replay.predicted
         rec = _Record(inputs=inputs, version=self.version if replay is None else replay.version, predicted=predicted)
         keep = replay is None and unit in self.retain
-        track = self.track_error and s > 0 and replay is None  # a replay has no start weights
+        # a replay has no start weights; a stage without parameters has nothing to predict
+        track = self.track_error and s > 0 and replay is None and bool(self.params)
         calib = m.calibrate and predicted and replay is None
         if track or calib:
             rec.start_weights = [p.detach().clone() for p in self.params]

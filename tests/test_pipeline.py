@@ -193,6 +193,17 @@ def test_prediction_errors():
     assert sum(errs["pipeoptim"][0]) < sum(errs["async"][0])
 
 
+def test_prediction_errors_skip_parameterless_stages():
+    # [Linear, Tanh, Linear, ...] cut one layer per stage: the Tanh stages have no weights
+    model, batches = mlp(), data(4, 8)
+    pipe = pipe_of(model, [1] * len(model), SGDM, "pipeoptim", track_error=True)
+    pipe.train(batches)
+    for k, errs in enumerate(pipe.prediction_errors):
+        has_weights = any(True for _ in pipe.stages[k].parameters())
+        last = k == len(model) - 1
+        assert (len(errs) > 0) == (has_weights and not last), k
+
+
 def test_schedule_is_printable():
     pipe = pipe_of(mlp(), [3, 2, 2], SGDM, "pipeoptim")
     text = str(pipe.schedule)
