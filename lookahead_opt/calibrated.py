@@ -80,8 +80,19 @@ class CalibratedPredictor(SwappingPredictor):
     """
 
     def __init__(self, optimizer: PredictiveOptimizer, *, smoothing: float = 0.9, init_scale: float = 1.0,
-                 min_scale: float = 0.0, max_scale: float = 1.0) -> None:
+                 min_scale: float = 0.0, max_scale: float = 1.0, displacement: str = "linear") -> None:
         super().__init__(optimizer)
+        if displacement not in ("linear", "rollout"):
+            raise ValueError(f"displacement must be 'linear' or 'rollout', got {displacement!r}")
+        #: ``"linear"``: the unit displacement is the paper's ``s lr dW``; ``"rollout"``: it is
+        #: ``W - R_s``, the optimizer's update rolled ``s`` steps with the last gradient held
+        #: fixed (:class:`~lookahead_opt.rollout.RolloutPredictor`; the paper's rule for
+        #: optimizers without a roll-out)
+        self.displacement = displacement
+        self._rollout = None
+        if displacement == "rollout":
+            from .rollout import RolloutPredictor
+            self._rollout = RolloutPredictor(optimizer)
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
         if not min_scale <= max_scale:
@@ -139,8 +150,13 @@ class CalibratedPredictor(SwappingPredictor):
         opt = self.optimizer
         if s == 0:
             return opt.predict(0, out)
-        res = opt.predict(1, out)                      # W - lr dW
         weights = opt._weights()
+        if self._rollout is not None:
+            res = self._rollout.predict(s, out)        # R_s, the roll-out
+            # res <- W + a (R_s - W) = lerp(res, W, 1 - a)
+            torch._foreach_lerp_(res, weights, [1.0 - a.to(r.dtype) for a, r in zip(self.last_scales, res)])
+            return res
+        res = opt.predict(1, out)                      # W - lr dW
         # res <- W + a s (res - W) = lerp(res, W, 1 - a s)
         torch._foreach_lerp_(res, weights, [1.0 - s * a.to(r.dtype) for a, r in zip(self.last_scales, res)])
         return res
@@ -148,10 +164,15 @@ class CalibratedPredictor(SwappingPredictor):
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
         """The fit (EMA statistics) and options; the optimizer is saved separately."""
-        return {"num": [n.clone() for n in self._num], "den": [d.clone() for d in self._den],
-                "num_observations": self.num_observations}
+        state = {"num": [n.clone() for n in self._num], "den": [d.clone() for d in self._den],
+                 "num_observations": self.num_observations}
+        if self._rollout is not None:
+            state["rollout"] = self._rollout.state_dict()
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._num = [n.clone().to(m.device) for n, m in zip(state["num"], self._num)]
         self._den = [d.clone().to(m.device) for d, m in zip(state["den"], self._den)]
         self.num_observations = int(state["num_observations"])
+        if self._rollout is not None and "rollout" in state:
+            self._rollout.load_state_dict(state["rollout"])

@@ -20,6 +20,7 @@ method                 shape       forward  backward  prediction rule
 ``pipeoptim``          async-1f1b  predict  live      the optimizer's own rule
 ``pipeoptim-cal``      async-1f1b  predict  forward   own rule, calibrated scale
 ``pipeoptim-rollout``  async-1f1b  predict  forward   own update rolled s steps
+``pipeoptim-calroll``  async-1f1b  predict  forward   roll-out, calibrated scale
 =====================  ==========  =======  ========  ===================================
 
 ``pipeoptim-cal`` scales each tensor's predicted displacement by a factor in [0, 1] fitted
@@ -28,7 +29,10 @@ online by least squares against the weights each backward finds
 its backward reuses the forward's weights, so a scale of 0 is exactly ``pipedream``.
 ``pipeoptim-rollout`` rolls the optimizer's real update ``s`` steps forward with the last
 gradient held fixed (:class:`lookahead_opt.rollout.RolloutPredictor`; exact when the
-gradient is constant), with the same consistent backward.
+gradient is constant), with the same consistent backward. ``pipeoptim-calroll`` (the
+recommended improved method) scales the roll-out's displacement per tensor by the same
+least-squares factor as ``pipeoptim-cal`` (``CalibratedPredictor(displacement="rollout")``):
+a scale of 1 is ``pipeoptim-rollout``, 0 is ``pipedream``.
 
 ``pipeoptim`` with ``backward="predicted"`` keeps each micro-batch's predicted weights until
 its backward (``backward="forward"`` policy).
@@ -58,8 +62,9 @@ class Method:
         predictor: what predicts a ``"predict"`` forward: ``"rule"`` (the optimizer's own
             rule, :meth:`~lookahead_opt.PredictiveOptimizer.predict`), ``"calibrated"``
             (:class:`~lookahead_opt.calibrated.CalibratedPredictor`, per-tensor scale fitted
-            at each backward) or ``"rollout"`` (:class:`~lookahead_opt.rollout.RolloutPredictor`,
-            the update rule rolled ``s`` steps forward with the last gradient held fixed).
+            at each backward), ``"rollout"`` (:class:`~lookahead_opt.rollout.RolloutPredictor`,
+            the update rule rolled ``s`` steps forward with the last gradient held fixed) or
+            ``"calibrated-rollout"`` (the roll-out's displacement with the calibrated scale).
     """
 
     name: str
@@ -74,7 +79,7 @@ class Method:
     @property
     def calibrate(self) -> bool:
         """Whether the forward's prediction is calibrated at each backward."""
-        return self.predictor == "calibrated"
+        return self.predictor in ("calibrated", "calibrated-rollout")
 
     def extra(self, stage: int) -> int:
         """Prediction distance added at stage ``stage`` (0 unless SpecTrain-style)."""
@@ -103,6 +108,8 @@ METHODS = {
         Method("pipeoptim", "async-1f1b", forward="predict"),
         Method("pipeoptim-cal", "async-1f1b", forward="predict", backward="forward", predictor="calibrated"),
         Method("pipeoptim-rollout", "async-1f1b", forward="predict", backward="forward", predictor="rollout"),
+        Method("pipeoptim-calroll", "async-1f1b", forward="predict", backward="forward",
+               predictor="calibrated-rollout"),
     )
 }
 

@@ -144,7 +144,9 @@ class Stage:
         #: what swaps predicted weights in: the optimizer, or its calibrated predictor
         self.predictor = optimizer
         if optimizer is not None and method.predictor != "rule":
-            self.predictor = {"calibrated": CalibratedPredictor, "rollout": RolloutPredictor}[method.predictor](optimizer)
+            self.predictor = {"calibrated": CalibratedPredictor, "rollout": RolloutPredictor,
+                              "calibrated-rollout": lambda o: CalibratedPredictor(o, displacement="rollout"),
+                              }[method.predictor](optimizer)
 
     @property
     def is_last(self) -> bool:

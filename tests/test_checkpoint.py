@@ -37,7 +37,7 @@ def _assert_same(got, want, what: str) -> None:
 
 
 @pytest.mark.parametrize("method", ["sync", "pipedream", "pipeoptim", "2bw", "spectrain", "pipeoptim-cal",
-                                    "pipeoptim-rollout"])
+                                    "pipeoptim-rollout", "pipeoptim-calroll"])
 def test_local_resume_is_exact(method, tmp_path):
     spec = Spec(world=4, minibatches=MINIBATCHES, dropout=0.2)
     torch.manual_seed(0)

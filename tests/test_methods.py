@@ -8,7 +8,8 @@ from pipeline_rt.methods import METHODS, Method, get_method
 PINNED = {"sync", "1f1b-flush", "async", "pipedream", "2bw", "spectrain", "pipeoptim"}
 
 
-EXTRA = {"pipeoptim-cal", "pipeoptim-rollout"}  # issue 6; tested in tests/test_calibrated.py, tests/test_rollout.py
+EXTRA = {"pipeoptim-cal", "pipeoptim-rollout", "pipeoptim-calroll"}  # issue 6; tested in tests/test_calibrated.py,
+# tests/test_rollout.py, tests/test_calroll.py
 
 
 def test_pinned_names():

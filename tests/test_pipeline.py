@@ -326,4 +326,5 @@ def test_all_methods_are_covered():
     tested = {m for m, _ in ASYNC} | {"sync", "1f1b-flush"}
     tested |= {"pipeoptim-cal"}  # against pipedream and pipeoptim(backward=predicted): tests/test_calibrated.py
     tested |= {"pipeoptim-rollout"}  # against pipeoptim(backward=predicted) with plain SGD: tests/test_rollout.py
+    tested |= {"pipeoptim-calroll"}  # against pipedream and pipeoptim-rollout: tests/test_calroll.py
     assert tested == set(METHODS)
