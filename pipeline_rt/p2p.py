@@ -23,7 +23,7 @@ Every wait has a deadline (``work.wait(timeout)``); a failure or timeout is rais
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -85,6 +85,15 @@ def _decode(code: Sequence[int]) -> Meta:
     return tuple(meta)
 
 
+def _posted(post: Callable[[], Any], what: str) -> Any:
+    """Post a point-to-point operation; a peer already gone makes posting itself raise
+    (gloo: "Connection closed by peer"), which becomes :class:`CommError` like a failed wait."""
+    try:
+        return post()
+    except RuntimeError as e:
+        raise CommError(f"{what} failed: {e}") from e
+
+
 class Transport:
     """Posts point-to-point operations and waits for them with a deadline.
 
@@ -107,7 +116,8 @@ class Transport:
             if self.batched:
                 self._held.append(dist.P2POp(dist.isend, t, peer, self.group, tag + i))
             else:
-                self._sending.append((dist.isend(t, peer, self.group, tag + i), t, what))
+                work = _posted(lambda: dist.isend(t, peer, self.group, tag + i), what)
+                self._sending.append((work, t, what))
         self._collect()
 
     def recv(self, tensors: Sequence[Tensor], peer: int, tag: int, what: str) -> None:
@@ -115,9 +125,9 @@ class Transport:
         if self.batched:
             ops = self._held + [dist.P2POp(dist.irecv, t, peer, self.group, tag + i) for i, t in enumerate(tensors)]
             self._held = []
-            works = dist.batch_isend_irecv(ops)  # one coalesced work or one per op
+            works = _posted(lambda: dist.batch_isend_irecv(ops), what)  # one coalesced work or one per op
         else:
-            works = [dist.irecv(t, peer, self.group, tag + i) for i, t in enumerate(tensors)]
+            works = [_posted(lambda: dist.irecv(t, peer, self.group, tag + i), what) for i, t in enumerate(tensors)]
         for w in works:
             self.wait(w, what)
 
@@ -125,7 +135,7 @@ class Transport:
         """Post the held sends and wait until every posted send has completed."""
         if self._held:
             ops, self._held = self._held, []
-            for w in dist.batch_isend_irecv(ops):
+            for w in _posted(lambda: dist.batch_isend_irecv(ops), "the held sends"):
                 self.wait(w, "the held sends")
         sending, self._sending = self._sending, []
         for w, _, what in sending:
