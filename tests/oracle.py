@@ -25,7 +25,7 @@ spectrain                     ``W[v_F] - lr (k//2 + s) dW[v_F]``   ``W[v_B] - lr
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn

@@ -1,7 +1,6 @@
 """CalibratedPredictor (lookahead_opt.calibrated) and the pipeoptim-cal method, against closed forms."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -9,21 +8,8 @@ from torch import nn
 
 from lookahead_opt import PredictiveOptimizer
 from lookahead_opt.calibrated import CalibratedPredictor
-from pipeline_rt import Pipeline, split_by_balance
+from predictor_support import data, fixed_scale, float64, observe_steps, params, pipe, step  # noqa: F401
 
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def _params(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(5, 3, generator=g)), nn.Parameter(torch.randn(4, generator=g))]
 
 
 def _opt(kind, ps):
@@ -36,19 +22,13 @@ def _opt(kind, ps):
     return torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)
 
 
-def _step(po, ps, grads):
-    for p, g in zip(ps, grads):
-        p.grad = g.clone()
-    po.step()
-
-
 def _stepped(kind, steps, seed):
     """Parameters, their PredictiveOptimizer after ``steps`` random-gradient steps, a predictor."""
-    ps = _params()
+    ps = params()
     po = PredictiveOptimizer(_opt(kind, ps))
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        _step(po, ps, [torch.randn(p.shape, generator=g) for p in ps])
+        step(po, ps, [torch.randn(p.shape, generator=g) for p in ps])
     return ps, po, CalibratedPredictor(po)
 
 
@@ -76,25 +56,20 @@ def test_predict_is_w_minus_alpha_s_lr_dw(kind):
 
 def test_exactly_linear_trajectory_gives_scale_one_and_exact_prediction():
     # plain SGD on a linear loss: every update is the same vector, the trajectory is a line
-    ps = _params()
+    ps = params()
     po = PredictiveOptimizer(torch.optim.SGD(ps, lr=0.1))
     cal = CalibratedPredictor(po, init_scale=0.3, smoothing=0.5)
     c = [torch.randn(p.shape) for p in ps]
-    _step(po, ps, c)
+    step(po, ps, c)
     s = 4
     for _ in range(3):
-        start = [p.detach().clone() for p in ps]
-        pred = [w.clone() for w in cal.predict(s)]
-        scales = cal.last_scales
-        for _ in range(s):
-            _step(po, ps, c)
-        cal.observe(start, pred, [p.detach() for p in ps], scales)
+        observe_steps(cal, po, ps, c, s)
         for a in cal.scales():
             assert float(a) == pytest.approx(1.0, rel=1e-6)
     # with alpha = 1 the prediction is the future, exactly
     pred = [w.clone() for w in cal.predict(s)]
     for _ in range(s):
-        _step(po, ps, c)
+        step(po, ps, c)
     torch.testing.assert_close(pred, [p.detach() for p in ps])
 
 
@@ -106,7 +81,7 @@ def _observe_displacements(cal, ps, B, D, scales):
 
 
 def test_orthogonal_or_opposite_displacement_gives_scale_zero():
-    ps = _params()
+    ps = params()
     cal = CalibratedPredictor(PredictiveOptimizer(torch.optim.SGD(ps, lr=0.1, momentum=0.9)))
     B = [torch.zeros(5, 3), torch.ones(4)]
     B[0][0, 0] = 1.0
@@ -117,7 +92,7 @@ def test_orthogonal_or_opposite_displacement_gives_scale_zero():
 
 
 def test_pure_noise_gives_scale_near_zero():
-    ps = _params()
+    ps = params()
     cal = CalibratedPredictor(PredictiveOptimizer(torch.optim.SGD(ps, lr=0.1)), smoothing=0.99, min_scale=-1.0)
     g = torch.Generator().manual_seed(3)
     big = [torch.zeros(2000), torch.zeros(2000)]
@@ -134,7 +109,7 @@ def test_pure_noise_gives_scale_near_zero():
 
 
 def test_least_squares_closed_form_with_smoothing_per_tensor():
-    ps = _params()
+    ps = params()
     beta = 0.7
     cal = CalibratedPredictor(PredictiveOptimizer(torch.optim.SGD(ps, lr=0.1)), smoothing=beta, max_scale=10.0)
     g = torch.Generator().manual_seed(4)
@@ -155,7 +130,7 @@ def test_least_squares_closed_form_with_smoothing_per_tensor():
 
 
 def test_zero_scale_observation_is_skipped():
-    ps = _params()
+    ps = params()
     cal = CalibratedPredictor(PredictiveOptimizer(torch.optim.SGD(ps, lr=0.1)), init_scale=0.4)
     B = [torch.ones(5, 3), torch.ones(4)]
     _observe_displacements(cal, ps, B, B, [0.0, 0.0])
@@ -187,7 +162,7 @@ def test_swap_in_is_autograd_safe_and_backward_sees_live_weights():
 
 
 def test_state_dict_round_trip():
-    ps = _params()
+    ps = params()
     cal = CalibratedPredictor(PredictiveOptimizer(torch.optim.SGD(ps, lr=0.1)))
     _observe_displacements(cal, ps, [torch.ones(5, 3), torch.ones(4)], [0.5 * torch.ones(5, 3), torch.ones(4)],
                            [1.0, 1.0])
@@ -199,49 +174,27 @@ def test_state_dict_round_trip():
 # ----------------------------------------------------------------------------- the method
 
 
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
-                         nn.Linear(8, 3))
-
-
-def _data(n, rows=6):
-    g = torch.Generator().manual_seed(5)
-    return [(torch.randn(rows, 6, generator=g), torch.randn(rows, 3, generator=g)) for _ in range(n)]
-
-
-def _pipe(method, fixed=None, opt=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)):
-    pipe = Pipeline(split_by_balance(copy.deepcopy(_mlp()), [2, 2, 2, 1]), ["cpu"] * 4, opt,
-                    nn.functional.mse_loss, method=method)
-    if fixed is not None:
-        for st in pipe.stage_runtimes:
-            st.predictor = CalibratedPredictor(st.optimizer, init_scale=fixed, min_scale=fixed, max_scale=fixed)
-    return pipe
-
-
 @pytest.mark.parametrize("opt", [lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
                                  lambda ps: torch.optim.Adam(ps, lr=1e-2)])
 def test_scale_zero_is_exactly_pipedream(opt):
-    batches = _data(10)
-    want = _pipe("pipedream", opt=opt).train(batches)
-    got = _pipe("pipeoptim-cal", fixed=0.0, opt=opt).train(batches)
+    batches = data(10)
+    want = pipe("pipedream", opt).train(batches)
+    got = fixed_scale(pipe("pipeoptim-cal", opt), 0.0).train(batches)
     assert got == want
 
 
 def test_scale_one_is_exactly_pipeoptim_with_predicted_backward():
-    batches = _data(10)
-    want = Pipeline(split_by_balance(copy.deepcopy(_mlp()), [2, 2, 2, 1]), ["cpu"] * 4,
-                    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), nn.functional.mse_loss,
-                    method="pipeoptim", backward="predicted").train(batches)
-    got = _pipe("pipeoptim-cal", fixed=1.0).train(batches)
+    batches = data(10)
+    want = pipe("pipeoptim", backward="predicted").train(batches)
+    got = fixed_scale(pipe("pipeoptim-cal"), 1.0).train(batches)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want))
 
 
 def test_pipeoptim_cal_fits_scales_in_the_pipeline():
-    pipe = _pipe("pipeoptim-cal")
-    losses = pipe.train(_data(16))
+    p = pipe("pipeoptim-cal")
+    losses = p.train(data(16))
     assert all(torch.isfinite(torch.tensor(losses)))
-    first = pipe.stage_runtimes[0].predictor
+    first = p.stage_runtimes[0].predictor
     assert first.num_observations > 0
     assert all(0.0 <= float(a) <= 1.0 for a in first.scales())
-    assert pipe.stage_runtimes[-1].predictor.num_observations == 0  # the last stage never predicts
+    assert p.stage_runtimes[-1].predictor.num_observations == 0  # the last stage never predicts

@@ -3,7 +3,6 @@ displacement scaled by the per-tensor least-squares alpha. Oracles: the real tor
 ``s`` steps (constant gradient), the SGD-momentum closed form, pipedream and pipeoptim-rollout."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -11,7 +10,8 @@ from torch import nn
 
 from lookahead_opt import PredictiveOptimizer
 from lookahead_opt.calibrated import CalibratedPredictor
-from pipeline_rt import Pipeline, split_by_balance
+from predictor_support import (data, fixed_scale, float64, grads, observe_steps, params, pipe,  # noqa: F401
+                               step, true_future)
 
 OPTIMIZERS = {
     "sgdm": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
@@ -21,74 +21,38 @@ OPTIMIZERS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def _params():
-    g = torch.Generator().manual_seed(0)
-    return [nn.Parameter(torch.randn(5, 3, generator=g)), nn.Parameter(torch.randn(4, generator=g))]
-
-
-def _grads(seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(5, 3, generator=g), torch.randn(4, generator=g)]
-
-
-def _step(po, ps, grads):
-    for p, g in zip(ps, grads):
-        p.grad = g.clone()
-    po.step()
-
-
-def _future(name, po, ps, g, s):
-    """The oracle: a fresh copy of the real optimizer run ``s`` steps with gradient ``g``."""
-    qs = [nn.Parameter(p.detach().clone()) for p in ps]
-    opt = OPTIMIZERS[name](qs)
-    opt.load_state_dict(copy.deepcopy(po.base.state_dict()))
-    for _ in range(s):
-        for q, x in zip(qs, g):
-            q.grad = x.clone()
-        opt.step()
-    return [q.detach() for q in qs]
-
-
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_scale_one_and_constant_gradient_is_the_true_future(name):
-    ps = _params()
+    ps = params()
     po = PredictiveOptimizer(OPTIMIZERS[name](ps))
     cal = CalibratedPredictor(po, displacement="rollout")  # alpha = init_scale = 1
     for h in range(3):
-        _step(po, ps, _grads(10 + h))
-    g = _grads(99)
-    _step(po, ps, g)
+        step(po, ps, grads(10 + h))
+    g = grads(99)
+    step(po, ps, g)
     for s in (1, 3, 7):
-        torch.testing.assert_close([w.clone() for w in cal.predict(s)], _future(name, po, ps, g, s),
+        torch.testing.assert_close([w.clone() for w in cal.predict(s)], true_future(OPTIMIZERS[name], po, ps, g, s),
                                    rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_scale_zero_predicts_the_live_weights(name):
-    ps = _params()
+    ps = params()
     po = PredictiveOptimizer(OPTIMIZERS[name](ps))
     cal = CalibratedPredictor(po, displacement="rollout", init_scale=0.0, min_scale=0.0, max_scale=0.0)
-    _step(po, ps, _grads(1))
-    _step(po, ps, _grads(2))
+    step(po, ps, grads(1))
+    step(po, ps, grads(2))
     assert cal.predict(5) == [] or all(torch.equal(w, p.detach()) for w, p in zip(cal.predict(5), ps))
 
 
 def test_sgd_momentum_closed_form_with_per_tensor_scales():
-    ps = _params()
+    ps = params()
     mu, lr, s = 0.9, 0.05, 6
     po = PredictiveOptimizer(torch.optim.SGD(ps, lr=lr, momentum=mu))
     cal = CalibratedPredictor(po, displacement="rollout")
-    _step(po, ps, _grads(1))
-    g = _grads(2)
-    _step(po, ps, g)
+    step(po, ps, grads(1))
+    g = grads(2)
+    step(po, ps, g)
     cal._num = [torch.tensor(0.3), torch.tensor(0.8)]
     cal._den = [torch.tensor(1.0), torch.tensor(1.0)]
     A = sum(mu ** i for i in range(1, s + 1))
@@ -103,43 +67,38 @@ def test_constant_gradient_fits_scale_one_where_the_linear_rule_does_not():
     # displacement under-shoots while the buffer catches up, so its fitted alpha is above 1
     # (clipped to 1 by default, still inexact)
     for displacement, exact in (("rollout", True), ("linear", False)):
-        ps = _params()
+        ps = params()
         po = PredictiveOptimizer(torch.optim.SGD(ps, lr=0.05, momentum=0.9))
         cal = CalibratedPredictor(po, displacement=displacement, init_scale=0.5, max_scale=10.0)
-        _step(po, ps, _grads(1))
-        c = _grads(7)
-        _step(po, ps, c)
+        step(po, ps, grads(1))
+        c = grads(7)
+        step(po, ps, c)
         s = 4
-        start = [p.detach().clone() for p in ps]
-        pred = [w.clone() for w in cal.predict(s)]
-        used = cal.last_scales
-        for _ in range(s):
-            _step(po, ps, c)
-        cal.observe(start, pred, [p.detach() for p in ps], used)
+        observe_steps(cal, po, ps, c, s)
         scales = [float(a) for a in cal.scales()]
         if exact:
             assert scales == pytest.approx([1.0, 1.0], rel=1e-9)
-            want = _future("sgdm", po, ps, c, s)
+            want = true_future(OPTIMIZERS["sgdm"], po, ps, c, s)
             torch.testing.assert_close([w.clone() for w in cal.predict(s)], want, rtol=1e-10, atol=1e-12)
         else:
             assert all(a > 1.01 for a in scales)
 
 
 def test_fit_is_the_least_squares_scale_of_the_rollout_displacement():
-    ps = _params()
+    ps = params()
     po = PredictiveOptimizer(torch.optim.Adam(ps, lr=1e-2))
     cal = CalibratedPredictor(po, displacement="rollout", init_scale=0.5, smoothing=0.0, max_scale=10.0)
-    _step(po, ps, _grads(1))
-    g = _grads(2)
-    _step(po, ps, g)
+    step(po, ps, grads(1))
+    g = grads(2)
+    step(po, ps, g)
     s = 3
-    B = [p.detach() - r for p, r in zip(ps, _future("adam", po, ps, g, s))]  # unit displacement W - R_s
+    B = [p.detach() - r for p, r in zip(ps, true_future(OPTIMIZERS["adam"], po, ps, g, s))]  # unit displacement W - R_s
     start = [p.detach().clone() for p in ps]
     pred = [w.clone() for w in cal.predict(s)]
     torch.testing.assert_close(pred, [w - 0.5 * b for w, b in zip(start, B)], rtol=1e-10, atol=1e-12)
     used = cal.last_scales
     for k in range(s):
-        _step(po, ps, _grads(20 + k))
+        step(po, ps, grads(20 + k))
     D = [w - p.detach() for w, p in zip(start, ps)]
     cal.observe(start, pred, [p.detach() for p in ps], used)
     want = [float((d * b).sum() / (b * b).sum()) for d, b in zip(D, B)]
@@ -147,10 +106,10 @@ def test_fit_is_the_least_squares_scale_of_the_rollout_displacement():
 
 
 def test_state_dict_keeps_the_rolled_gradient():
-    ps = _params()
+    ps = params()
     po = PredictiveOptimizer(torch.optim.SGD(ps, lr=0.05, momentum=0.9))
     cal = CalibratedPredictor(po, displacement="rollout")
-    _step(po, ps, _grads(1))
+    step(po, ps, grads(1))
     ps2 = [nn.Parameter(p.detach().clone()) for p in ps]
     po2 = PredictiveOptimizer(torch.optim.SGD(ps2, lr=0.05, momentum=0.9))
     po2.load_state_dict(po.state_dict())
@@ -164,46 +123,25 @@ def test_state_dict_keeps_the_rolled_gradient():
 # ----------------------------------------------------------------------------- the method
 
 
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
-                         nn.Linear(8, 3))
-
-
-def _data(n, rows=6):
-    g = torch.Generator().manual_seed(5)
-    return [(torch.randn(rows, 6, generator=g), torch.randn(rows, 3, generator=g)) for _ in range(n)]
-
-
-def _pipe(method, opt, fixed=None):
-    pipe = Pipeline(split_by_balance(copy.deepcopy(_mlp()), [2, 2, 2, 1]), ["cpu"] * 4, opt,
-                    nn.functional.mse_loss, method=method)
-    if fixed is not None:
-        for st in pipe.stage_runtimes:
-            st.predictor = CalibratedPredictor(st.optimizer, displacement="rollout", init_scale=fixed,
-                                               min_scale=fixed, max_scale=fixed)
-    return pipe
-
-
 OPTS = [lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), lambda ps: torch.optim.Adam(ps, lr=1e-2)]
 
 
 @pytest.mark.parametrize("opt", OPTS)
 def test_scale_zero_is_exactly_pipedream(opt):
-    batches = _data(10)
-    assert _pipe("pipeoptim-calroll", opt, fixed=0.0).train(batches) == _pipe("pipedream", opt).train(batches)
+    batches = data(10)
+    assert fixed_scale(pipe("pipeoptim-calroll", opt), 0.0, displacement="rollout").train(batches) == pipe("pipedream", opt).train(batches)
 
 
 @pytest.mark.parametrize("opt", OPTS)
 def test_scale_one_is_exactly_pipeoptim_rollout(opt):
-    batches = _data(10)
-    torch.testing.assert_close(torch.tensor(_pipe("pipeoptim-calroll", opt, fixed=1.0).train(batches)),
-                               torch.tensor(_pipe("pipeoptim-rollout", opt).train(batches)))
+    batches = data(10)
+    torch.testing.assert_close(torch.tensor(fixed_scale(pipe("pipeoptim-calroll", opt), 1.0, displacement="rollout").train(batches)),
+                               torch.tensor(pipe("pipeoptim-rollout", opt).train(batches)))
 
 
 def test_pipeoptim_calroll_fits_scales_in_the_pipeline():
-    pipe = _pipe("pipeoptim-calroll", OPTS[0])
-    assert all(torch.isfinite(torch.tensor(pipe.train(_data(16)))))
-    first = pipe.stage_runtimes[0].predictor
+    p = pipe("pipeoptim-calroll", OPTS[0])
+    assert all(torch.isfinite(torch.tensor(p.train(data(16)))))
+    first = p.stage_runtimes[0].predictor
     assert first.displacement == "rollout" and first.num_observations > 0
     assert all(0.0 <= float(a) <= 1.0 for a in first.scales())

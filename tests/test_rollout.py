@@ -2,7 +2,6 @@
 weights the real torch optimizer reaches ``s`` steps later (the oracle: run it)."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 
 from lookahead_opt import PredictiveOptimizer
 from lookahead_opt.rollout import RolloutPredictor
-from pipeline_rt import Pipeline, split_by_balance
+from predictor_support import data, float64, grads, params, pipe, step, true_future  # noqa: F401
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
@@ -27,61 +26,30 @@ OPTIMIZERS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def _params():
-    g = torch.Generator().manual_seed(0)
-    return [nn.Parameter(torch.randn(5, 3, generator=g)), nn.Parameter(torch.randn(4, generator=g))]
-
-
-def _grads(seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(5, 3, generator=g), torch.randn(4, generator=g)]
-
-
-def _step(po, ps, grads):
-    for p, g in zip(ps, grads):
-        p.grad = g.clone()
-    po.step()
-
-
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("history", [1, 4])
 def test_rollout_equals_true_future_weights_under_constant_gradient(name, history):
-    ps = _params()
+    ps = params()
     po = PredictiveOptimizer(OPTIMIZERS[name](ps))
     roll = RolloutPredictor(po)
     for h in range(history - 1):  # a history of varying gradients, then the constant one
-        _step(po, ps, _grads(10 + h))
-    g = _grads(99)
-    _step(po, ps, g)
+        step(po, ps, grads(10 + h))
+    g = grads(99)
+    step(po, ps, g)
     for s in (0, 1, 3, 7):
         got = [w.clone() for w in roll.predict(s)]
-        oracle_ps = [nn.Parameter(p.detach().clone()) for p in ps]
-        oracle = OPTIMIZERS[name](oracle_ps)
-        oracle.load_state_dict(copy.deepcopy(po.base.state_dict()))
-        for _ in range(s):
-            for p, x in zip(oracle_ps, g):
-                p.grad = x.clone()
-            oracle.step()
-        torch.testing.assert_close(got, [p.detach() for p in oracle_ps], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got, true_future(OPTIMIZERS[name], po, ps, g, s), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close([p.detach() for p in ps], [w for w in po._weights()])  # params untouched
 
 
 def test_sgd_momentum_closed_form():
-    ps = _params()
+    ps = params()
     mu, lr, s = 0.9, 0.05, 5
     po = PredictiveOptimizer(torch.optim.SGD(ps, lr=lr, momentum=mu))
     roll = RolloutPredictor(po)
-    _step(po, ps, _grads(1))
-    g = _grads(2)
-    _step(po, ps, g)
+    step(po, ps, grads(1))
+    g = grads(2)
+    step(po, ps, g)
     a = mu * (1 - mu ** s) / (1 - mu)
     for p, x, got in zip(ps, g, roll.predict(s)):
         m = po.state[p]["momentum_buffer"]
@@ -89,32 +57,32 @@ def test_sgd_momentum_closed_form():
 
 
 def test_zero_future_gradient_coasts_on_momentum():
-    ps = _params()
+    ps = params()
     po = PredictiveOptimizer(torch.optim.SGD(ps, lr=0.05, momentum=0.9))
     roll = RolloutPredictor(po, future_grad="zero")
-    _step(po, ps, _grads(1))
+    step(po, ps, grads(1))
     a = sum(0.9 ** i for i in range(1, 5))
     for p, got in zip(ps, roll.predict(4)):
         torch.testing.assert_close(got, p.detach() - 0.05 * a * po.state[p]["momentum_buffer"])
 
 
 def test_before_first_step_and_unsupported_optimizer():
-    ps = _params()
+    ps = params()
     roll = RolloutPredictor(PredictiveOptimizer(torch.optim.Adam(ps)))
     torch.testing.assert_close(roll.predict(3), [p.detach() for p in ps])
     po = PredictiveOptimizer(torch.optim.RMSprop(ps, lr=0.01))
     roll = RolloutPredictor(po)
-    _step(po, ps, _grads(1))
+    step(po, ps, grads(1))
     torch.testing.assert_close(roll.predict(3), [w.clone() for w in po.predict(3)])  # the paper's rule
     with pytest.raises(ValueError, match="future_grad"):
         RolloutPredictor(po, future_grad="mean")
 
 
 def test_state_dict_round_trip():
-    ps = _params()
+    ps = params()
     po = PredictiveOptimizer(torch.optim.SGD(ps, lr=0.05, momentum=0.9))
     roll = RolloutPredictor(po)
-    _step(po, ps, _grads(1))
+    step(po, ps, grads(1))
     ps2 = [nn.Parameter(p.detach().clone()) for p in ps]
     po2 = PredictiveOptimizer(torch.optim.SGD(ps2, lr=0.05, momentum=0.9))
     po2.load_state_dict(po.state_dict())
@@ -123,32 +91,18 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(roll2.predict(3), [w.clone() for w in roll.predict(3)])
 
 
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
-                         nn.Linear(8, 3))
-
-
-def _data(n, rows=6):
-    g = torch.Generator().manual_seed(5)
-    return [(torch.randn(rows, 6, generator=g), torch.randn(rows, 3, generator=g)) for _ in range(n)]
-
-
 def test_pipeoptim_rollout_with_plain_sgd_is_pipeoptim_with_predicted_backward():
     # plain SGD rolled out with the last gradient fixed is W - s lr g: the paper's rule for SGD
     def run(method, **kw):
-        return Pipeline(split_by_balance(copy.deepcopy(_mlp()), [2, 2, 2, 1]), ["cpu"] * 4,
-                        lambda ps: torch.optim.SGD(ps, lr=0.05), nn.functional.mse_loss, method=method,
-                        **kw).train(_data(10))
+        return pipe(method, lambda ps: torch.optim.SGD(ps, lr=0.05), **kw).train(data(10))
     torch.testing.assert_close(torch.tensor(run("pipeoptim-rollout")),
                                torch.tensor(run("pipeoptim", backward="predicted")))
 
 
 def test_pipeoptim_rollout_trains_with_momentum_and_adam():
     for opt in (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), lambda ps: torch.optim.Adam(ps, lr=1e-2)):
-        pipe = Pipeline(split_by_balance(copy.deepcopy(_mlp()), [2, 2, 2, 1]), ["cpu"] * 4, opt,
-                        nn.functional.mse_loss, method="pipeoptim-rollout")
-        losses = pipe.train(_data(12))
+        p = pipe("pipeoptim-rollout", opt)
+        losses = p.train(data(12))
         assert all(torch.isfinite(torch.tensor(losses)))
-        assert isinstance(pipe.stage_runtimes[0].predictor, RolloutPredictor)
-        assert pipe.stage_runtimes[0].predictor._grads  # gradients were captured
+        assert isinstance(p.stage_runtimes[0].predictor, RolloutPredictor)
+        assert p.stage_runtimes[0].predictor._grads  # gradients were captured

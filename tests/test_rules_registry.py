@@ -3,7 +3,6 @@ the update just applied (closed-form rules: to float64 rounding; fallback: exact
 every closed-form rule agrees with the fallback on the same trajectory."""
 from __future__ import annotations
 
-import copy
 import inspect
 
 import pytest
