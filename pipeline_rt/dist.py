@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .executor import Executor, Plan
+from .executor import Executor, Plan, add_loss
 from .p2p import Channel, CommError, ShapeMismatch, Tensors, Transport
 from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, Schedule
 from .stage import Stage, as_leaf
@@ -189,12 +189,7 @@ class DistExecutor(Executor):
         target = _to(micro.target, self.device) if stage.is_last else None
         outs = stage.forward(u, inputs, plan.s(stage.index, u), target=target, weight=micro.weight)
         if stage.is_last:
-            loss = outs[0].detach()
-            if loss.numel() != 1:
-                raise ValueError(f"loss_fn must return a scalar (reduce the loss), got shape {tuple(loss.shape)}")
-            if self._losses is None:
-                self._losses = torch.zeros(plan.schedule.num_minibatches, dtype=loss.dtype, device=loss.device)
-            self._losses[a.mb] += loss.reshape(())
+            self._losses = add_loss(self._losses, outs[0].detach(), a.mb, plan.schedule.num_minibatches)
         else:
             self._outbox[(F, stage.index + 1, u)] = tuple(t.detach() for t in outs)
 

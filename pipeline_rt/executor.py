@@ -12,11 +12,12 @@ import abc
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from .schedule import Schedule, Versions, versions
 
-__all__ = ["MicroBatch", "Plan", "Executor"]
+__all__ = ["MicroBatch", "Plan", "Executor", "add_loss"]
 
 Unit = Tuple[int, int]
 
@@ -45,6 +46,17 @@ class Plan:
     def s(self, stage: int, unit: Unit) -> int:
         """``v_B - v_F`` of micro-batch ``unit`` at ``stage``, counted on the schedule."""
         return self.versions[stage][unit].s
+
+
+def add_loss(losses: Optional[Tensor], loss: Tensor, minibatch: int, num_minibatches: int) -> Tensor:
+    """Add the last stage's (weighted, detached) micro-batch loss into the per-minibatch
+    losses, allocated on first use with the loss's dtype and device; returns them."""
+    if loss.numel() != 1:
+        raise ValueError(f"loss_fn must return a scalar (reduce the loss), got shape {tuple(loss.shape)}")
+    if losses is None:
+        losses = torch.zeros(num_minibatches, dtype=loss.dtype, device=loss.device)
+    losses[minibatch] += loss.reshape(())
+    return losses
 
 
 class Executor(abc.ABC):

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .executor import Executor, Plan
+from .executor import Executor, Plan, add_loss
 from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action
 from .stage import Stage, as_leaf
 from .streams import AnyEvent, AnyStream, CPUEvent, new_stream, record, use_streams, wait
@@ -190,12 +190,7 @@ class LocalExecutor(Executor):
         with use_streams(stream):
             outs = stage.forward(u, inputs, st.plan.s(k, u), target=target, weight=micro.weight)
             if stage.is_last:
-                loss = outs[0].detach()
-                if loss.numel() != 1:
-                    raise ValueError(f"loss_fn must return a scalar (reduce the loss), got shape {tuple(loss.shape)}")
-                if st.losses is None:
-                    st.losses = torch.zeros(st.plan.schedule.num_minibatches, dtype=loss.dtype, device=loss.device)
-                st.losses[a.mb] += loss.reshape(())
+                st.losses = add_loss(st.losses, outs[0].detach(), a.mb, st.plan.schedule.num_minibatches)
                 return
         st.produced[("F", k, u)] = _Parcel(outs, record(stream))
 
@@ -265,16 +260,15 @@ class LocalExecutor(Executor):
     def _move_target(self, target: Any, device: torch.device, held: List[Tensor], stream: AnyStream) -> Any:
         """The target (a tensor, a tuple/list of them, or anything else as is) on ``device``."""
         if isinstance(target, Tensor):
-            parcel = self._move_in((target,), device)
-            held.extend(parcel.tensors)
-            wait(stream, parcel.ready)
-            return parcel.tensors[0]
-        if isinstance(target, (tuple, list)) and target and all(isinstance(t, Tensor) for t in target):
-            parcel = self._move_in(tuple(target), device)
-            held.extend(parcel.tensors)
-            wait(stream, parcel.ready)
-            return type(target)(parcel.tensors)
-        return target
+            tensors, rebuild = (target,), (lambda ts: ts[0])
+        elif isinstance(target, (tuple, list)) and target and all(isinstance(t, Tensor) for t in target):
+            tensors, rebuild = tuple(target), type(target)
+        else:
+            return target
+        parcel = self._move_in(tensors, device)
+        held.extend(parcel.tensors)
+        wait(stream, parcel.ready)
+        return rebuild(parcel.tensors)
 
     @staticmethod
     def _current_event(device: torch.device) -> AnyEvent:

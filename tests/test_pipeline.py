@@ -279,6 +279,9 @@ def test_bad_batches():
         pipe.train([(x, y[:5])])
     with pytest.raises(TypeError, match="pair"):
         pipe.train([x])
+    unreduced = pipe_of(mlp(), [3, 2, 2], SGDM, "pipeoptim", loss_fn=lambda out, target: (out - target) ** 2)
+    with pytest.raises(ValueError, match="reduce the loss"):
+        unreduced.train(data(2, 6))
 
 
 def test_shapes_that_do_not_chain_fail_before_any_update():
