@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -88,7 +88,7 @@ class _Record:
     weights: Optional[List[Tensor]] = None      # the backward's weights, when not live/stashed
     forward_weights: Optional[List[Tensor]] = None  # prediction-error tracking only
     start_weights: Optional[List[Tensor]] = None    # prediction-error tracking only
-    extra: Dict[str, Any] = field(default_factory=dict)
+    calib: Optional[tuple] = None  # calibrated prediction: (start weights, prediction, scales) to observe
 
 
 @dataclass
@@ -197,12 +197,12 @@ class Stage:
         if track:
             rec.forward_weights = snap if predicted else rec.start_weights
         if calib:
-            rec.extra["calib"] = (rec.start_weights, snap, self.predictor.last_scales)
+            rec.calib = (rec.start_weights, snap, self.predictor.last_scales)
         if replay is not None and replay.calib is not None:
-            rec.extra["calib"] = replay.calib
+            rec.calib = replay.calib
         if keep:
             self._replays[unit] = Replay(unit, inputs, snap, rec.version, predicted, rng, target, weight,
-                                         rec.extra.get("calib"))
+                                         rec.calib)
         outs = as_tuple(out)
         if self.is_last:
             rec.loss = outs[0]
@@ -232,8 +232,9 @@ class Stage:
                 rec.weights = [p.detach() for p in self.params]
         if rec.forward_weights is not None:
             self._record_error(rec)
-        if "calib" in rec.extra:  # the weights the prediction aimed at are the live ones now
-            self.predictor.observe(*rec.extra["calib"][:2], [p.detach() for p in self.params], rec.extra["calib"][2])
+        if rec.calib is not None:  # the weights the prediction aimed at are the live ones now
+            start, prediction, scales = rec.calib
+            self.predictor.observe(start, prediction, [p.detach() for p in self.params], scales)
         if self.is_last:
             torch.autograd.backward(rec.loss)
         else:
