@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .kernel import _Scratch, predict_into
-from .redirect import redirect
+from .redirect import Swapped
 from .rules import FALLBACK, Direction, Kept, Rule, rule_for, rule_named
 from .rules.base import group_lr
 
@@ -81,8 +81,7 @@ class PredictiveOptimizer(torch.optim.Optimizer):
         self.num_steps = 0
         self._kept: Dict[Tensor, Kept] = {}
         self._buffers: Optional[List[Tensor]] = None
-        self._live: Optional[List[Tensor]] = None
-        self._swapped: Optional[Tuple[List[Tensor], redirect]] = None
+        self._swapped: Optional[Swapped] = None
         self._scratch = _Scratch()
         for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
                      "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
@@ -166,7 +165,7 @@ class PredictiveOptimizer(torch.optim.Optimizer):
 
     # -- prediction --------------------------------------------------------------------
     def _weights(self) -> List[Tensor]:
-        return list(self._live) if self._live is not None else [p.detach() for p in self.params]
+        return list(self._swapped.live) if self._swapped is not None else [p.detach() for p in self.params]
 
     def _directions(self, weights: Sequence[Tensor]) -> Tuple[List[Optional[Direction]], List[float]]:
         dirs: List[Optional[Direction]] = []
@@ -259,31 +258,14 @@ class PredictiveOptimizer(torch.optim.Optimizer):
         the live weights are kept aside (no copy). Autograd-safe: see the class docs."""
         if self._swapped is not None:
             raise RuntimeError("swap_in() twice: the predicted weights are already swapped in; call swap_out() first")
-        pred = self.predict(s)
-        params = self.params
-        self._live = [p.data for p in params]
-        for p, w in zip(params, pred):
-            p.data = w
-        ctx = redirect(params, resolve=self._live_weight(params))
-        ctx.__enter__()
-        self._swapped = (params, ctx)
-
-    def _live_weight(self, params: List[Tensor]) -> Callable[[int], Tensor]:
-        def resolve(i: int) -> Tensor:
-            return self._live[i] if self._live is not None else params[i].detach()
-        return resolve
+        self._swapped = Swapped(self.params, self.predict(s))
 
     def swap_out(self) -> None:
         """Point the parameters back at the live weights (undoes :meth:`swap_in`)."""
         if self._swapped is None:
             raise RuntimeError("swap_out() without swap_in(): the parameters already hold the live weights")
-        params, ctx = self._swapped
-        assert self._live is not None
-        for p, w in zip(params, self._live):
-            p.data = w
-        self._live = None
-        self._swapped = None
-        ctx.__exit__(None, None, None)
+        swapped, self._swapped = self._swapped, None
+        swapped.undo()
 
     @contextlib.contextmanager
     def predicted(self, s: int) -> Iterator[List[Tensor]]:

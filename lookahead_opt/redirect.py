@@ -19,12 +19,12 @@ works while the parameters' ``.data`` has been pointed at predicted weights
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["redirect", "live"]
+__all__ = ["redirect", "live", "Swapped", "current_live"]
 
 
 def live(params: Sequence[Tensor]) -> Callable[[int], Tensor]:
@@ -82,3 +82,39 @@ class _Ref:
         if self.offset == 0 and tuple(w.shape) == self.size and tuple(w.stride()) == self.stride:
             return w
         return w.as_strided(self.size, self.stride, w.storage_offset() + self.offset)
+
+
+#: id(parameter) -> its live tensor, for every parameter swapped right now
+_KEPT_ASIDE: Dict[int, Tensor] = {}
+
+
+def current_live(p: Tensor) -> Tensor:
+    """``p``'s live weights now: kept aside while ``p`` is swapped, else its own data."""
+    return _KEPT_ASIDE.get(id(p), p).detach()
+
+
+class Swapped:
+    """Parameters pointed at other weights, by pointer (no copy), until :meth:`undo`.
+
+    ``params[i].data`` holds ``weights[i]``; the live tensors are kept aside in :attr:`live`.
+    While swapped, a forward's saved parameters are :class:`redirect`\\ ed to the live
+    weights current at backward time (:func:`current_live`: kept aside while the parameter
+    is swapped, its own data otherwise), so an optimizer step in between is seen.
+    """
+
+    def __init__(self, params: Sequence[Tensor], weights: Sequence[Tensor]) -> None:
+        self.params = list(params)
+        self.live: List[Tensor] = [p.data for p in self.params]
+        for p, w, x in zip(self.params, weights, self.live):
+            p.data = w
+            _KEPT_ASIDE[id(p)] = x
+        params_ = self.params
+        self._ctx = redirect(params_, lambda i: current_live(params_[i]))  # matches the swapped-in storages
+        self._ctx.__enter__()
+
+    def undo(self) -> None:
+        """Point the parameters back at the live weights."""
+        for p, w in zip(self.params, self.live):
+            p.data = w
+            _KEPT_ASIDE.pop(id(p), None)
+        self._ctx.__exit__(None, None, None)

@@ -9,7 +9,7 @@ from typing import Iterator, List, Optional, Sequence
 from torch import Tensor
 
 from .optimizer import PredictiveOptimizer
-from .redirect import redirect
+from .redirect import Swapped
 
 __all__ = ["SwappingPredictor"]
 
@@ -23,7 +23,7 @@ class SwappingPredictor:
             raise TypeError(f"{type(self).__name__} wraps a lookahead_opt.PredictiveOptimizer, "
                             f"got {type(optimizer).__name__}")
         self.optimizer = optimizer
-        self._swapped: Optional[tuple] = None
+        self._swapped: Optional[Swapped] = None
 
     def predict(self, s: int, out: Optional[Sequence[Tensor]] = None) -> List[Tensor]:  # pragma: no cover
         raise NotImplementedError
@@ -34,31 +34,20 @@ class SwappingPredictor:
         opt = self.optimizer
         if self._swapped is not None or opt._swapped is not None:
             raise RuntimeError("swap_in() twice: the predicted weights are already swapped in; call swap_out() first")
-        pred = self.predict(s)
-        params = opt.params
-        live = [p.data for p in params]
-        for p, w in zip(params, pred):
-            p.data = w
-        swapped = self  # resolve to the live weights current at backward time
-        ctx = redirect(params, resolve=lambda i: live[i] if swapped._swapped is not None else params[i].detach())
-        ctx.__enter__()
-        self._swapped = (params, live, ctx)
+        self._swapped = Swapped(opt.params, self.predict(s))
 
     def swap_out(self) -> None:
         """Undo :meth:`swap_in`."""
         if self._swapped is None:
             raise RuntimeError("swap_out() without swap_in(): the parameters already hold the live weights")
-        params, live, ctx = self._swapped
-        for p, w in zip(params, live):
-            p.data = w
-        self._swapped = None
-        ctx.__exit__(None, None, None)
+        swapped, self._swapped = self._swapped, None
+        swapped.undo()
 
     @contextlib.contextmanager
     def predicted(self, s: int) -> Iterator[List[Tensor]]:
         """``with pred.predicted(s):`` the block runs on the prediction."""
         self.swap_in(s)
         try:
-            yield [p.data for p in self._swapped[0]]  # type: ignore[index]
+            yield [p.data for p in self._swapped.params]  # type: ignore[union-attr]
         finally:
             self.swap_out()

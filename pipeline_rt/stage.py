@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from lookahead_opt import PredictiveOptimizer
 from lookahead_opt.calibrated import CalibratedPredictor
-from lookahead_opt.redirect import redirect
+from lookahead_opt.redirect import Swapped, redirect
 from lookahead_opt.rollout import RolloutPredictor
 
 from .methods import Method
@@ -332,14 +332,11 @@ class Stage:
         """The parameters hold the forward's weights inside the block: a replay's, a
         prediction, or the live ones."""
         if replay is not None:
-            live = [p.data for p in self.params]
-            for p, w in zip(self.params, replay.weights):
-                p.data = w
+            swapped = Swapped(self.params, replay.weights)
             try:
                 yield
             finally:
-                for p, w in zip(self.params, live):
-                    p.data = w
+                swapped.undo()
         elif predicted:
             self.predictor.swap_in(distance)
             self._buffer_used = True

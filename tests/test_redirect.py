@@ -75,3 +75,27 @@ def test_redirect_resolves_views_to_other_weights():
         y = x @ w.t()  # saves the view w.t()
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.ones(2, 3, dtype=torch.float64) @ other)
+
+
+def test_backward_during_a_later_swap_uses_the_live_weights():
+    # forward 1 under a prediction, step, then forward 2 swapped in: forward 1's backward,
+    # run while forward 2's prediction is in the parameters, must still see the live weights
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3, bias=False, dtype=torch.float64)
+    opt = PredictiveOptimizer(torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9))
+    x = torch.randn(5, 4, dtype=torch.float64)
+    lin(x).pow(2).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    x1 = x.clone().requires_grad_(True)
+    with opt.predicted(3):
+        y1 = lin(x1)
+    lin(x).pow(2).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    live = lin.weight.detach().clone()
+    g = torch.randn(5, 3, dtype=torch.float64)
+    with opt.predicted(3) as pw:
+        assert not torch.equal(pw[0], live)
+        y1.backward(g)
+    torch.testing.assert_close(x1.grad, g @ live, rtol=0, atol=0)
