@@ -39,3 +39,11 @@ def write_section(path: Path, key: str, text: str) -> None:
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
     new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + block
     path.write_text(new, encoding="utf-8")
+
+
+def append_section(path: Path, text: str) -> None:
+    """Append ``text`` as a new section of ``path`` (created with the header if absent)."""
+    if not path.exists():
+        path.write_text(HEADER, encoding="utf-8")
+    with path.open("a", encoding="utf-8") as f:
+        f.write("\n" + text)

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _sections import append_section  # noqa: E402
 from pipeline_rt import METHODS, Pipeline  # noqa: E402
 
 RUNS: List[Tuple[str, Dict[str, str]]] = [(m, {}) for m in METHODS] + [("pipeoptim", {"backward": "predicted"})]
@@ -118,10 +120,7 @@ def main() -> None:
     ])
     print(text)
     if args.write is not None:
-        if not args.write.exists():
-            args.write.write_text("# Benchmark results\n\nNumbers measured by the scripts in `benchmarks/`.\n")
-        with args.write.open("a") as f:
-            f.write("\n" + text)
+        append_section(args.write, text)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _sections import append_section  # noqa: E402
 from lookahead_opt import PredictiveOptimizer  # noqa: E402
 from lookahead_opt import kernel  # noqa: E402
 
@@ -123,11 +125,7 @@ def main(argv=None) -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write is not None:
-        if not args.write.exists():
-            args.write.write_text("# Benchmark results\n\nNumbers measured by the scripts in `benchmarks/`; "
-                                  "each section says its command, date and device.\n")
-        with args.write.open("a") as f:
-            f.write("\n" + text)
+        append_section(args.write, text)
 
 
 if __name__ == "__main__":
