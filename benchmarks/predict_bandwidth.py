@@ -83,13 +83,15 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--s", type=int, default=3)
     ap.add_argument("--kernel", choices=["auto", "foreach", "loop", "compile"], default="auto",
-                    help="foreach: multi-tensor chain; loop: per-tensor out= ops; auto: by device; "
-                         "compile: opt-in torch.compile'd fused kernel per tensor (compiles first)")
+                    help="auto: by device (CUDA: the fused Triton kernel where it applies, else the "
+                         "foreach chain; CPU: per-tensor out= ops); foreach: the multi-tensor chain only; "
+                         "loop: per-tensor out= ops; compile: opt-in torch.compile'd fused kernel per tensor")
     ap.add_argument("--chunk", type=int, default=None, help="elements per chunk of the loop (default kernel.CHUNK)")
     ap.add_argument("--write", type=Path, default=None, help="append a section to this markdown file")
     args = ap.parse_args(argv)
     kernel.FOREACH = {"auto": None, "foreach": True, "loop": False, "compile": False}[args.kernel]
     kernel.COMPILE = args.kernel == "compile"
+    kernel.FUSED = args.kernel == "auto"
     if args.chunk is not None:
         kernel.CHUNK = args.chunk
     device = torch.device(args.device)

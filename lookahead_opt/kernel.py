@@ -28,9 +28,10 @@ from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import triton_kernel
 from .rules.base import Direction
 
-__all__ = ["predict_into", "FOREACH", "CHUNK", "COMPILE"]
+__all__ = ["predict_into", "FOREACH", "CHUNK", "COMPILE", "FUSED"]
 
 #: Default of :func:`predict_into`'s ``foreach``: ``None`` picks by device.
 FOREACH: Optional[bool] = None
@@ -46,6 +47,11 @@ CHUNK: int = 1 << 20
 #: tests' default paths: the first call compiles (tens of seconds, needs a C++ compiler on CPU).
 #: Coefficients are passed as tensors, so new step sizes do not recompile.
 COMPILE: bool = False
+
+#: Where the chain would run, evaluate each bucket that the fused Triton kernel supports in
+#: one launch and one pass instead (:mod:`lookahead_opt.triton_kernel`: on CUDA when Triton
+#: imports, or under ``TRITON_INTERPRET=1``). ``False`` keeps the chain everywhere.
+FUSED: bool = True
 
 _Item = Tuple[Tensor, ...]  # (out, W, N_1..N_k, P_1..P_j[, D][, cap])
 
@@ -297,7 +303,9 @@ def predict_into(
     for key, items in buckets.items():
         choice = FOREACH if foreach is None else foreach
         use_chain = items[0][1].device.type != "cpu" if choice is None else choice
-        if use_chain:
+        if use_chain and FUSED and triton_kernel.supports(key, items):
+            triton_kernel.predict_bucket(items, key)
+        elif use_chain:
             _chain(items, key, scratch)
         elif COMPILE:
             _compiled(items, key)

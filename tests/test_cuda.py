@@ -191,3 +191,25 @@ def test_cuda_predict_matches_fallback(cls, kw, dtype):
         for a, b in zip(opts[0][1].predict(s), opts[1][1].predict(s)):
             assert a.device.type == "cuda"
             assert_close(a, b, **tol)
+
+
+def test_cuda_fused_kernel_runs_and_equals_chain(monkeypatch):
+    """On CUDA the prediction takes the fused Triton kernel (one launch per bucket) and equals the
+    foreach chain to float32 rounding, for a bucket of many tensors, some spanning many programs."""
+    from lookahead_opt import kernel, triton_kernel
+    assert triton_kernel.AVAILABLE, "Triton is part of every CUDA build of torch"
+    g = torch.Generator().manual_seed(0)
+    ps = [nn.Parameter(torch.randn(n, generator=g).cuda()) for n in [1, 1000, 70_001, 8192 * 3, 5] * 20]
+    opt = PredictiveOptimizer(torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1))
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g).cuda()
+        opt.step()
+    calls = []
+    real = triton_kernel.predict_bucket
+    monkeypatch.setattr(triton_kernel, "predict_bucket", lambda items, key: (calls.append(len(items)), real(items, key)))
+    fused = [t.clone() for t in opt.predict(3)]
+    assert calls == [len(ps)]
+    monkeypatch.setattr(kernel, "FUSED", False)
+    for a, b in zip(fused, opt.predict(3)):
+        assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,169 @@
+"""One fused multi-tensor Triton kernel for the prediction on CUDA.
+
+:func:`lookahead_opt.kernel.predict_into`'s foreach chain costs about a dozen passes over
+memory for Adam (copies, ``sqrt``, ``add``, ``addcdiv``, each a separate launch reading and
+writing whole tensors). This kernel evaluates a whole bucket (the parameters that share a
+:class:`~lookahead_opt.rules.base.Direction` shape and coefficients) in one launch and one pass:
+
+.. code-block:: text
+
+    out = W * wscale + sum_j b_j P_j + (sum_k a_k N_k) / ((D + inner)^p + eps) + shift
+
+with ``p`` in {1/2, 1} (or no ``D``), at most two ``N_k`` and two ``P_j``: SGD and its momentum
+forms, Adam/AdamW/NAdam/RAdam, RMSprop, Adagrad, Adadelta. Other forms (rate form with bounds
+and caps, other powers) keep the chain. Arithmetic is done in float32 (float64 for float64
+tensors), so results agree with the chain to rounding, not bitwise.
+
+It reads, per launch, a table of the operands' addresses (one row per tensor) and a table of
+blocks (tensor index, first element): the multi-tensor-apply idea of apex and
+``torch._foreach_*``, with the tables cached by the operands' addresses. Tensors must be
+contiguous and of one dtype per bucket (checked by :func:`supports`).
+
+Used automatically when Triton imports and the tensors are on CUDA (see
+:data:`lookahead_opt.kernel.FUSED`). ``TRITON_INTERPRET=1`` runs it on CPU tensors with
+Triton's interpreter (the tests do).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where Triton is absent
+    triton = None
+
+__all__ = ["AVAILABLE", "supports", "predict_bucket"]
+
+#: Whether Triton imports here.
+AVAILABLE: bool = triton is not None
+
+BLOCK = 1024  # elements per inner iteration of one program
+ITERS = 8  # inner iterations per program: one program covers BLOCK * ITERS elements
+_COLUMNS = 7  # out, W, N_1, N_2, P_1, P_2, D
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+if AVAILABLE:
+    def _body(ptrs, blocks, numels, wscale, shift, inner, eps, a1, a2, b1, b2,
+              K: tl.constexpr, J: tl.constexpr, HAS_DEN: tl.constexpr, ROOT: tl.constexpr,
+              DTYPE: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        pid = tl.program_id(0)
+        t = tl.load(blocks + 2 * pid)
+        first = tl.load(blocks + 2 * pid + 1)
+        n = tl.load(numels + t)
+        row = ptrs + t * 7
+        ptype = tl.pointer_type(DTYPE)
+        out_p = tl.load(row).to(ptype)
+        w_p = tl.load(row + 1).to(ptype)
+        ctype = tl.float64 if WIDE else tl.float32
+        for it in range(ITERS):
+            offs = first + it * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < n
+            acc = tl.load(w_p + offs, mask=mask).to(ctype) * wscale
+            if J >= 1:
+                acc += b1 * tl.load(tl.load(row + 4).to(ptype) + offs, mask=mask).to(ctype)
+            if J >= 2:
+                acc += b2 * tl.load(tl.load(row + 5).to(ptype) + offs, mask=mask).to(ctype)
+            if K >= 1:
+                num = a1 * tl.load(tl.load(row + 2).to(ptype) + offs, mask=mask).to(ctype)
+                if K >= 2:
+                    num += a2 * tl.load(tl.load(row + 3).to(ptype) + offs, mask=mask).to(ctype)
+                if HAS_DEN:
+                    d = tl.load(tl.load(row + 6).to(ptype) + offs, mask=mask, other=1.0).to(ctype) + inner
+                    if ROOT:
+                        d = tl.sqrt(d)
+                    num = num / (d + eps)
+                acc += num
+            acc += shift
+            tl.store(out_p + offs, acc.to(DTYPE), mask=mask)
+
+_kernels: Dict[bool, object] = {}  # one per interpreter mode (TRITON_INTERPRET read at jit time)
+_tables: Dict[Tuple[int, ...], Tuple[Tensor, Tensor, Tensor]] = {}
+_TL = {}
+
+
+def supports(key: Tuple, items: Sequence[Tuple[Tensor, ...]]) -> bool:
+    """Whether a bucket (``kernel._key``'s key, its items) fits the fused kernel."""
+    if not AVAILABLE or key[0] == "copy":
+        return False
+    _, _, dtypes, alphas, plain, den, _, _ = key
+    if len(alphas) > 2 or len(plain) > 2 or (den is not None and (len(den) != 3 or den[0] not in (0.5, 1.0))):
+        return False
+    if not alphas and den is not None:
+        return False
+    dtype = items[0][1].dtype
+    if dtype not in _DTYPES or any(d != dtype for d in dtypes):
+        return False
+    device = items[0][1].device
+    if device.type != "cuda" and not _interpret():
+        return False
+    return all(t.is_contiguous() and t.dtype == dtype for it in items for t in it)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _kernel():
+    mode = _interpret()
+    if mode not in _kernels:
+        _kernels[mode] = triton.jit(_body)
+    return _kernels[mode]
+
+
+def _tl_dtype(dtype: torch.dtype):
+    if not _TL:
+        _TL.update({torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                    torch.float64: tl.float64})
+    return _TL[dtype]
+
+
+def _table(items: Sequence[Tuple[Tensor, ...]], k: int, j: int, has_den: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(address table, block table, numels) for the bucket, cached by the operands' addresses."""
+    cols = [0, 1] + [2 + i for i in range(k)] + [2 + k + i for i in range(j)] + ([2 + k + j] if has_den else [])
+    slots = [0, 1] + [2 + i for i in range(k)] + [4 + i for i in range(j)] + ([6] if has_den else [])
+    sig = tuple(it[c].data_ptr() for it in items for c in cols) + tuple(it[1].numel() for it in items)
+    cached = _tables.get(sig)
+    if cached is not None:
+        return cached
+    device = items[0][1].device
+    rows: List[List[int]] = []
+    blocks: List[int] = []
+    per = BLOCK * ITERS
+    for i, it in enumerate(items):
+        row = [0] * _COLUMNS
+        for c, s in zip(cols, slots):
+            row[s] = it[c].data_ptr()
+        rows.append(row)
+        for first in range(0, it[1].numel(), per):
+            blocks += (i, first)
+    table = (torch.tensor(rows, dtype=torch.int64).to(device), torch.tensor(blocks, dtype=torch.int64).to(device),
+             torch.tensor([it[1].numel() for it in items], dtype=torch.int64).to(device))
+    if len(_tables) > 64:
+        _tables.clear()
+    _tables[sig] = table
+    return table
+
+
+def predict_bucket(items: Sequence[Tuple[Tensor, ...]], key: Tuple) -> None:
+    """Evaluate one bucket of :func:`lookahead_opt.kernel.predict_into` (items ``(out, W, N_1..N_k,
+    P_1..P_j[, D])``, coefficients in ``key``) in one launch. Requires :func:`supports`."""
+    _, _, _, alphas, plain, den, wscale, shift = key
+    k, j = len(alphas), len(plain)
+    items = [it for it in items if it[1].numel()]
+    if not items:
+        return
+    ptrs, blocks, numels = _table(items, k, j, den is not None)
+    a = list(alphas) + [0.0] * (2 - k)
+    b = list(plain) + [0.0] * (2 - j)
+    inner, eps = (den[1], den[2]) if den is not None else (0.0, 0.0)
+    dtype = items[0][1].dtype
+    _kernel()[(blocks.numel() // 2,)](
+        ptrs, blocks, numels, float(wscale), float(shift), float(inner), float(eps),
+        float(a[0]), float(a[1]), float(b[0]), float(b[1]),
+        K=k, J=j, HAS_DEN=den is not None, ROOT=den is not None and den[0] == 0.5,
+        DTYPE=_tl_dtype(dtype), WIDE=dtype is torch.float64, BLOCK=BLOCK, ITERS=ITERS)
