@@ -6,9 +6,11 @@
 #    stream overlap); 2. the whole CPU suite under that machine's torch (compatibility);
 # 3. benchmarks on cuda: prediction bandwidth (foreach chain and the fused probe), pipeline
 #    step time at two work sizes, utilisation against the schedule's ideal.
-# Every step runs even if an earlier one failed; the script exits non-zero if any did. Each
-# benchmark writes a markdown section (command, date, device) to copy into benchmarks/RESULTS.md.
+# Every step runs even if an earlier one failed; the script exits non-zero if any did. All
+# output goes to $OUT/log.txt; each benchmark also writes a markdown section (command, date,
+# device) to $OUT/RESULTS_*.md, to copy into benchmarks/RESULTS.md.
 # Python packages missing there (torch_optimizer) can be carried as wheels in .whl/.
+# STEPS="pytest_cuda predict_bandwidth" runs only the steps named (default: all).
 set -u
 OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
@@ -20,11 +22,18 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="${PYTHONPATH:-}:$(pwd)" PYTHONUNBUFFERED=1
 status=0
-step() {  # step NAME TIMEOUT CMD...: run with a timeout, log to $OUT/NAME.txt, show its tail
+selected() {  # a step runs when STEPS is empty or one of its words starts the step's name
+    [ -z "${STEPS:-}" ] && return 0
+    local w; for w in $STEPS; do [[ $1 == "$w"* ]] && return 0; done; return 1
+}
+step() {  # step NAME TIMEOUT CMD...: run with a timeout, append its output to $OUT/log.txt
     local name=$1 limit=$2; shift 2
+    selected "$name" || return 0
     local t0=$SECONDS
-    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1 || { echo "FAILED($?): $name"; status=1; }
-    echo "== $name ($((SECONDS - t0)) s)"; tail -n 4 "$OUT/$name.txt"
+    echo "===== $name: $*" >> "$OUT/log.txt"
+    timeout "$limit" "$@" > "$OUT/step.txt" 2>&1 || { echo "FAILED($?): $name"; status=1; }
+    echo "== $name ($((SECONDS - t0)) s)"; tail -n 4 "$OUT/step.txt"
+    cat "$OUT/step.txt" >> "$OUT/log.txt"; rm -f "$OUT/step.txt"
 }
 { nvidia-smi; "$PY" -c "import torch; print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name())"; } \
     > "$OUT/env.txt" 2>&1
@@ -32,12 +41,12 @@ tail -n 1 "$OUT/env.txt"
 
 step pytest_cuda 150 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
 step pytest_all 150 "$PY" -m pytest -q -x -m "not cuda" tests -p no:cacheprovider
-step predict_bandwidth 90 "$PY" benchmarks/predict_bandwidth.py --device cuda --params 50e6 --tensors 200 \
-    --repeats 20 --write "$OUT/RESULTS_gpu.md"
-step predict_bandwidth_1e9 90 "$PY" benchmarks/predict_bandwidth.py --device cuda --params 1e9 --tensors 200 \
-    --repeats 10 --write "$OUT/RESULTS_gpu.md"
-step fused_probe 120 "$PY" benchmarks/gpu_fused_probe.py --device cuda --params 50e6 --tensors 200
-step fused_probe_1e9 90 "$PY" benchmarks/gpu_fused_probe.py --device cuda --params 1e9 --tensors 200 --repeats 10
+for size in 50e6 1e9; do
+    for k in auto foreach; do  # auto: the fused Triton kernel; foreach: the multi-tensor chain
+        step "bandwidth_${k}_$size" 60 "$PY" benchmarks/predict_bandwidth.py --device cuda --params "$size" \
+            --tensors 200 --repeats 20 --kernel "$k" --write "$OUT/RESULTS_gpu.md"
+    done
+done
 for cfg in "adam 128" "adam 2048" "sgdm 2048"; do
     set -- $cfg
     step "pipeline_step_$1_$2" 90 "$PY" benchmarks/pipeline_step.py --device cuda --width 4096 --layers 2 \
