@@ -11,8 +11,9 @@ writing whole tensors). This kernel evaluates a whole bucket (the parameters tha
 
 with ``p`` in {1/2, 1} (or no ``D``), at most two ``N_k`` and two ``P_j``: SGD and its momentum
 forms, Adam/AdamW/NAdam/RAdam, RMSprop, Adagrad, Adadelta. Other forms (rate form with bounds
-and caps, other powers) keep the chain. Arithmetic is done in float32 (float64 for float64
-tensors), so results agree with the chain to rounding, not bitwise.
+and caps, other powers) and float64 tensors keep the chain (Triton passes the coefficients as
+float32 scalars, which is what the chain does for float32 but not for float64). Arithmetic is
+in float32, so results agree with the chain to float32 rounding, not bitwise.
 
 It reads, per launch, a table of the operands' addresses (one row per tensor) and a table of
 blocks (tensor index, first element): the multi-tensor-apply idea of apex and
@@ -45,12 +46,12 @@ AVAILABLE: bool = triton is not None
 BLOCK = 1024  # elements per inner iteration of one program
 ITERS = 8  # inner iterations per program: one program covers BLOCK * ITERS elements
 _COLUMNS = 7  # out, W, N_1, N_2, P_1, P_2, D
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 if AVAILABLE:
     def _body(ptrs, blocks, numels, wscale, shift, inner, eps, a1, a2, b1, b2,
               K: tl.constexpr, J: tl.constexpr, HAS_DEN: tl.constexpr, ROOT: tl.constexpr,
-              DTYPE: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+              DTYPE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
         pid = tl.program_id(0)
         t = tl.load(blocks + 2 * pid)
         first = tl.load(blocks + 2 * pid + 1)
@@ -59,21 +60,20 @@ if AVAILABLE:
         ptype = tl.pointer_type(DTYPE)
         out_p = tl.load(row).to(ptype)
         w_p = tl.load(row + 1).to(ptype)
-        ctype = tl.float64 if WIDE else tl.float32
         for it in range(ITERS):
             offs = first + it * BLOCK + tl.arange(0, BLOCK)
             mask = offs < n
-            acc = tl.load(w_p + offs, mask=mask).to(ctype) * wscale
+            acc = tl.load(w_p + offs, mask=mask).to(tl.float32) * wscale
             if J >= 1:
-                acc += b1 * tl.load(tl.load(row + 4).to(ptype) + offs, mask=mask).to(ctype)
+                acc += b1 * tl.load(tl.load(row + 4).to(ptype) + offs, mask=mask).to(tl.float32)
             if J >= 2:
-                acc += b2 * tl.load(tl.load(row + 5).to(ptype) + offs, mask=mask).to(ctype)
+                acc += b2 * tl.load(tl.load(row + 5).to(ptype) + offs, mask=mask).to(tl.float32)
             if K >= 1:
-                num = a1 * tl.load(tl.load(row + 2).to(ptype) + offs, mask=mask).to(ctype)
+                num = a1 * tl.load(tl.load(row + 2).to(ptype) + offs, mask=mask).to(tl.float32)
                 if K >= 2:
-                    num += a2 * tl.load(tl.load(row + 3).to(ptype) + offs, mask=mask).to(ctype)
+                    num += a2 * tl.load(tl.load(row + 3).to(ptype) + offs, mask=mask).to(tl.float32)
                 if HAS_DEN:
-                    d = tl.load(tl.load(row + 6).to(ptype) + offs, mask=mask, other=1.0).to(ctype) + inner
+                    d = tl.load(tl.load(row + 6).to(ptype) + offs, mask=mask, other=1.0).to(tl.float32) + inner
                     if ROOT:
                         d = tl.sqrt(d)
                     num = num / (d + eps)
@@ -82,7 +82,7 @@ if AVAILABLE:
             tl.store(out_p + offs, acc.to(DTYPE), mask=mask)
 
 _kernels: Dict[bool, object] = {}  # one per interpreter mode (TRITON_INTERPRET read at jit time)
-_tables: Dict[Tuple[int, ...], Tuple[Tensor, Tensor, Tensor]] = {}
+_tables: Dict[Tuple[int, ...], tuple] = {}
 _TL = {}
 
 
@@ -117,12 +117,11 @@ def _kernel():
 
 def _tl_dtype(dtype: torch.dtype):
     if not _TL:
-        _TL.update({torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-                    torch.float64: tl.float64})
+        _TL.update({torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16})
     return _TL[dtype]
 
 
-def _table(items: Sequence[Tuple[Tensor, ...]], k: int, j: int, has_den: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def _table(items: Sequence[Tuple[Tensor, ...]], k: int, j: int, has_den: bool) -> tuple:
     """(address table, block table, numels) for the bucket, cached by the operands' addresses."""
     cols = [0, 1] + [2 + i for i in range(k)] + [2 + k + i for i in range(j)] + ([2 + k + j] if has_den else [])
     slots = [0, 1] + [2 + i for i in range(k)] + [4 + i for i in range(j)] + ([6] if has_den else [])
@@ -141,8 +140,11 @@ def _table(items: Sequence[Tuple[Tensor, ...]], k: int, j: int, has_den: bool) -
         rows.append(row)
         for first in range(0, it[1].numel(), per):
             blocks += (i, first)
-    table = (torch.tensor(rows, dtype=torch.int64).to(device), torch.tensor(blocks, dtype=torch.int64).to(device),
-             torch.tensor([it[1].numel() for it in items], dtype=torch.int64).to(device))
+    host = [torch.tensor(rows, dtype=torch.int64), torch.tensor(blocks, dtype=torch.int64),
+            torch.tensor([it[1].numel() for it in items], dtype=torch.int64)]
+    if device.type == "cuda":  # pinned and non-blocking: building a table never syncs the host
+        host = [t.pin_memory() for t in host]
+    table = tuple(t.to(device, non_blocking=True) for t in host) + (host,)  # host copies kept alive
     if len(_tables) > 64:
         _tables.clear()
     _tables[sig] = table
@@ -157,7 +159,7 @@ def predict_bucket(items: Sequence[Tuple[Tensor, ...]], key: Tuple) -> None:
     items = [it for it in items if it[1].numel()]
     if not items:
         return
-    ptrs, blocks, numels = _table(items, k, j, den is not None)
+    ptrs, blocks, numels, _ = _table(items, k, j, den is not None)
     a = list(alphas) + [0.0] * (2 - k)
     b = list(plain) + [0.0] * (2 - j)
     inner, eps = (den[1], den[2]) if den is not None else (0.0, 0.0)
@@ -166,4 +168,4 @@ def predict_bucket(items: Sequence[Tuple[Tensor, ...]], key: Tuple) -> None:
         ptrs, blocks, numels, float(wscale), float(shift), float(inner), float(eps),
         float(a[0]), float(a[1]), float(b[0]), float(b[1]),
         K=k, J=j, HAS_DEN=den is not None, ROOT=den is not None and den[0] == 0.5,
-        DTYPE=_tl_dtype(dtype), WIDE=dtype is torch.float64, BLOCK=BLOCK, ITERS=ITERS)
+        DTYPE=_tl_dtype(dtype), BLOCK=BLOCK, ITERS=ITERS)

@@ -14,7 +14,7 @@ from test_kernel import SHAPES, directions, tensors
 
 pytestmark = pytest.mark.skipif(not triton_kernel.AVAILABLE, reason="needs Triton (pip install triton)")
 
-TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5),
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2),
        torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}  # the chain rounds each op in bf16
 
 
@@ -27,7 +27,7 @@ def interpret(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_fused_equals_materialized_direction(interpret, dtype):
     """Every Direction shape the kernel takes (the others fall back to the chain), contiguous
     tensors of several sizes incl. one spanning several programs, against W - m * dW."""
@@ -58,25 +58,25 @@ def test_fused_equals_materialized_direction(interpret, dtype):
                                     (torch.optim.Adagrad, dict(lr=0.1))],
                          ids=lambda v: v.__name__ if isinstance(v, type) else "")
 def test_predictive_optimizer_fused_equals_chain(interpret, monkeypatch, cls, kw):
-    """PredictiveOptimizer.predict through the fused kernel equals the foreach chain (float64)."""
+    """PredictiveOptimizer.predict through the fused kernel equals the foreach chain (float32)."""
     g = torch.Generator().manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in [(7, 5), (5,), ()]]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(7, 5), (5,), ()]]
     opt = PredictiveOptimizer(cls(ps, **kw))
     monkeypatch.setattr(kernel, "FOREACH", True)
     for _ in range(3):
         for p in ps:
-            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            p.grad = torch.randn(p.shape, generator=g)
         opt.step()
     fused = [t.clone() for t in opt.predict(3)]
     assert interpret, "the fused kernel never ran"
     monkeypatch.setattr(kernel, "FUSED", False)
     for a, b in zip(fused, opt.predict(3)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_supports_only_what_the_kernel_computes(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    w = torch.randn(4, 3, dtype=torch.float64)
+    w = torch.randn(4, 3)
     n, v = torch.randn_like(w), torch.rand_like(w)
 
     def bucket(d, ws=(w,)):
@@ -92,5 +92,7 @@ def test_supports_only_what_the_kernel_computes(monkeypatch):
     t = w.t()
     key, ts = kernel._key(t, Direction(((1.0, n.t()),)), 0.5)
     assert not triton_kernel.supports(key, [(torch.empty_like(t), t) + ts])  # not contiguous
+    key, ts = kernel._key(w.double(), Direction(((1.0, n.double()),)), 0.5)
+    assert not triton_kernel.supports(key, [(w.double(), w.double()) + ts])  # float64: the chain
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not triton_kernel.supports(*bucket(Direction(((1.0, n),))))  # CPU tensors, compiled mode
