@@ -20,9 +20,16 @@ about a third of copy bandwidth); there each parameter is instead done by single
 ops (``torch.sqrt(out=)``, ``torch.addcdiv(out=)``, ``torch.add(out=)``) on chunks of
 :data:`CHUNK` elements of contiguous tensors, with one chunk-sized temporary reused, which
 reads ``W``, ``N_k``, ``D`` once and writes ``out`` once while the temporary stays in cache.
+Small tensors are packed instead (:data:`PACK`): per bucket a few ops over flat buffers.
+
+:class:`Plan` does the bucketing once for operands that are evaluated again and again
+(:class:`~lookahead_opt.PredictiveOptimizer` keeps one between calls); :func:`predict_into`
+builds a plan and runs it once.
 """
 from __future__ import annotations
 
+import itertools
+import operator
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
@@ -31,7 +38,7 @@ from torch import Tensor
 from . import triton_kernel
 from .rules.base import Direction
 
-__all__ = ["predict_into", "FOREACH", "CHUNK", "COMPILE", "FUSED"]
+__all__ = ["predict_into", "Plan", "FOREACH", "CHUNK", "PACK", "PACK_GROUP", "COMPILE", "FUSED"]
 
 #: Default of :func:`predict_into`'s ``foreach``: ``None`` picks by device.
 FOREACH: Optional[bool] = None
@@ -41,6 +48,15 @@ FOREACH: Optional[bool] = None
 #: tensors, as each chunk pays the dispatch of 3-4 ops; chunks only bound the temporary
 #: (4 MiB in float32, within L3) for very large tensors.
 CHUNK: int = 1 << 20
+
+#: CPU per-tensor path: contiguous tensors of at most this many elements are not done one by
+#: one (each op's dispatch, a few microseconds, costs more than its work) but gathered, per
+#: bucket and operand, into flat buffers of at most :data:`PACK_GROUP` elements (one
+#: ``torch.cat``), evaluated by one op chain and copied out: the same ops on the same values.
+PACK: int = 4096
+
+#: Elements per packed group (see :data:`PACK`): bounds the buffers a bucket keeps.
+PACK_GROUP: int = 1 << 16
 
 #: Opt-in: evaluate each parameter by one ``torch.compile``d fused kernel instead of the
 #: per-tensor ``out=`` ops (where the loop would run). Never required and not used by the
@@ -79,17 +95,21 @@ def _key(w: Tensor, d: Optional[Direction], mult: float) -> Tuple[Hashable, _Ite
 
 
 class _Scratch:
-    """Reusable flat temporaries, one per (device, dtype)."""
+    """Reusable flat temporaries, one per (device, dtype). :meth:`reserve` sizes a buffer before
+    views are taken from it, so that views kept across calls (by a :class:`Plan`) share it."""
 
     def __init__(self) -> None:
         self.bufs: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}
 
+    def reserve(self, device: torch.device, dtype: torch.dtype, numel: int) -> Tensor:
+        buf = self.bufs.get((device, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self.bufs[(device, dtype)] = torch.empty(numel, device=device, dtype=dtype)
+        return buf
+
     def views(self, like: Sequence[Tensor], numel: Optional[int] = None) -> List[Tensor]:
         total = sum(t.numel() for t in like) if numel is None else numel
-        key = (like[0].device, like[0].dtype)
-        buf = self.bufs.get(key)
-        if buf is None or buf.numel() < total:
-            buf = self.bufs[key] = torch.empty(total, device=key[0], dtype=key[1])
+        buf = self.reserve(like[0].device, like[0].dtype, total)
         if numel is not None:
             return [buf]
         out, at = [], 0
@@ -99,21 +119,19 @@ class _Scratch:
         return out
 
 
-def _chain(items: Sequence[_Item], key: Tuple, scratch: _Scratch) -> None:
-    """Multi-tensor (foreach) evaluation of one bucket."""
-    outs = [it[0] for it in items]
-    ws = [it[1] for it in items]
+def _chain(cols: Sequence[Sequence[Tensor]], key: Tuple, tmp: Optional[List[Tensor]]) -> None:
+    """Multi-tensor (foreach) evaluation of one bucket, given as its operand lists ``cols``
+    (outs, W, N_1..N_k, P_1..P_j[, D][, cap]); ``tmp``: scratch tensors shaped like ``D``."""
+    outs, ws = cols[0], cols[1]
     if key[0] == "copy":
         torch._foreach_copy_(outs, ws)
         return
     _, _, _, alphas, plain, den, wscale, shift = key
     k, j = len(alphas), len(plain)
-    tmp = None
     if den is not None:
+        assert tmp is not None
         power, inner = den[0], den[1]
-        dens = [it[2 + k + j] for it in items]
-        tmp = scratch.views(dens)
-        torch._foreach_copy_(tmp, dens)
+        torch._foreach_copy_(tmp, cols[2 + k + j])
         if inner:
             torch._foreach_add_(tmp, inner)
         if power == 0.5:
@@ -134,21 +152,20 @@ def _chain(items: Sequence[_Item], key: Tuple, scratch: _Scratch) -> None:
                 torch._foreach_clamp_min_(tmp, bounds[0])
                 torch._foreach_clamp_max_(tmp, bounds[1])
             if has_cap:
-                torch._foreach_minimum_(tmp, [it[3 + k + j] for it in items])
+                torch._foreach_minimum_(tmp, cols[3 + k + j])
     torch._foreach_copy_(outs, ws)
     if wscale != 1.0:
         torch._foreach_mul_(outs, wscale)
     for i, a in enumerate(plain):
-        torch._foreach_add_(outs, [it[2 + k + i] for it in items], alpha=a)
+        torch._foreach_add_(outs, cols[2 + k + i], alpha=a)
     rate = den is not None and len(den) != 3
     for i, alpha in enumerate(alphas):
-        nums = [it[2 + i] for it in items]
         if tmp is None:
-            torch._foreach_add_(outs, nums, alpha=alpha)
+            torch._foreach_add_(outs, cols[2 + i], alpha=alpha)
         elif rate:
-            torch._foreach_addcmul_(outs, nums, tmp, value=alpha)
+            torch._foreach_addcmul_(outs, cols[2 + i], tmp, value=alpha)
         else:
-            torch._foreach_addcdiv_(outs, nums, tmp, value=alpha)
+            torch._foreach_addcdiv_(outs, cols[2 + i], tmp, value=alpha)
     if shift:
         torch._foreach_add_(outs, shift)
 
@@ -204,26 +221,212 @@ def _one(out: Tensor, w: Tensor, rest: Sequence[Tensor], key: Tuple, tmp: Option
     elif src is w:
         out.copy_(w)
 
+def _one_chunked(out: Tensor, w: Tensor, rest: Sequence[Tensor], key: Tuple, scratch: _Scratch, chunk: int) -> None:
+    """:func:`_one` over chunks of ``chunk`` elements of contiguous tensors (whole tensors
+    otherwise), with one chunk-sized temporary."""
+    n = out.numel()
+    if chunk and n > chunk and all(t.is_contiguous() for t in (out, w, *rest)):
+        flat = [t.view(-1) for t in (out, w, *rest)]
+        tmp = scratch.views([w], numel=chunk)[0] if key[5] is not None else None
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            _one(flat[0][a:b], flat[1][a:b], [t[a:b] for t in flat[2:]], key, None if tmp is None else tmp[:b - a])
+    else:
+        _one(out, w, rest, key, scratch.views([w])[0] if key[5] is not None else None)
 
-def _loop(items: Sequence[_Item], key: Tuple, scratch: _Scratch, chunk: int) -> None:
-    """Per-tensor single-pass evaluation of one bucket (CPU), in chunks of ``chunk`` elements of
-    contiguous tensors (whole tensors otherwise): the same math as :func:`_chain`."""
-    if key[0] == "copy":
-        torch._foreach_copy_([it[0] for it in items], [it[1] for it in items])
-        return
-    den = key[5]
-    for out, w, *rest in items:
-        n = out.numel()
-        if chunk and n > chunk and all(t.is_contiguous() for t in (out, w, *rest)):
-            flat = [t.view(-1) for t in (out, w, *rest)]
-            tmp = scratch.views([w], numel=chunk)[0] if den is not None else None
-            for a in range(0, n, chunk):
-                b = min(n, a + chunk)
-                _one(flat[0][a:b], flat[1][a:b], [t[a:b] for t in flat[2:]], key,
-                     None if tmp is None else tmp[:b - a])
-        else:
-            tmp = scratch.views([w])[0] if den is not None else None
-            _one(out, w, rest, key, tmp)
+
+class _Packed:
+    """Consecutive small contiguous items of a bucket, evaluated as one: each operand column is
+    gathered (``torch.cat``, or one ``_foreach_copy_`` where the tensors are not 1-d) into a
+    flat buffer, :func:`_one` runs once over the buffers and the result is copied out. The
+    buffers are the bucket's (shared by its packed groups); the operands are read at each
+    run, never through views kept from an earlier one."""
+
+    __slots__ = ("lo", "hi", "ins", "gather", "out", "out_views", "tmp")
+
+    def __init__(self, items: Sequence[_Item], lo: int, hi: int, bufs: Sequence[Tensor],
+                 tmp: Optional[Tensor]) -> None:
+        n = sum(it[1].numel() for it in items[lo:hi])
+        self.lo, self.hi = lo, hi
+        self.ins = [b[:n] for b in bufs[1:]]
+        # per input column: None (torch.cat: all 1-d), else views of the buffer to copy into
+        self.gather: List[Optional[List[Tensor]]] = []
+        for c, flat in enumerate(self.ins, start=1):
+            col = [it[c] for it in items[lo:hi]]
+            self.gather.append(None if all(t.dim() == 1 for t in col) else _split(flat, col))
+        self.out = bufs[0][:n]
+        self.out_views = _split(self.out, [it[0] for it in items[lo:hi]])
+        self.tmp = None if tmp is None else tmp[:n]
+
+    def run(self, cols: Sequence[Sequence[Tensor]], key: Tuple) -> None:
+        lo, hi = self.lo, self.hi
+        for c, (flat, views) in enumerate(zip(self.ins, self.gather), start=1):
+            if views is None:
+                torch.cat(cols[c][lo:hi], out=flat)
+            else:
+                torch._foreach_copy_(views, cols[c][lo:hi])
+        _one(self.out, self.ins[0], self.ins[1:], key, self.tmp)
+        torch._foreach_copy_(cols[0][lo:hi], self.out_views)
+
+
+def _split(flat: Tensor, like: Sequence[Tensor]) -> List[Tensor]:
+    """Views of ``flat``, one shaped like each of ``like``, back to back."""
+    return [v if t.dim() == 1 else v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in like]), like)]
+
+
+def _packable(item: _Item) -> bool:
+    out, w = item[0], item[1]
+    return w.numel() <= PACK and out.dtype == w.dtype and all(
+        t.is_contiguous() and t.device == w.device for t in item)
+
+
+class _Bucket:
+    """The items ``(out, W, N_1..N_k, P_1..P_j[, D][, cap])`` that share one key for every
+    ``s`` (same device, dtypes, coefficients and rate), their operand lists, and what each
+    evaluation path keeps between runs (built at its first use)."""
+
+    __slots__ = ("source", "items", "idx", "cols", "proto", "tmp", "packed", "npacked")
+
+    def __init__(self, items: List[_Item], idx: List[int], proto: Optional[Tuple[Tensor, Direction, float]],
+                 previous: Optional["_Bucket"] = None) -> None:
+        self.proto = proto  # (W, direction, rate) of one item; None: a copy bucket
+        form = (len(items[0]), proto is None or proto[1].den is None)
+        if previous is not None and previous.source[:2] == (idx, form) and len(previous.source[2]) == len(items) \
+                and all(map(operator.is_, itertools.chain.from_iterable(items),
+                            itertools.chain.from_iterable(previous.source[2]))):
+            self.source = previous.source
+            self.items, self.idx, self.cols = previous.items, previous.idx, previous.cols
+            self.npacked, self.tmp, self.packed = previous.npacked, previous.tmp, previous.packed
+            return
+        self.source = (idx, form, items)  # what a later plan's bucket must match to take this one over
+        # the loop packs small tensors: put them first, in order (order within a bucket is free)
+        small = [i for i, it in enumerate(items) if proto is not None and _packable(it)]
+        packed = set(small)
+        order = small + [i for i in range(len(items)) if i not in packed]
+        self.items = [items[i] for i in order]
+        self.idx = [idx[i] for i in order]
+        self.cols = [list(c) for c in zip(*self.items)]
+        self.npacked = len(small)
+        self.tmp: Optional[List[Tensor]] = None
+        self.packed: Optional[List[_Packed]] = None
+
+    def key(self, s: float) -> Tuple:
+        """The bucket's key (coefficients) for ``s`` steps ahead (not a copy bucket)."""
+        assert self.proto is not None
+        w, d, rate = self.proto
+        return _key(w, d, s * rate)[0]
+
+    def chain_tmp(self, key: Tuple, scratch: _Scratch) -> Optional[List[Tensor]]:
+        if key[5] is None:
+            return None
+        if self.tmp is None:
+            self.tmp = scratch.views(self.cols[2 + len(key[3]) + len(key[4])])
+        return self.tmp
+
+    def loop(self, cols: Sequence[Sequence[Tensor]], key: Tuple, scratch: _Scratch, chunk: int) -> None:
+        """Per-tensor single-pass evaluation (:func:`_one`): small tensors packed (:data:`PACK`),
+        larger ones one by one, in chunks of ``chunk`` elements."""
+        if self.packed is None:
+            self.packed = self._pack(key)
+        for p in self.packed:
+            p.run(cols, key)
+        for i in range(self.npacked, len(self.items)):
+            _one_chunked(cols[0][i], cols[1][i], [c[i] for c in cols[2:]], key, scratch, chunk)
+
+    def _pack(self, key: Tuple) -> List[_Packed]:
+        items = self.items[:self.npacked]
+        groups, lo, n = [], 0, 0
+        for i, it in enumerate(items):
+            if n and n + it[1].numel() > PACK_GROUP:
+                groups.append((lo, i))
+                lo, n = i, 0
+            n += it[1].numel()
+        if items:
+            groups.append((lo, len(items)))
+        size = max((sum(it[1].numel() for it in items[a:b]) for a, b in groups), default=0)
+        w = self.items[0][1]
+        bufs = [torch.empty(size, device=w.device, dtype=t.dtype) for t in self.items[0][1:]]
+        bufs.insert(0, torch.empty(size, device=w.device, dtype=w.dtype))
+        tmp = torch.empty(size, device=w.device, dtype=w.dtype) if key[5] is not None else None
+        return [_Packed(items, a, b, bufs, tmp) for a, b in groups]
+
+
+def _group(w: Tensor, d: Optional[Direction], rate: float) -> Tuple[Hashable, _Item]:
+    """What :func:`_key` depends on but ``s`` (items that share it share the key for every
+    ``s``: same device, dtypes, rate and coefficients), and the item's operands."""
+    if d is None or rate == 0.0:
+        return ("copy", w.device, w.dtype), ()
+    den, cap = d.den, d.cap
+    tensors = tuple(n for _, n in d.terms) + tuple(n for _, n in d.plain)
+    if den is not None:
+        tensors += (den,) if cap is None or not d.rate else (den, cap)
+        shape: Hashable = (d.root, d.power, d.inner, d.scale, d.eps, d.bounds, cap is None)
+    else:
+        shape = None
+    return (w.device, w.dtype, tuple(t.dtype for t in tensors), rate, tuple(c for c, _ in d.terms),
+            tuple(a for a, _ in d.plain), shape, d.decay, d.offset), tensors
+
+
+class Plan:
+    """:func:`predict_into` for fixed operands, prepared once and run many times:
+    ``outs[i] = weights[i] - s * rates[i] * directions[i]`` for any ``s``.
+
+    The operands are bucketed (by device, dtypes and coefficients, such that each bucket has
+    one key for every ``s``) when the plan is built; the buckets keep their operand lists and,
+    once used, their scratch views and packed layouts (:data:`PACK` as it was at the build,
+    :data:`PACK_GROUP` at the first use). :meth:`run` reads the tensors' values (and
+    :data:`FOREACH`, :data:`CHUNK`, :data:`COMPILE`, :data:`FUSED`) when it runs, so a plan
+    stays valid while the *same* tensor objects (``weights`` may be parameters: ``.data``
+    swaps are followed), directions and rates apply; whoever builds it decides when to
+    rebuild (:class:`~lookahead_opt.PredictiveOptimizer`: see its docs).
+    A rebuild may pass the ``previous`` plan: buckets with the same operands (the same tensor
+    objects, as after an optimizer step, which changes only coefficients) take over its
+    layouts and views instead of building them again.
+    """
+
+    def __init__(self, outs: Sequence[Tensor], weights: Sequence[Tensor], directions: Sequence[Optional[Direction]],
+                 rates: Sequence[float], scratch: Optional[_Scratch] = None, previous: Optional["Plan"] = None) -> None:
+        self.scratch = scratch if scratch is not None else _Scratch()
+        groups: Dict[Hashable, Tuple[List[_Item], List[int], Optional[Tuple[Tensor, Direction, float]]]] = {}
+        for i, (out, w, d, r) in enumerate(zip(outs, weights, directions, rates)):
+            key, tensors = _group(w, d, r)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = ([], [], None if key[0] == "copy" else (w, d, r))
+            group[0].append((out, w) + tensors)
+            group[1].append(i)
+        olds = previous.buckets if previous is not None and len(previous.buckets) == len(groups) else [None] * len(groups)
+        self.buckets = [_Bucket(*g, old) for g, old in zip(groups.values(), olds)]
+        for b in self.buckets:  # one scratch buffer per (device, dtype) for every bucket's views
+            d = None if b.proto is None else b.proto[1]
+            if d is not None and d.den is not None:
+                den = b.cols[2 + len(d.terms) + len(d.plain)]
+                self.scratch.reserve(den[0].device, den[0].dtype, sum(t.numel() for t in den))
+
+    @torch.no_grad()
+    def run(self, s: float, outs: Optional[Sequence[Tensor]] = None, *, foreach: Optional[bool] = None,
+            chunk: Optional[int] = None) -> None:
+        """Evaluate for ``s`` (into ``outs`` if given, else into the plan's own). Runs without
+        autograd (state tensors of some optimizers, e.g. Apollo's with weight decay, carry
+        ``requires_grad``)."""
+        chunk = CHUNK if chunk is None else chunk
+        choice = FOREACH if foreach is None else foreach
+        for b in self.buckets:
+            cols = b.cols if outs is None else [[outs[i] for i in b.idx]] + b.cols[1:]
+            if s == 0 or b.proto is None:
+                torch._foreach_copy_(cols[0], cols[1])
+                continue
+            key = b.key(s)
+            items = b.items if outs is None else [(o,) + it[1:] for o, it in zip(cols[0], b.items)]
+            use_chain = items[0][1].device.type != "cpu" if choice is None else choice
+            if use_chain and FUSED and triton_kernel.supports(key, items):
+                triton_kernel.predict_bucket(items, key)
+            elif use_chain:
+                _chain(cols, key, b.chain_tmp(key, self.scratch))
+            elif COMPILE:
+                _compiled(items, key)
+            else:
+                b.loop(cols, key, self.scratch, chunk)
 
 
 _FUSED = None
@@ -257,8 +460,11 @@ def _fused_impl(out: Tensor, w: Tensor, ns: List[Tensor], ps: List[Tensor], d: O
 def _compiled(items: Sequence[_Item], key: Tuple) -> None:
     """One compiled fused kernel call per tensor (see :data:`COMPILE`)."""
     global _FUSED
-    if key[0] == "copy" or key[5] is None or not key[3]:
-        return _loop(items, key, _Scratch(), 0)  # no denominator: already one single-pass op
+    if key[5] is None or not key[3]:  # no denominator: already one single-pass op
+        scratch = _Scratch()
+        for out, w, *rest in items:
+            _one_chunked(out, w, rest, key, scratch, 0)
+        return
     if _FUSED is None:
         _FUSED = torch.compile(_fused_impl, dynamic=True)
     _, _, _, alphas, plain, den, wscale, shift = key
@@ -274,7 +480,6 @@ def _compiled(items: Sequence[_Item], key: Tuple) -> None:
         _FUSED(out, w, rest[:k], rest[k:k + j], rest[k + j], cap, c, den[0], rate, bounds is not None)
 
 
-@torch.no_grad()
 def predict_into(
     outs: Sequence[Tensor],
     weights: Sequence[Tensor],
@@ -291,23 +496,6 @@ def predict_into(
     ``foreach`` forces the multi-tensor chain (``True``) or the per-tensor loop (``False``);
     by default (:data:`FOREACH`, ``None``) CUDA and other accelerators use the chain, CPU the loop.
     ``chunk``: elements per chunk of the loop (default :data:`CHUNK`; ``0``: whole tensors).
-    Runs without autograd (state tensors of some optimizers, e.g. Apollo's with weight decay,
-    carry ``requires_grad``).
+    Runs without autograd (see :meth:`Plan.run`).
     """
-    scratch = scratch if scratch is not None else _Scratch()
-    chunk = CHUNK if chunk is None else chunk
-    buckets: Dict[Hashable, List[_Item]] = {}
-    for out, w, d, m in zip(outs, weights, directions, mults):
-        key, tensors = _key(w, d, m)
-        buckets.setdefault(key, []).append((out, w) + tensors)
-    for key, items in buckets.items():
-        choice = FOREACH if foreach is None else foreach
-        use_chain = items[0][1].device.type != "cpu" if choice is None else choice
-        if use_chain and FUSED and triton_kernel.supports(key, items):
-            triton_kernel.predict_bucket(items, key)
-        elif use_chain:
-            _chain(items, key, scratch)
-        elif COMPILE:
-            _compiled(items, key)
-        else:
-            _loop(items, key, scratch, chunk)
+    Plan(outs, weights, directions, mults, scratch).run(1, foreach=foreach, chunk=chunk)

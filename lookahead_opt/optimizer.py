@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import operator
 from collections import ChainMap, OrderedDict
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -9,7 +10,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor
 
-from .kernel import _Scratch, predict_into
+from .kernel import Plan, _Scratch
 from .redirect import Swapped
 from .rules import FALLBACK, Direction, Kept, Rule, rule_for, rule_named
 from .rules.base import group_lr
@@ -58,6 +59,18 @@ class PredictiveOptimizer(torch.optim.Optimizer):
     to the live weights current at backward time (:mod:`lookahead_opt.redirect`). Call
     ``swap_in``, the forward and ``swap_out`` on the same thread (saved-tensor hooks are
     thread-local) and nest other saved-tensor hooks inside, not across, the swap.
+
+    Repeated predictions are cheap: the directions and their bucketing
+    (:class:`~lookahead_opt.kernel.Plan`) are kept between calls and rebuilt when anything
+    they were derived from may have changed: a step of this wrapper or of the base optimizer
+    (seen by a post-hook on it, where ``torch.optim.Optimizer.__init__`` set it up), this
+    wrapper's ``load_state_dict`` or ``add_param_group``, any param group's entries (``lr``
+    from a scheduler, betas, ... compared by value; a one-element tensor by its value), the
+    groups or their parameter lists, any parameter's state dict or state entries (compared
+    by identity: the base's ``load_state_dict`` replaces them; a replaced state tensor). In-place
+    edits of a state tensor's *values* are always seen (the kernel reads them at each call),
+    except of the scalars a rule reads as coefficients (``state["step"]``, ...): change those
+    through ``step()`` or ``load_state_dict``.
     """
 
     def __init__(self, base: torch.optim.Optimizer, *, rule: Union[None, str, Rule] = None,
@@ -83,6 +96,10 @@ class PredictiveOptimizer(torch.optim.Optimizer):
         self._buffers: Optional[List[Tensor]] = None
         self._swapped: Optional[Swapped] = None
         self._scratch = _Scratch()
+        self._generation = _Generation()
+        self._cache: Optional[_Cached] = None
+        if "_optimizer_step_post_hooks" in vars(base):  # set up by torch.optim.Optimizer.__init__
+            base.register_step_post_hook(self._generation.bump)
         for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
                      "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
                      "_optimizer_load_state_dict_post_hooks"):
@@ -111,6 +128,7 @@ class PredictiveOptimizer(torch.optim.Optimizer):
         """Adds a group to the base optimizer."""
         self.base.add_param_group(param_group)
         self._buffers = None
+        self._generation.bump()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The base optimizer's ``zero_grad``."""
@@ -134,6 +152,7 @@ class PredictiveOptimizer(torch.optim.Optimizer):
                     self._keep()
                     return loss
         loss = self.base.step() if closure is None else self.base.step(closure)
+        self._generation.bump()
         if self.rule.after is not None:
             for p, k in self._kept.items():
                 self.rule.after(k.tensor, p.detach())
@@ -197,27 +216,43 @@ class PredictiveOptimizer(torch.optim.Optimizer):
                 until the next :meth:`predict` or :meth:`swap_in`; copy it to keep it.
         """
         s = _check_s(s)
-        weights = self._weights()
-        if out is None:
-            if self._swapped is not None:
-                raise RuntimeError("predict() without out= while swapped in would overwrite the weights the "
-                                   "parameters now hold; pass out= or call swap_out() first")
-            out = self._output(weights)
-        else:
+        if out is None and self._swapped is not None:
+            raise RuntimeError("predict() without out= while swapped in would overwrite the weights the "
+                               "parameters now hold; pass out= or call swap_out() first")
+        if out is not None:
             out = list(out)
+            weights = self._weights()
             if len(out) != len(weights) or any(o.shape != w.shape for o, w in zip(out, weights)):
                 raise ValueError(f"out must be {len(weights)} tensors shaped like the parameters (in param_groups order)")
         if s == 0:
-            torch._foreach_copy_(list(out), weights)
-            dirs: List[Optional[Direction]] = [None] * len(weights)
-            mults = [0.0] * len(weights)
+            weights = self._weights()
+            out = self._output(weights) if out is None else out
+            torch._foreach_copy_(out, weights)
+        elif self._swapped is not None:  # from the live weights kept aside: a plan for this call only
+            self._build(self._swapped.live, out).run(s)
         else:
-            dirs, lrs = self._directions(weights)
-            mults = [0.0 if d is None else s * (lr if d.lr is None else _ratio(lr, d.lr)) for d, lr in zip(dirs, lrs)]
-            predict_into(out, weights, dirs, mults, self._scratch)
+            self._plan().run(s, out)
+            out = self._buffers if out is None else out
         if self.check_finite:
             self._assert_finite(out)
         return list(out)
+
+    def _plan(self) -> Plan:
+        """The kept plan for the parameters and the wrapper's buffer, rebuilt when stale (see the
+        class docs for what is compared)."""
+        cached = self._cache
+        if cached is None or cached.plan_outs is not self._buffers or not cached.valid(self):
+            params = self.params
+            previous = None if cached is None else cached.plan
+            cached = self._cache = _Cached(self, self._build(params, None, previous), params, self._buffers)
+        return cached.plan
+
+    def _build(self, weights: List[Tensor], out: Optional[List[Tensor]], previous: Optional[Plan] = None) -> Plan:
+        """A plan from ``weights`` (parameters, or live weights) into ``out`` (default: the buffer)."""
+        detached = [w.detach() for w in weights]
+        dirs, lrs = self._directions(detached)
+        rates = [0.0 if d is None else lr if d.lr is None else _ratio(lr, d.lr) for d, lr in zip(dirs, lrs)]
+        return Plan(self._output(detached) if out is None else out, weights, dirs, rates, self._scratch, previous)
 
     def direction(self) -> List[Tensor]:
         """``dW`` per unit learning rate, one new tensor per parameter (zeros before any step)."""
@@ -297,6 +332,7 @@ class PredictiveOptimizer(torch.optim.Optimizer):
         own = sd.pop("lookahead", None)
         self.base.load_state_dict(sd)
         self._kept = {}
+        self._generation.bump()
         if own is None:
             return
         if own["rule"] != self.rule.name:
@@ -313,3 +349,81 @@ class PredictiveOptimizer(torch.optim.Optimizer):
 def _ratio(lr_now: float, lr_then: float) -> float:
     """``lr_now / lr_then``, exactly 1 when unchanged (and when the step's lr was 0)."""
     return 1.0 if lr_now == lr_then or lr_then == 0 else lr_now / lr_then
+
+
+class _Generation:
+    """Counts events after which the kept plan is stale: steps of the base optimizer (its step
+    post-hook calls :meth:`bump`) and the wrapper's own changes."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def bump(self, *_: Any) -> None:
+        self.n += 1
+
+
+_NO_STATE: Dict[str, Any] = {}
+
+
+def _frozen(v: Any) -> Any:
+    """A param group entry as a value to compare with later: a one-element tensor by its value
+    (schedulers may set a tensor ``lr`` in place), other tensors by identity and version,
+    sequences and dicts entry by entry."""
+    if isinstance(v, Tensor):
+        return float(v) if v.numel() == 1 else (id(v), v._version)
+    if isinstance(v, (tuple, list)):
+        return tuple(_frozen(x) for x in v)
+    if isinstance(v, dict):
+        return tuple((k, _frozen(x)) for k, x in v.items())
+    return v
+
+
+def _group_values(opt: PredictiveOptimizer) -> List[Tuple[Any, ...]]:
+    """Every param group's entries but its parameters (and the rule's settings), frozen."""
+    settings = opt.rule.settings
+    return [(_frozen({k: v for k, v in g.items() if k != "params"}),
+             None if settings is None else _frozen(settings(opt.base, i)))
+            for i, g in enumerate(opt.base.param_groups)]
+
+
+class _Cached:
+    """A :class:`~lookahead_opt.kernel.Plan` and what its directions were derived from."""
+
+    __slots__ = ("plan", "plan_outs", "params", "generation", "groups", "lists", "values", "states",
+                 "entries", "counts")
+
+    def __init__(self, opt: PredictiveOptimizer, plan: Plan, params: List[Tensor], outs: Optional[List[Tensor]]) -> None:
+        self.plan = plan
+        self.plan_outs = outs
+        self.params = params
+        self.generation = opt._generation.n
+        self.groups = list(opt.base.param_groups)
+        self.lists = [(g["params"], list(g["params"])) for g in self.groups]
+        self.values = _group_values(opt)
+        self.states = list(map(opt.base.state.get, params, itertools.repeat(_NO_STATE)))
+        self.counts = list(map(len, self.states))
+        self.entries = list(itertools.chain.from_iterable(map(dict.values, self.states)))
+
+    def valid(self, opt: PredictiveOptimizer) -> bool:
+        """Whether nothing the plan was derived from has changed (see the optimizer's docs)."""
+        base = opt.base
+        if opt._generation.n != self.generation:
+            return False
+        groups = base.param_groups
+        if len(groups) != len(self.groups) or not all(map(operator.is_, groups, self.groups)):
+            return False
+        for g, (plist, kept) in zip(groups, self.lists):
+            ps = g["params"]
+            if ps is not plist or len(ps) != len(kept) or not all(map(operator.is_, ps, kept)):
+                return False
+        if _group_values(opt) != self.values:
+            return False
+        states = list(map(base.state.get, self.params, itertools.repeat(_NO_STATE)))
+        if not all(map(operator.is_, states, self.states)) or list(map(len, states)) != self.counts:
+            return False
+        entries = self.entries
+        now = list(itertools.chain.from_iterable(map(dict.values, states)))
+        return len(now) == len(entries) and all(map(operator.is_, now, entries))
+

@@ -43,11 +43,14 @@ def directions(ws, shift=0):
 SHAPES = 12
 
 
-@pytest.mark.parametrize("foreach,chunk", [(True, None), (False, 0), (False, 5), (False, None)])
+@pytest.mark.parametrize("foreach,chunk,pack", [(True, None, None), (False, 0, 0), (False, 5, 0), (False, None, 0),
+                                                (False, None, None)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_all_direction_shapes(foreach, chunk, dtype):
+def test_all_direction_shapes(foreach, chunk, pack, dtype, monkeypatch):
     """Every Direction shape, chain and loop (whole tensors, small chunks with a ragged last
-    chunk, the default chunk), against Direction.materialize."""
+    chunk, the default chunk; small tensors packed or not), against Direction.materialize."""
+    if pack is not None:
+        monkeypatch.setattr(kernel, "PACK", pack)
     for shift in range(SHAPES):
         ws = tensors(dtype) + tensors(dtype)[:2]
         dirs = directions(ws, shift)
@@ -82,3 +85,55 @@ def test_fused_kernel_math(monkeypatch, dtype):
         for o, w, d, m in zip(outs, ws, dirs, mults):
             want = w.clone() if d is None else w - m * d.materialize(w)
             torch.testing.assert_close(o, want, **tol)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_plan_runs_again_and_follows_values_and_swapped_data(foreach, monkeypatch):
+    """A Plan reads the operands' values at each run (also a parameter's new ``.data``), for any
+    ``s``, into its outs or others given (in any bucket order); small tensors are packed in
+    groups of at most PACK_GROUP elements next to tensors too large to pack, whose results must
+    land in the right outs."""
+    monkeypatch.setattr(kernel, "PACK_GROUP", 7)
+    monkeypatch.setattr(kernel, "PACK", 6)
+    g = torch.Generator().manual_seed(1)
+    shapes = [(3,), (2, 2), (4,), (9,), (1, 3), (5,), (2,)]
+    ws = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in shapes]
+    dirs = [Direction(((0.5, torch.randn(s, generator=g, dtype=torch.float64)),),
+                      den=torch.rand(s, generator=g, dtype=torch.float64) + 0.5, eps=1e-3) for s in shapes]
+    outs = [torch.empty(s, dtype=torch.float64) for s in shapes]
+    plan = kernel.Plan(outs, ws, dirs, [0.1] * len(ws))
+    assert len(plan.buckets) == 1 and plan.buckets[0].npacked == 6
+    for s in (1, 3, 0):
+        with torch.no_grad():
+            ws[1].data = torch.randn(2, 2, generator=g, dtype=torch.float64)
+            for d in dirs:
+                d.terms[0][1].mul_(1.5)
+        plan.run(s, foreach=foreach)
+        others = [torch.empty_like(o) for o in outs]
+        plan.run(s, others, foreach=foreach)
+        for o, p, w, d in zip(outs, others, ws, dirs):
+            want = (w - 0.1 * s * d.materialize(w)).detach()
+            torch.testing.assert_close(o, want, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(p, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_rebuilt_plan_takes_over_only_matching_buckets():
+    """A plan rebuilt with the same operands (new coefficients) reuses the previous plan's
+    layouts and computes with the new coefficients; other operands get their own."""
+    g = torch.Generator().manual_seed(2)
+    ws = [torch.randn(4, generator=g, dtype=torch.float64) for _ in range(3)]
+    ns = [torch.randn(4, generator=g, dtype=torch.float64) for _ in range(3)]
+    outs = [torch.empty_like(w) for w in ws]
+    first = kernel.Plan(outs, ws, [Direction(((1.0, n),)) for n in ns], [0.1] * 3)
+    first.run(1, foreach=False)
+    again = kernel.Plan(outs, ws, [Direction(((2.0, n),)) for n in ns], [0.1] * 3, previous=first)
+    assert again.buckets[0].packed is first.buckets[0].packed
+    again.run(1, foreach=False)
+    for o, w, n in zip(outs, ws, ns):
+        torch.testing.assert_close(o, w - 0.2 * n, rtol=1e-12, atol=1e-12)
+    other = [n.clone() for n in ns]
+    moved = kernel.Plan(outs, ws, [Direction(((2.0, n),)) for n in other], [0.1] * 3, previous=first)
+    assert moved.buckets[0].packed is None
+    with_den = kernel.Plan(outs, ws[:1], [Direction(((1.0, ns[0]),), den=ns[1].abs())], [0.1], previous=first)
+    assert with_den.buckets[0].packed is None
+

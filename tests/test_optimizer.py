@@ -280,3 +280,86 @@ def test_property_prediction_matches_the_direction(shapes, dtype, s, which, step
         torch.testing.assert_close(x.double(), w.double() - 0.01 * s * d.double(), **tol)
         if steps and dtype is not torch.bfloat16:
             torch.testing.assert_close(x.double(), w.double() - s * (a.double() - w.double()), **tol)
+
+
+def _fresh(opt):
+    """The prediction of a new wrapper around the same base optimizer (nothing kept yet)."""
+    other = PredictiveOptimizer(opt.base)
+    other._kept = opt._kept
+    return [t.clone() for t in other.predict(2)]
+
+
+def _same_as_fresh(opt):
+    for a, b in zip(opt.predict(2), _fresh(opt)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls,kw", [(torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)),
+                                    (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True))])
+def test_kept_prediction_is_rebuilt_whenever_its_inputs_change(cls, kw):
+    """The wrapper keeps its prediction plan between calls; every change it was derived from
+    gives the prediction a fresh wrapper would make (bit for bit), and an unchanged wrapper
+    repeats itself."""
+    m = model()
+    opt = PredictiveOptimizer(cls(m.parameters(), **kw))
+    train(opt, m)
+    first = [t.clone() for t in opt.predict(2)]
+    assert all(torch.equal(a, b) for a, b in zip(first, opt.predict(2)))
+    _same_as_fresh(opt)
+    opt.param_groups[0]["lr"] *= 0.5                                    # a scheduler's lr
+    _same_as_fresh(opt)
+    assert not all(torch.equal(a, b) for a, b in zip(first, opt.predict(2)))
+    opt.param_groups[0]["weight_decay"] = 0.3                           # another hyper-parameter
+    _same_as_fresh(opt)
+    p = opt.param_groups[0]["params"][0]
+    key = "exp_avg" if cls is torch.optim.Adam else "momentum_buffer"
+    opt.state[p][key] = torch.randn_like(p)                             # a state tensor replaced
+    _same_as_fresh(opt)
+    opt.state[p][key].mul_(3.0)                                         # its values changed in place
+    _same_as_fresh(opt)
+    train(opt.base, m, steps=1)                                         # a step of the base directly
+    _same_as_fresh(opt)
+    sd = copy.deepcopy(opt.state_dict())
+    train(opt, m, steps=2)
+    opt.load_state_dict(sd)                                             # the wrapper's load
+    _same_as_fresh(opt)
+    train(opt, m, steps=1)
+    opt.base.load_state_dict({k: v for k, v in sd.items() if k != "lookahead"})  # the base's load
+    _same_as_fresh(opt)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3, dtype=torch.float64))]})
+    _same_as_fresh(opt)
+    assert len(opt.predict(2)) == len(opt.params)
+    extra = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt.param_groups[-1]["params"].append(extra)                       # a group's parameter list
+    assert len(opt.predict(2)) == len(opt.params)
+
+
+def test_kept_prediction_follows_a_tensor_lr_set_in_place():
+    m = model(torch.float32)
+    opt = PredictiveOptimizer(torch.optim.Adam(m.parameters(), lr=torch.tensor(0.01)))
+    train(opt, m)
+    before = [t.clone() for t in opt.predict(1)]
+    opt.param_groups[0]["lr"].fill_(0.02)
+    _same_as_fresh(opt)
+    assert not all(torch.equal(a, b) for a, b in zip(before, opt.predict(1)))
+
+
+def test_out_and_swapped_predictions_use_the_kept_plan_correctly():
+    """predict(out=) writes every parameter's prediction into its own tensor (buckets reorder
+    small and large tensors), equal to the buffer; while swapped in, out= predicts from the
+    live weights."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(n, dtype=torch.float64)) for n in (3, 5000, 2, 7000, 4)]
+    opt = PredictiveOptimizer(torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    want = [t.clone() for t in opt.predict(3)]
+    out = [torch.empty_like(p) for p in ps]
+    assert opt.predict(3, out=out) == out
+    assert all(torch.equal(a, b) for a, b in zip(out, want))
+    with opt.predicted(1):
+        again = [torch.empty_like(p) for p in ps]
+        opt.predict(3, out=again)
+    assert all(torch.equal(a, b) for a, b in zip(again, want))
