@@ -154,12 +154,12 @@ def plot(results: Dict[Key, Dict[str, Dict[str, float]]], methods: Sequence[str]
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tasks", default="teacher,charlm")
+    ap.add_argument("--tasks", default="teacher,charlm,denoise")
     ap.add_argument("--optimizers", default="sgdm,adam,adamw")
     ap.add_argument("--depths", default="4,8")
     ap.add_argument("--lr-mults", default="0.3,1,3", help="factors of each task's default lr")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--epochs", default="teacher=2,charlm=1", help="task=epochs,...")
+    ap.add_argument("--epochs", default="teacher=2,charlm=1,denoise=2", help="task=epochs,...")
     ap.add_argument("--minibatches", default="charlm=60", help="task=N: first N minibatches per epoch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
