@@ -53,7 +53,11 @@ CHUNK: int = 1 << 20
 #: one (each op's dispatch, a few microseconds, costs more than its work) but gathered, per
 #: bucket and operand, into flat buffers of at most :data:`PACK_GROUP` elements (one
 #: ``torch.cat``), evaluated by one op chain and copied out: the same ops on the same values.
+#: Only where a bucket has at least :data:`_PACK_MIN` of them: for fewer, the gathers cost
+#: more dispatches than they save.
 PACK: int = 4096
+
+_PACK_MIN = 4
 
 #: Elements per packed group (see :data:`PACK`): bounds the buffers a bucket keeps.
 PACK_GROUP: int = 1 << 16
@@ -285,11 +289,12 @@ class _Bucket:
     ``s`` (same device, dtypes, coefficients and rate), their operand lists, and what each
     evaluation path keeps between runs (built at its first use)."""
 
-    __slots__ = ("source", "items", "idx", "cols", "proto", "tmp", "packed", "npacked")
+    __slots__ = ("source", "items", "idx", "cols", "proto", "keys", "tmp", "packed", "npacked")
 
     def __init__(self, items: List[_Item], idx: List[int], proto: Optional[Tuple[Tensor, Direction, float]],
                  previous: Optional["_Bucket"] = None) -> None:
         self.proto = proto  # (W, direction, rate) of one item; None: a copy bucket
+        self.keys: Dict[float, Tuple] = {}  # by s
         form = (len(items[0]), proto is None or proto[1].den is None)
         if previous is not None and previous.source[:2] == (idx, form) and len(previous.source[2]) == len(items) \
                 and all(map(operator.is_, itertools.chain.from_iterable(items),
@@ -301,6 +306,8 @@ class _Bucket:
         self.source = (idx, form, items)  # what a later plan's bucket must match to take this one over
         # the loop packs small tensors: put them first, in order (order within a bucket is free)
         small = [i for i, it in enumerate(items) if proto is not None and _packable(it)]
+        if len(small) < _PACK_MIN:
+            small = []
         packed = set(small)
         order = small + [i for i in range(len(items)) if i not in packed]
         self.items = [items[i] for i in order]
@@ -312,9 +319,14 @@ class _Bucket:
 
     def key(self, s: float) -> Tuple:
         """The bucket's key (coefficients) for ``s`` steps ahead (not a copy bucket)."""
-        assert self.proto is not None
-        w, d, rate = self.proto
-        return _key(w, d, s * rate)[0]
+        key = self.keys.get(s)
+        if key is None:
+            assert self.proto is not None
+            w, d, rate = self.proto
+            if len(self.keys) >= 16:
+                self.keys.clear()
+            key = self.keys[s] = _key(w, d, s * rate)[0]
+        return key
 
     def chain_tmp(self, key: Tuple, scratch: _Scratch) -> Optional[List[Tensor]]:
         if key[5] is None:
@@ -335,15 +347,16 @@ class _Bucket:
 
     def _pack(self, key: Tuple) -> List[_Packed]:
         items = self.items[:self.npacked]
+        if not items:
+            return []
         groups, lo, n = [], 0, 0
         for i, it in enumerate(items):
             if n and n + it[1].numel() > PACK_GROUP:
                 groups.append((lo, i))
                 lo, n = i, 0
             n += it[1].numel()
-        if items:
-            groups.append((lo, len(items)))
-        size = max((sum(it[1].numel() for it in items[a:b]) for a, b in groups), default=0)
+        groups.append((lo, len(items)))
+        size = max(sum(it[1].numel() for it in items[a:b]) for a, b in groups)
         w = self.items[0][1]
         bufs = [torch.empty(size, device=w.device, dtype=t.dtype) for t in self.items[0][1:]]
         bufs.insert(0, torch.empty(size, device=w.device, dtype=w.dtype))
@@ -367,6 +380,17 @@ def _group(w: Tensor, d: Optional[Direction], rate: float) -> Tuple[Hashable, _I
             tuple(a for a, _ in d.plain), shape, d.decay, d.offset), tensors
 
 
+def _grouped(outs: Sequence[Tensor], weights: Sequence[Tensor], directions: Sequence[Optional[Direction]],
+             rates: Sequence[float]) -> Tuple[List[Hashable], List[_Item]]:
+    """Per item, its :func:`_group` key and its operands ``(out, W, N_1.., P_1.., D, cap)``."""
+    keys, items = [], []
+    for out, w, d, r in zip(outs, weights, directions, rates):
+        key, tensors = _group(w, d, r)
+        keys.append(key)
+        items.append((out, w) + tensors)
+    return keys, items
+
+
 class Plan:
     """:func:`predict_into` for fixed operands, prepared once and run many times:
     ``outs[i] = weights[i] - s * rates[i] * directions[i]`` for any ``s``.
@@ -386,14 +410,33 @@ class Plan:
 
     def __init__(self, outs: Sequence[Tensor], weights: Sequence[Tensor], directions: Sequence[Optional[Direction]],
                  rates: Sequence[float], scratch: Optional[_Scratch] = None, previous: Optional["Plan"] = None) -> None:
+        self._init(_grouped(outs, weights, directions, rates), directions, rates, scratch, previous)
+
+    @classmethod
+    def build(cls, outs: Sequence[Tensor], weights: Sequence[Tensor], directions: Sequence[Optional[Direction]],
+              rates: Sequence[float], scratch: Optional[_Scratch] = None, previous: Optional["Plan"] = None) -> "Plan":
+        """A plan for these operands: ``previous`` itself when nothing differs (the same tensor
+        objects, coefficients and rates: an optimizer step that changed only the values of its
+        state), else a new plan (see ``previous`` in the class docs)."""
+        grouped = _grouped(outs, weights, directions, rates)
+        if previous is not None and previous.keys == grouped[0] and len(previous.operands) == len(grouped[1]) \
+                and all(map(operator.is_, itertools.chain.from_iterable(previous.operands),
+                            itertools.chain.from_iterable(grouped[1]))):
+            return previous
+        plan = cls.__new__(cls)
+        plan._init(grouped, directions, rates, scratch, previous)
+        return plan
+
+    def _init(self, grouped: Tuple[List[Hashable], List[_Item]], directions: Sequence[Optional[Direction]],
+              rates: Sequence[float], scratch: Optional[_Scratch], previous: Optional["Plan"]) -> None:
         self.scratch = scratch if scratch is not None else _Scratch()
+        self.keys, self.operands = grouped  # per item, what build() compares
         groups: Dict[Hashable, Tuple[List[_Item], List[int], Optional[Tuple[Tensor, Direction, float]]]] = {}
-        for i, (out, w, d, r) in enumerate(zip(outs, weights, directions, rates)):
-            key, tensors = _group(w, d, r)
+        for i, (key, item, d, r) in enumerate(zip(self.keys, self.operands, directions, rates)):
             group = groups.get(key)
             if group is None:
-                group = groups[key] = ([], [], None if key[0] == "copy" else (w, d, r))
-            group[0].append((out, w) + tensors)
+                group = groups[key] = ([], [], None if d is None or r == 0.0 else (item[1], d, r))
+            group[0].append(item)
             group[1].append(i)
         olds = previous.buckets if previous is not None and len(previous.buckets) == len(groups) else [None] * len(groups)
         self.buckets = [_Bucket(*g, old) for g, old in zip(groups.values(), olds)]

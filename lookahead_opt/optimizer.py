@@ -65,8 +65,9 @@ class PredictiveOptimizer(torch.optim.Optimizer):
     they were derived from may have changed: a step of this wrapper or of the base optimizer
     (seen by a post-hook on it, where ``torch.optim.Optimizer.__init__`` set it up), this
     wrapper's ``load_state_dict`` or ``add_param_group``, any param group's entries (``lr``
-    from a scheduler, betas, ... compared by value; a one-element tensor by its value), the
-    groups or their parameter lists, any parameter's state dict or state entries (compared
+    from a scheduler, betas, ...: by identity, and those that can change in place, tensors,
+    lists and dicts, also by value: a one-element tensor by its value), the rule's settings,
+    the groups or their parameter lists, any parameter's state dict or state entries (compared
     by identity: the base's ``load_state_dict`` replaces them; a replaced state tensor). In-place
     edits of a state tensor's *values* are always seen (the kernel reads them at each call),
     except of the scalars a rule reads as coefficients (``state["step"]``, ...): change those
@@ -245,6 +246,9 @@ class PredictiveOptimizer(torch.optim.Optimizer):
             params = self.params
             previous = None if cached is None else cached.plan
             cached = self._cache = _Cached(self, self._build(params, None, previous), params, self._buffers)
+        elif cached.generation != self._generation.n:  # a step: the same tensors, new coefficients
+            cached.plan = self._build(cached.params, None, cached.plan)
+            cached.generation = self._generation.n
         return cached.plan
 
     def _build(self, weights: List[Tensor], out: Optional[List[Tensor]], previous: Optional[Plan] = None) -> Plan:
@@ -252,7 +256,7 @@ class PredictiveOptimizer(torch.optim.Optimizer):
         detached = [w.detach() for w in weights]
         dirs, lrs = self._directions(detached)
         rates = [0.0 if d is None else lr if d.lr is None else _ratio(lr, d.lr) for d, lr in zip(dirs, lrs)]
-        return Plan(self._output(detached) if out is None else out, weights, dirs, rates, self._scratch, previous)
+        return Plan.build(self._output(detached) if out is None else out, weights, dirs, rates, self._scratch, previous)
 
     def direction(self) -> List[Tensor]:
         """``dW`` per unit learning rate, one new tensor per parameter (zeros before any step)."""
@@ -380,19 +384,17 @@ def _frozen(v: Any) -> Any:
     return v
 
 
-def _group_values(opt: PredictiveOptimizer) -> List[Tuple[Any, ...]]:
-    """Every param group's entries but its parameters (and the rule's settings), frozen."""
+def _settings(opt: PredictiveOptimizer) -> Optional[List[Any]]:
+    """The rule's settings of every group, frozen (``None`` for a rule without settings)."""
     settings = opt.rule.settings
-    return [(_frozen({k: v for k, v in g.items() if k != "params"}),
-             None if settings is None else _frozen(settings(opt.base, i)))
-            for i, g in enumerate(opt.base.param_groups)]
+    return None if settings is None else [_frozen(settings(opt.base, i)) for i in range(len(opt.base.param_groups))]
 
 
 class _Cached:
     """A :class:`~lookahead_opt.kernel.Plan` and what its directions were derived from."""
 
-    __slots__ = ("plan", "plan_outs", "params", "generation", "groups", "lists", "values", "states",
-                 "entries", "counts")
+    __slots__ = ("plan", "plan_outs", "params", "generation", "groups", "lists", "values", "mutable", "frozen",
+                 "settings", "states", "entries", "counts")
 
     def __init__(self, opt: PredictiveOptimizer, plan: Plan, params: List[Tensor], outs: Optional[List[Tensor]]) -> None:
         self.plan = plan
@@ -401,24 +403,32 @@ class _Cached:
         self.generation = opt._generation.n
         self.groups = list(opt.base.param_groups)
         self.lists = [(g["params"], list(g["params"])) for g in self.groups]
-        self.values = _group_values(opt)
+        # the group entries by identity, and those that can change in place also by value
+        self.values = list(itertools.chain.from_iterable(map(dict.values, self.groups)))
+        self.mutable = [(g, k) for g in self.groups for k, v in g.items()
+                        if k != "params" and isinstance(v, (Tensor, list, dict))]
+        self.frozen = [_frozen(g[k]) for g, k in self.mutable]
+        self.settings = _settings(opt)
         self.states = list(map(opt.base.state.get, params, itertools.repeat(_NO_STATE)))
         self.counts = list(map(len, self.states))
         self.entries = list(itertools.chain.from_iterable(map(dict.values, self.states)))
 
     def valid(self, opt: PredictiveOptimizer) -> bool:
-        """Whether nothing the plan was derived from has changed (see the optimizer's docs)."""
+        """Whether nothing the plan was derived from has changed but, maybe, the generation
+        (see the optimizer's docs)."""
         base = opt.base
-        if opt._generation.n != self.generation:
-            return False
         groups = base.param_groups
         if len(groups) != len(self.groups) or not all(map(operator.is_, groups, self.groups)):
             return False
-        for g, (plist, kept) in zip(groups, self.lists):
-            ps = g["params"]
-            if ps is not plist or len(ps) != len(kept) or not all(map(operator.is_, ps, kept)):
+        values = list(itertools.chain.from_iterable(map(dict.values, groups)))
+        if len(values) != len(self.values) or not all(map(operator.is_, values, self.values)):
+            return False
+        for plist, kept in self.lists:
+            if len(plist) != len(kept) or not all(map(operator.is_, plist, kept)):
                 return False
-        if _group_values(opt) != self.values:
+        if self.mutable and [_frozen(g[k]) for g, k in self.mutable] != self.frozen:
+            return False
+        if self.settings is not None and _settings(opt) != self.settings:
             return False
         states = list(map(base.state.get, self.params, itertools.repeat(_NO_STATE)))
         if not all(map(operator.is_, states, self.states)) or list(map(len, states)) != self.counts:
@@ -426,4 +436,3 @@ class _Cached:
         entries = self.entries
         now = list(itertools.chain.from_iterable(map(dict.values, states)))
         return len(now) == len(entries) and all(map(operator.is_, now, entries))
-

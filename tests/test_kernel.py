@@ -43,14 +43,16 @@ def directions(ws, shift=0):
 SHAPES = 12
 
 
-@pytest.mark.parametrize("foreach,chunk,pack", [(True, None, None), (False, 0, 0), (False, 5, 0), (False, None, 0),
-                                                (False, None, None)])
+@pytest.mark.parametrize("foreach,chunk,pack", [(True, None, None), (False, 0, False), (False, 5, False),
+                                                (False, None, False), (False, None, True)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_all_direction_shapes(foreach, chunk, pack, dtype, monkeypatch):
     """Every Direction shape, chain and loop (whole tensors, small chunks with a ragged last
-    chunk, the default chunk; small tensors packed or not), against Direction.materialize."""
+    chunk, the default chunk; small tensors packed, even one alone, or not), against
+    Direction.materialize."""
     if pack is not None:
-        monkeypatch.setattr(kernel, "PACK", pack)
+        monkeypatch.setattr(kernel, "PACK", kernel.PACK if pack else 0)
+        monkeypatch.setattr(kernel, "_PACK_MIN", 1)
     for shift in range(SHAPES):
         ws = tensors(dtype) + tensors(dtype)[:2]
         dirs = directions(ws, shift)
@@ -118,21 +120,26 @@ def test_plan_runs_again_and_follows_values_and_swapped_data(foreach, monkeypatc
 
 
 def test_a_rebuilt_plan_takes_over_only_matching_buckets():
-    """A plan rebuilt with the same operands (new coefficients) reuses the previous plan's
-    layouts and computes with the new coefficients; other operands get their own."""
+    """A plan built again for the same operands and coefficients is the previous one; with
+    new coefficients (or rates) it is new but reuses the previous plan's layouts and computes
+    with the new coefficients; other operands get their own."""
     g = torch.Generator().manual_seed(2)
-    ws = [torch.randn(4, generator=g, dtype=torch.float64) for _ in range(3)]
-    ns = [torch.randn(4, generator=g, dtype=torch.float64) for _ in range(3)]
+    ws = [torch.randn(4, generator=g, dtype=torch.float64) for _ in range(4)]
+    ns = [torch.randn(4, generator=g, dtype=torch.float64) for _ in range(4)]
     outs = [torch.empty_like(w) for w in ws]
-    first = kernel.Plan(outs, ws, [Direction(((1.0, n),)) for n in ns], [0.1] * 3)
+    first = kernel.Plan(outs, ws, [Direction(((1.0, n),)) for n in ns], [0.1] * 4)
     first.run(1, foreach=False)
-    again = kernel.Plan(outs, ws, [Direction(((2.0, n),)) for n in ns], [0.1] * 3, previous=first)
+    assert len(first.buckets[0].packed) == 1
+    assert kernel.Plan.build(outs, ws, [Direction(((1.0, n),)) for n in ns], [0.1] * 4, previous=first) is first
+    assert kernel.Plan.build(outs, ws, [Direction(((1.0, n),)) for n in ns], [0.2] * 4, previous=first) is not first
+    again = kernel.Plan.build(outs, ws, [Direction(((2.0, n),)) for n in ns], [0.1] * 4, previous=first)
+    assert again is not first
     assert again.buckets[0].packed is first.buckets[0].packed
     again.run(1, foreach=False)
     for o, w, n in zip(outs, ws, ns):
         torch.testing.assert_close(o, w - 0.2 * n, rtol=1e-12, atol=1e-12)
     other = [n.clone() for n in ns]
-    moved = kernel.Plan(outs, ws, [Direction(((2.0, n),)) for n in other], [0.1] * 3, previous=first)
+    moved = kernel.Plan(outs, ws, [Direction(((2.0, n),)) for n in other], [0.1] * 4, previous=first)
     assert moved.buckets[0].packed is None
     with_den = kernel.Plan(outs, ws[:1], [Direction(((1.0, ns[0]),), den=ns[1].abs())], [0.1], previous=first)
     assert with_den.buckets[0].packed is None
