@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .schedule import Schedule, Versions, versions
+from .schedule import Schedule, Versions
 
 __all__ = ["MicroBatch", "Plan", "Executor", "add_loss"]
 
@@ -40,7 +40,7 @@ class Plan:
     micro: Dict[Unit, MicroBatch]
 
     def __post_init__(self) -> None:
-        self.versions: List[Dict[Unit, Versions]] = versions(self.schedule)
+        self.versions: List[Dict[Unit, Versions]] = self.schedule.weight_versions
         self.order = list(self.schedule.order())
 
     def s(self, stage: int, unit: Unit) -> int:

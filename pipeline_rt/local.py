@@ -33,13 +33,13 @@ at once (no worker thread, no peer waiting on a message), so it cannot hang.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .executor import Executor, Plan, add_loss
-from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action
+from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, Schedule
 from .stage import Stage, as_leaf
 from .streams import AnyEvent, AnyStream, CPUEvent, new_stream, record, use_streams, wait
 
@@ -76,8 +76,10 @@ class _Lifetimes:
         self._pending: List[Tuple[AnyEvent, List[Tensor]]] = []
 
     def keep(self, event: AnyEvent, tensors: Sequence[Optional[Tensor]]) -> None:
+        if isinstance(event, CPUEvent):
+            return
         ts = [t for t in tensors if t is not None]
-        if ts and not isinstance(event, CPUEvent):
+        if ts:
             self._pending.append((event, ts))
 
     def collect(self) -> None:
@@ -116,6 +118,7 @@ class LocalExecutor(Executor):
                 self.copy_f[d], self.copy_b[d] = new_stream(d), new_stream(d)
         self.lifetimes = _Lifetimes()
         self._state: Optional[_RunState] = None
+        self._compiled: Optional[Tuple[Schedule, list]] = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -132,18 +135,42 @@ class LocalExecutor(Executor):
             self._state = _RunState(plan)
         st = self._state
         st.losses = None
+        program = self._program(plan)
+        collect = self.lifetimes.collect
         self._join_current()  # compute streams see the weights/inputs made on current streams
-        handlers = {F: self._forward, B: self._backward, STEP: self._step, SEND_F: self._send,
-                    SEND_B: self._send, RECV_F: self._receive, RECV_B: self._receive}
         try:
-            for action in plan.order[start:stop]:
-                handlers[action.kind](st, action)
-                self.lifetimes.collect()
+            for handler, a, arg in program[start:stop]:
+                handler(st, a, arg)
+                collect()
         finally:
             self._join_back()  # also after an error: later work on the current streams stays ordered
         if st.losses is None:
             return torch.zeros(plan.schedule.num_minibatches, device=self.devices[-1])
         return st.losses
+
+    def _program(self, plan: Plan) -> List[Tuple[Callable[[_RunState, Action, Any], None], Action, Any]]:
+        """``plan.order`` as (handler, action, what the handler looks up: stage, unit, dict keys,
+        ``s``), built once per schedule (kept for the last one) and shared by its plans."""
+        if self._compiled is not None and self._compiled[0] is plan.schedule:
+            return self._compiled[1]
+        program: List[Tuple[Callable[[_RunState, Action, Any], None], Action, Any]] = []
+        for a in plan.order:
+            k, u = a.stage, a.unit
+            if a.kind == F:
+                program.append((self._forward, a, (k, u, ("F", k, u), (k, u), plan.s(k, u))))
+            elif a.kind == B:
+                program.append((self._backward, a, (k, u, ("B", k, u), (k, u))))
+            elif a.kind == STEP:
+                program.append((self._step, a, k))
+            elif a.kind in (SEND_F, SEND_B):
+                kind = "F" if a.kind == SEND_F else "B"
+                dst = k + 1 if kind == "F" else k - 1
+                program.append((self._send, a, (kind, k, dst, (kind, k, u), (kind, dst, u), (dst, u))))
+            else:
+                kind = "F" if a.kind == RECV_F else "B"
+                program.append((self._receive, a, (kind, (kind, k, u))))
+        self._compiled = (plan.schedule, program)
+        return program
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -173,50 +200,49 @@ class LocalExecutor(Executor):
 
     # ------------------------------------------------------------------ actions
 
-    def _forward(self, st: _RunState, a: Action) -> None:
-        k, u = a.stage, a.unit
+    def _forward(self, st: _RunState, a: Action, arg: Tuple[int, Unit, Tuple[str, int, Unit], Tuple[int, Unit], int]) -> None:
+        k, u, key, held_key, s = arg
         stage, stream, micro = self.stages[k], self.compute[k], st.plan.micro[u]
-        held = st.held.setdefault((k, u), [])
+        held = st.held.get(held_key)
+        if held is None:
+            held = st.held[held_key] = []
         if k == 0:
             parcel = self._move_in(micro.inputs, self.devices[0])
             held.extend(t for t in parcel.tensors if t is not None)
             wait(stream, parcel.ready)
             inputs = parcel.tensors
         else:
-            inputs = st.parcels.pop(("F", k, u)).tensors
-        target = None
-        if stage.is_last:
-            target = self._move_target(micro.target, self.devices[k], held, stream)
+            inputs = st.parcels.pop(key).tensors
+        last = stage.is_last
+        target = self._move_target(micro.target, self.devices[k], held, stream) if last else None
         with use_streams(stream):
-            outs = stage.forward(u, inputs, st.plan.s(k, u), target=target, weight=micro.weight)
-            if stage.is_last:
+            outs = stage.forward(u, inputs, s, target=target, weight=micro.weight)
+            if last:
                 st.losses = add_loss(st.losses, outs[0].detach(), a.mb, st.plan.schedule.num_minibatches)
                 return
-        st.produced[("F", k, u)] = _Parcel(outs, record(stream))
+        st.produced[key] = _Parcel(outs, record(stream))
 
-    def _backward(self, st: _RunState, a: Action) -> None:
-        k, u = a.stage, a.unit
-        stream = self.compute[k]
-        grads = None if self.stages[k].is_last else st.parcels.pop(("B", k, u)).tensors
+    def _backward(self, st: _RunState, a: Action, arg: Tuple[int, Unit, Tuple[str, int, Unit], Tuple[int, Unit]]) -> None:
+        k, u, key, held_key = arg
+        stream, stage = self.compute[k], self.stages[k]
+        grads = None if stage.is_last else st.parcels.pop(key).tensors
         with use_streams(stream):
-            grads_in = self.stages[k].backward(u, grads)
+            grads_in = stage.backward(u, grads)
         done = record(stream)
-        self.lifetimes.keep(done, st.held.pop((k, u), []))
+        self.lifetimes.keep(done, st.held.pop(held_key, ()))
         if k > 0:
-            st.produced[("B", k, u)] = _Parcel(grads_in, done)
+            st.produced[key] = _Parcel(grads_in, done)
 
-    def _step(self, st: _RunState, a: Action) -> None:
-        with use_streams(self.compute[a.stage]):
-            self.stages[a.stage].step()
+    def _step(self, st: _RunState, a: Action, k: int) -> None:
+        with use_streams(self.compute[k]):
+            self.stages[k].step()
 
-    def _send(self, st: _RunState, a: Action) -> None:
+    def _send(self, st: _RunState, a: Action, arg: Tuple[str, int, int, tuple, tuple, Tuple[int, Unit]]) -> None:
         """Move a produced activation (to stage k+1) or input gradient (to stage k-1)."""
-        kind = "F" if a.kind == SEND_F else "B"
-        k = a.stage
-        dst = k + 1 if kind == "F" else k - 1
+        kind, k, dst, src_key, dst_key, held_key = arg
         src_dev, dst_dev = self.devices[k], self.devices[dst]
-        parcel = st.produced.pop((kind, k, a.unit))
-        tensors = tuple(None if t is None else t.detach() for t in parcel.tensors)
+        parcel = st.produced.pop(src_key)
+        tensors = tuple([None if t is None else t.detach() for t in parcel.tensors])
         if src_dev != dst_dev:
             copy = self.copy_f if kind == "F" else self.copy_b
             src_s, dst_s = copy[src_dev], copy[dst_dev]
@@ -230,17 +256,19 @@ class LocalExecutor(Executor):
             parcel = _Parcel(moved, ready)
         else:
             parcel = _Parcel(tensors, parcel.ready)
-        st.held.setdefault((dst, a.unit), []).extend(t for t in parcel.tensors if t is not None)
-        st.parcels[(kind, dst, a.unit)] = parcel
+        held = st.held.get(held_key)
+        if held is None:
+            held = st.held[held_key] = []
+        held.extend([t for t in parcel.tensors if t is not None])
+        st.parcels[dst_key] = parcel
 
-    def _receive(self, st: _RunState, a: Action) -> None:
+    def _receive(self, st: _RunState, a: Action, arg: Tuple[str, Tuple[str, int, Unit]]) -> None:
         """Order the parcel before the stage's compute; activations become leaf tensors."""
-        kind = "F" if a.kind == RECV_F else "B"
-        key = (kind, a.stage, a.unit)
+        kind, key = arg
         parcel = st.parcels[key]
         wait(self.compute[a.stage], parcel.ready)
         if kind == "F":
-            st.parcels[key] = _Parcel(tuple(as_leaf(t) for t in parcel.tensors), parcel.ready)
+            st.parcels[key] = _Parcel(tuple([as_leaf(t) for t in parcel.tensors]), parcel.ready)
 
     # ------------------------------------------------------------------ helpers
 

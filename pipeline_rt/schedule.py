@@ -64,6 +64,7 @@ class Schedule:
     chunks: int
     actions: List[List[Action]]
     _sim: Optional["Simulation"] = field(default=None, repr=False, compare=False)
+    _versions: Optional[List[Dict[Tuple[int, int], "Versions"]]] = field(default=None, repr=False, compare=False)
 
     def compute(self, stage: int) -> List[Action]:
         """Stage ``stage``'s F/B/STEP actions, transfers left out."""
@@ -75,6 +76,13 @@ class Schedule:
         if self._sim is None:
             self._sim = simulate(self)
         return self._sim
+
+    @property
+    def weight_versions(self) -> List[Dict[Tuple[int, int], "Versions"]]:
+        """The (cached) :func:`versions` of this schedule; shared, do not modify."""
+        if self._versions is None:
+            self._versions = versions(self)
+        return self._versions
 
     def order(self) -> Iterator[Action]:
         """All actions of all stages in one dependency-respecting order (tick by tick)."""

@@ -29,9 +29,9 @@ them, so their backwards see the same graph and the same redirected weights.
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +44,8 @@ from lookahead_opt.rollout import RolloutPredictor
 from .methods import Method
 
 __all__ = ["Stage", "StageError", "Replay", "as_tuple", "as_leaf"]
+
+_NO_CONTEXT = nullcontext()
 
 Unit = Tuple[int, int]
 
@@ -179,7 +181,11 @@ class Stage:
         if track or calib:
             rec.start_weights = [p.detach().clone() for p in self.params]
         rng = self.rng_state() if keep else None
-        with self._weights_for(distance, predicted, replay), redirect(self.params, self._resolver(rec)):
+        # the backward uses the weights the forward saved unless a swap or a step comes between
+        # them or its policy is a prediction: only then are the saved weights redirected
+        same = replay is None and not predicted and s == 0 and m.backward != "predict"
+        with self._weights_for(distance, predicted, replay), \
+                (_NO_CONTEXT if same else redirect(self.params, self._resolver(rec))):
             try:
                 out = self.module(*inputs)
                 if self.is_last:
@@ -214,7 +220,8 @@ class Stage:
             self._refs[rec.version] += 1
         self._records[unit] = rec
         self.peak_in_flight = max(self.peak_in_flight, len(self._records))
-        self._count_versions()
+        if predicted or rec.weights is not None:  # otherwise the count of versions held is unchanged
+            self._count_versions()
         return outs
 
     def backward(self, unit: Unit, grads: Optional[Tuple[Optional[Tensor], ...]] = None) -> Tuple[Optional[Tensor], ...]:
@@ -327,25 +334,26 @@ class Stage:
         if cuda and state[1] is not None:
             torch.cuda.set_rng_state(state[1], cuda[0])
 
-    @contextmanager
-    def _weights_for(self, distance: int, predicted: bool, replay: Optional[Replay]) -> Iterator[None]:
+    def _weights_for(self, distance: int, predicted: bool, replay: Optional[Replay]) -> ContextManager[None]:
         """The parameters hold the forward's weights inside the block: a replay's, a
         prediction, or the live ones."""
+        return self._swapped_in(distance, replay) if predicted or replay is not None else _NO_CONTEXT
+
+    @contextmanager
+    def _swapped_in(self, distance: int, replay: Optional[Replay]) -> Iterator[None]:
         if replay is not None:
             swapped = Swapped(self.params, replay.weights)
             try:
                 yield
             finally:
                 swapped.undo()
-        elif predicted:
+        else:
             self.predictor.swap_in(distance)
             self._buffer_used = True
             try:
                 yield
             finally:
                 self.predictor.swap_out()
-        else:
-            yield
 
     def _resolver(self, rec: _Record) -> Callable[[int], Tensor]:
         policy, params = self.method.backward, self.params

@@ -8,7 +8,7 @@ event is complete as soon as it is recorded and waiting on it does nothing (torc
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Union
+from typing import ContextManager, Iterator, Sequence, Union
 
 import torch
 
@@ -35,6 +35,9 @@ class CPUEvent:
         return None
 
 
+_COMPLETE = CPUEvent()
+_NO_CONTEXT = contextlib.nullcontext()
+
 AnyStream = Union[CPUStream, "torch.cuda.Stream"]
 AnyEvent = Union[CPUEvent, "torch.cuda.Event"]
 
@@ -46,14 +49,21 @@ def new_stream(device: torch.device) -> AnyStream:
     return CPUStream(device)
 
 
-@contextlib.contextmanager
-def use_streams(*streams: AnyStream) -> Iterator[None]:
+def use_streams(*streams: AnyStream) -> ContextManager[None]:
     """Make each stream current on its own device for the block.
 
     Given the copy streams of both ends of a cross-device copy, the copy is ordered on them
     only (a CUDA copy between devices synchronises with the current streams of *both*).
-    Placeholders are skipped; a stream given twice is entered once.
+    Placeholders are skipped (placeholders only: one shared no-op context); a stream given
+    twice is entered once.
     """
+    if all(isinstance(s, CPUStream) for s in streams):
+        return _NO_CONTEXT
+    return _entered(streams)
+
+
+@contextlib.contextmanager
+def _entered(streams: Sequence[AnyStream]) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         seen = []
         for s in streams:
@@ -65,9 +75,10 @@ def use_streams(*streams: AnyStream) -> Iterator[None]:
 
 
 def record(stream: AnyStream) -> AnyEvent:
-    """An event marking all work enqueued on ``stream`` so far."""
+    """An event marking all work enqueued on ``stream`` so far (one shared complete event
+    for a placeholder)."""
     if isinstance(stream, CPUStream):
-        return CPUEvent()
+        return _COMPLETE
     event = torch.cuda.Event()
     event.record(stream)
     return event

@@ -186,3 +186,10 @@ def test_compute_view_drops_transfers():
     for k in range(3):
         assert all(a.kind in COMPUTE for a in s.compute(k))
         assert len(s.compute(k)) == 2 * 2 * 2 + 2
+
+
+def test_weight_versions_are_computed_once_per_schedule():
+    sched = build("async-1f1b", 3, 4, 2)
+    assert sched.weight_versions is sched.weight_versions
+    assert sched.weight_versions == versions(sched)
+
