@@ -369,15 +369,21 @@ def _group(w: Tensor, d: Optional[Direction], rate: float) -> Tuple[Hashable, _I
     ``s``: same device, dtypes, rate and coefficients), and the item's operands."""
     if d is None or rate == 0.0:
         return ("copy", w.device, w.dtype), ()
-    den, cap = d.den, d.cap
-    tensors = tuple(n for _, n in d.terms) + tuple(n for _, n in d.plain)
+    den, cap, terms, plain = d.den, d.cap, d.terms, d.plain
+    if len(terms) == 1 and not plain:  # the common case, without the generic comprehensions
+        ((c, n),) = terms
+        tensors: Tuple[Tensor, ...] = (n,)
+        coefficients: Tuple[float, ...] = (c,)
+    else:
+        tensors = tuple([n for _, n in terms] + [n for _, n in plain])
+        coefficients = tuple([c for c, _ in terms])
     if den is not None:
         tensors += (den,) if cap is None or not d.rate else (den, cap)
         shape: Hashable = (d.root, d.power, d.inner, d.scale, d.eps, d.bounds, cap is None)
     else:
         shape = None
-    return (w.device, w.dtype, tuple(t.dtype for t in tensors), rate, tuple(c for c, _ in d.terms),
-            tuple(a for a, _ in d.plain), shape, d.decay, d.offset), tensors
+    return (w.device, w.dtype, tuple([t.dtype for t in tensors]), rate, coefficients,
+            tuple([a for a, _ in plain]), shape, d.decay, d.offset), tensors
 
 
 def _grouped(outs: Sequence[Tensor], weights: Sequence[Tensor], directions: Sequence[Optional[Direction]],

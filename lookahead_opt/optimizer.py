@@ -190,13 +190,13 @@ class PredictiveOptimizer(torch.optim.Optimizer):
     def _directions(self, weights: Sequence[Tensor]) -> Tuple[List[Optional[Direction]], List[float]]:
         dirs: List[Optional[Direction]] = []
         lrs: List[float] = []
+        direction, state, kept = self.rule.direction, self.base.state, self._kept
         i = 0
         for g0, g in self._groups():
-            lr = group_lr(g0)
-            for p in g0["params"]:
-                dirs.append(self.rule.direction(g, self.base.state.get(p, {}), weights[i], self._kept.get(p)))
-                lrs.append(lr)
-                i += 1
+            ps = g0["params"]
+            dirs += [direction(g, state.get(p) or {}, w, kept.get(p)) for p, w in zip(ps, weights[i:i + len(ps)])]
+            lrs += [group_lr(g0)] * len(ps)
+            i += len(ps)
         return dirs, lrs
 
     def _output(self, weights: Sequence[Tensor]) -> List[Tensor]:
