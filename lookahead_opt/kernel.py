@@ -444,7 +444,9 @@ class Plan:
                 group = groups[key] = ([], [], None if d is None or r == 0.0 else (item[1], d, r))
             group[0].append(item)
             group[1].append(i)
-        olds = previous.buckets if previous is not None and len(previous.buckets) == len(groups) else [None] * len(groups)
+        olds: Sequence[Optional[_Bucket]] = [None] * len(groups)
+        if previous is not None and len(previous.buckets) == len(groups):
+            olds = previous.buckets
         self.buckets = [_Bucket(*g, old) for g, old in zip(groups.values(), olds)]
         for b in self.buckets:  # one scratch buffer per (device, dtype) for every bucket's views
             d = None if b.proto is None else b.proto[1]

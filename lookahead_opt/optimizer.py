@@ -396,7 +396,8 @@ class _Cached:
     __slots__ = ("plan", "plan_outs", "params", "generation", "groups", "lists", "values", "mutable", "frozen",
                  "settings", "states", "entries", "counts")
 
-    def __init__(self, opt: PredictiveOptimizer, plan: Plan, params: List[Tensor], outs: Optional[List[Tensor]]) -> None:
+    def __init__(self, opt: PredictiveOptimizer, plan: Plan, params: List[Tensor],
+                 outs: Optional[List[Tensor]]) -> None:
         self.plan = plan
         self.plan_outs = outs
         self.params = params

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .executor import Executor, Plan, add_loss
-from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, Schedule
+from .schedule import B, F, RECV_F, SEND_B, SEND_F, STEP, Action, Schedule
 from .stage import Stage, as_leaf
 from .streams import AnyEvent, AnyStream, CPUEvent, new_stream, record, use_streams, wait
 
@@ -48,6 +48,7 @@ __all__ = ["LocalExecutor"]
 Unit = Tuple[int, int]
 Device = Union[torch.device, str, int]
 Tensors = Tuple[Optional[Tensor], ...]
+_Key = Tuple[str, int, Unit]  # (kind "F"/"B", stage, unit): a parcel's key
 
 
 @dataclass
@@ -67,6 +68,10 @@ class _RunState:
     parcels: Dict[Tuple[str, int, Unit], _Parcel] = field(default_factory=dict)
     produced: Dict[Tuple[str, int, Unit], _Parcel] = field(default_factory=dict)
     held: Dict[Tuple[int, Unit], List[Tensor]] = field(default_factory=dict)
+
+
+#: one action of a compiled program: (handler, action, what the handler looks up)
+_Entry = Tuple[Callable[[_RunState, Action, Any], None], Action, Any]
 
 
 class _Lifetimes:
@@ -118,7 +123,7 @@ class LocalExecutor(Executor):
                 self.copy_f[d], self.copy_b[d] = new_stream(d), new_stream(d)
         self.lifetimes = _Lifetimes()
         self._state: Optional[_RunState] = None
-        self._compiled: Optional[Tuple[Schedule, list]] = None
+        self._compiled: Optional[Tuple[Schedule, List[_Entry]]] = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -148,12 +153,12 @@ class LocalExecutor(Executor):
             return torch.zeros(plan.schedule.num_minibatches, device=self.devices[-1])
         return st.losses
 
-    def _program(self, plan: Plan) -> List[Tuple[Callable[[_RunState, Action, Any], None], Action, Any]]:
+    def _program(self, plan: Plan) -> List[_Entry]:
         """``plan.order`` as (handler, action, what the handler looks up: stage, unit, dict keys,
         ``s``), built once per schedule (kept for the last one) and shared by its plans."""
         if self._compiled is not None and self._compiled[0] is plan.schedule:
             return self._compiled[1]
-        program: List[Tuple[Callable[[_RunState, Action, Any], None], Action, Any]] = []
+        program: List[_Entry] = []
         for a in plan.order:
             k, u = a.stage, a.unit
             if a.kind == F:
@@ -200,7 +205,7 @@ class LocalExecutor(Executor):
 
     # ------------------------------------------------------------------ actions
 
-    def _forward(self, st: _RunState, a: Action, arg: Tuple[int, Unit, Tuple[str, int, Unit], Tuple[int, Unit], int]) -> None:
+    def _forward(self, st: _RunState, a: Action, arg: Tuple[int, Unit, _Key, Tuple[int, Unit], int]) -> None:
         k, u, key, held_key, s = arg
         stage, stream, micro = self.stages[k], self.compute[k], st.plan.micro[u]
         held = st.held.get(held_key)
@@ -222,7 +227,7 @@ class LocalExecutor(Executor):
                 return
         st.produced[key] = _Parcel(outs, record(stream))
 
-    def _backward(self, st: _RunState, a: Action, arg: Tuple[int, Unit, Tuple[str, int, Unit], Tuple[int, Unit]]) -> None:
+    def _backward(self, st: _RunState, a: Action, arg: Tuple[int, Unit, _Key, Tuple[int, Unit]]) -> None:
         k, u, key, held_key = arg
         stream, stage = self.compute[k], self.stages[k]
         grads = None if stage.is_last else st.parcels.pop(key).tensors
@@ -237,7 +242,7 @@ class LocalExecutor(Executor):
         with use_streams(self.compute[k]):
             self.stages[k].step()
 
-    def _send(self, st: _RunState, a: Action, arg: Tuple[str, int, int, tuple, tuple, Tuple[int, Unit]]) -> None:
+    def _send(self, st: _RunState, a: Action, arg: Tuple[str, int, int, _Key, _Key, Tuple[int, Unit]]) -> None:
         """Move a produced activation (to stage k+1) or input gradient (to stage k-1)."""
         kind, k, dst, src_key, dst_key, held_key = arg
         src_dev, dst_dev = self.devices[k], self.devices[dst]
@@ -262,7 +267,7 @@ class LocalExecutor(Executor):
         held.extend([t for t in parcel.tensors if t is not None])
         st.parcels[dst_key] = parcel
 
-    def _receive(self, st: _RunState, a: Action, arg: Tuple[str, Tuple[str, int, Unit]]) -> None:
+    def _receive(self, st: _RunState, a: Action, arg: Tuple[str, _Key]) -> None:
         """Order the parcel before the stage's compute; activations become leaf tensors."""
         kind, key = arg
         parcel = st.parcels[key]
