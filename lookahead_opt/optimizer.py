@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import operator
+import weakref
 from collections import ChainMap, OrderedDict
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -71,7 +72,9 @@ class PredictiveOptimizer(torch.optim.Optimizer):
     by identity: the base's ``load_state_dict`` replaces them; a replaced state tensor). In-place
     edits of a state tensor's *values* are always seen (the kernel reads them at each call),
     except of the scalars a rule reads as coefficients (``state["step"]``, ...): change those
-    through ``step()`` or ``load_state_dict``.
+    through ``step()`` or ``load_state_dict``. A ``load_state_dict`` (this wrapper's, or the
+    base's where it runs torch's hooks) drops the kept plan at once, so that it does not hold
+    the replaced state tensors.
     """
 
     def __init__(self, base: torch.optim.Optimizer, *, rule: Union[None, str, Rule] = None,
@@ -101,6 +104,7 @@ class PredictiveOptimizer(torch.optim.Optimizer):
         self._cache: Optional[_Cached] = None
         if "_optimizer_step_post_hooks" in vars(base):  # set up by torch.optim.Optimizer.__init__
             base.register_step_post_hook(self._generation.bump)
+            base.register_load_state_dict_post_hook(_dropping_cache_of(self))
         for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
                      "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
                      "_optimizer_load_state_dict_post_hooks"):
@@ -336,7 +340,7 @@ class PredictiveOptimizer(torch.optim.Optimizer):
         own = sd.pop("lookahead", None)
         self.base.load_state_dict(sd)
         self._kept = {}
-        self._generation.bump()
+        self._cache = None  # also lets go of the replaced state tensors now
         if own is None:
             return
         if own["rule"] != self.rule.name:
@@ -353,6 +357,19 @@ class PredictiveOptimizer(torch.optim.Optimizer):
 def _ratio(lr_now: float, lr_then: float) -> float:
     """``lr_now / lr_then``, exactly 1 when unchanged (and when the step's lr was 0)."""
     return 1.0 if lr_now == lr_then or lr_then == 0 else lr_now / lr_then
+
+
+def _dropping_cache_of(opt: PredictiveOptimizer) -> Callable[..., None]:
+    """A load_state_dict post-hook for the base optimizer that drops ``opt``'s kept plan, which
+    would otherwise hold the replaced state tensors until the next prediction (weakly
+    referenced: the hook does not keep the wrapper alive)."""
+    ref = weakref.ref(opt)
+
+    def hook(*_: Any) -> None:
+        wrapper = ref()
+        if wrapper is not None:
+            wrapper._cache = None
+    return hook
 
 
 class _Generation:

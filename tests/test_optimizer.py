@@ -363,3 +363,24 @@ def test_out_and_swapped_predictions_use_the_kept_plan_correctly():
         again = [torch.empty_like(p) for p in ps]
         opt.predict(3, out=again)
     assert all(torch.equal(a, b) for a, b in zip(again, want))
+
+
+@pytest.mark.parametrize("through", ["wrapper", "base"])
+def test_load_state_dict_lets_go_of_the_replaced_state(through):
+    """The kept prediction plan references the state tensors; a load replaces them and must
+    not keep the old ones alive until the next prediction."""
+    import gc
+    import weakref
+    m = model()
+    opt = PredictiveOptimizer(torch.optim.Adam(m.parameters(), lr=1e-2))
+    train(opt, m)
+    opt.predict(2)
+    sd = copy.deepcopy(opt.state_dict())
+    old = weakref.ref(opt.state[opt.params[0]]["exp_avg"])
+    if through == "wrapper":
+        opt.load_state_dict(sd)
+    else:
+        opt.base.load_state_dict({k: v for k, v in sd.items() if k != "lookahead"})
+    gc.collect()
+    assert old() is None
+    _same_as_fresh(opt)
