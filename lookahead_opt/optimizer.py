@@ -235,6 +235,8 @@ class PredictiveOptimizer(torch.optim.Optimizer):
             torch._foreach_copy_(out, weights)
         elif self._swapped is not None:  # from the live weights kept aside: a plan for this call only
             self._build(self._swapped.live, out).run(s)
+        elif out is not None and self._buffers is None:  # no buffer yet: none allocated for out=
+            self._build(self.params, out).run(s)
         else:
             self._plan().run(s, out)
             out = self._buffers if out is None else out

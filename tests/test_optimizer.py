@@ -384,3 +384,13 @@ def test_load_state_dict_lets_go_of_the_replaced_state(through):
     gc.collect()
     assert old() is None
     _same_as_fresh(opt)
+
+
+def test_predict_into_out_allocates_no_buffer():
+    m = model()
+    opt = PredictiveOptimizer(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    train(opt, m)
+    out = [torch.empty_like(p) for p in opt.params]
+    opt.predict(2, out=out)
+    assert opt._buffers is None
+    assert all(torch.equal(a, b) for a, b in zip(out, opt.predict(2)))
