@@ -289,7 +289,7 @@ class _Bucket:
     ``s`` (same device, dtypes, coefficients and rate), their operand lists, and what each
     evaluation path keeps between runs (built at its first use)."""
 
-    __slots__ = ("source", "items", "idx", "cols", "proto", "keys", "tmp", "packed", "npacked")
+    __slots__ = ("source", "items", "idx", "cols", "proto", "keys", "tmp", "packed", "npacked", "fused")
 
     def __init__(self, items: List[_Item], idx: List[int], proto: Optional[Tuple[Tensor, Direction, float]],
                  previous: Optional["_Bucket"] = None) -> None:
@@ -302,6 +302,7 @@ class _Bucket:
             self.source = previous.source
             self.items, self.idx, self.cols = previous.items, previous.idx, previous.cols
             self.npacked, self.tmp, self.packed = previous.npacked, previous.tmp, previous.packed
+            self.fused = previous.fused
             return
         self.source = (idx, form, items)  # what a later plan's bucket must match to take this one over
         # the loop packs small tensors: put them first, in order (order within a bucket is free)
@@ -316,6 +317,7 @@ class _Bucket:
         self.npacked = len(small)
         self.tmp: Optional[List[Tensor]] = None
         self.packed: Optional[List[_Packed]] = None
+        self.fused = triton_kernel.Launcher()
 
     def key(self, s: float) -> Tuple:
         """The bucket's key (coefficients) for ``s`` steps ahead (not a copy bucket)."""
@@ -470,9 +472,9 @@ class Plan:
             key = b.key(s)
             items = b.items if outs is None else [(o,) + it[1:] for o, it in zip(cols[0], b.items)]
             use_chain = items[0][1].device.type != "cpu" if choice is None else choice
-            if use_chain and FUSED and triton_kernel.supports(key, items):
-                triton_kernel.predict_bucket(items, key)
-            elif use_chain:
+            if use_chain and FUSED and (b.fused if outs is None else triton_kernel.Launcher())(items, key):
+                continue
+            if use_chain:
                 _chain(cols, key, b.chain_tmp(key, self.scratch))
             elif COMPILE:
                 _compiled(items, key)

@@ -38,7 +38,7 @@ try:
 except ImportError:  # pragma: no cover - exercised where Triton is absent
     triton = None
 
-__all__ = ["AVAILABLE", "supports", "predict_bucket"]
+__all__ = ["AVAILABLE", "supports", "predict_bucket", "Launcher"]
 
 #: Whether Triton imports here.
 AVAILABLE: bool = triton is not None
@@ -151,19 +151,52 @@ def _table(items: Sequence[Tuple[Tensor, ...]], k: int, j: int, has_den: bool) -
     return table
 
 
+class Launcher:
+    """One bucket's fused evaluation for a plan that runs the same operands many times
+    (:class:`lookahead_opt.kernel.Plan`): it keeps the :func:`supports` verdict per form of the
+    key and the address tables, and per call only reads the weights' addresses (parameters whose
+    data are swapped move; the plan's outputs and the optimizer's state tensors do not). Calling
+    it evaluates the bucket and returns ``True``, or returns ``False`` if the kernel does not
+    apply."""
+
+    __slots__ = ("verdicts", "wptrs", "table")
+
+    def __init__(self) -> None:
+        self.verdicts: Dict[Tuple, bool] = {}
+        self.wptrs: List[int] = []
+        self.table: tuple = ()
+
+    def __call__(self, items: Sequence[Tuple[Tensor, ...]], key: Tuple) -> bool:
+        den = key[5]
+        form = (key[2], len(key[3]), len(key[4]), None if den is None else (len(den), den[0]), _interpret())
+        ok = self.verdicts.get(form)
+        if ok is None:
+            ok = self.verdicts[form] = supports(key, items)
+        if not ok:
+            return False
+        wptrs = [it[1].data_ptr() for it in items]
+        if wptrs != self.wptrs:
+            self.table = _table(items, len(key[3]), len(key[4]), den is not None)
+            self.wptrs = wptrs
+        _launch(self.table, key, items[0][1].dtype)
+        return True
+
+
 def predict_bucket(items: Sequence[Tuple[Tensor, ...]], key: Tuple) -> None:
     """Evaluate one bucket of :func:`lookahead_opt.kernel.predict_into` (items ``(out, W, N_1..N_k,
     P_1..P_j[, D])``, coefficients in ``key``) in one launch. Requires :func:`supports`."""
+    _launch(_table(items, len(key[3]), len(key[4]), key[5] is not None), key, items[0][1].dtype)
+
+
+def _launch(table: tuple, key: Tuple, dtype: torch.dtype) -> None:
+    ptrs, blocks, numels, _ = table
+    if not blocks.numel():  # only empty tensors
+        return
     _, _, _, alphas, plain, den, wscale, shift = key
     k, j = len(alphas), len(plain)
-    items = [it for it in items if it[1].numel()]
-    if not items:
-        return
-    ptrs, blocks, numels, _ = _table(items, k, j, den is not None)
     a = list(alphas) + [0.0] * (2 - k)
     b = list(plain) + [0.0] * (2 - j)
     inner, eps = (den[1], den[2]) if den is not None else (0.0, 0.0)
-    dtype = items[0][1].dtype
     _kernel()[(blocks.numel() // 2,)](
         ptrs, blocks, numels, float(wscale), float(shift), float(inner), float(eps),
         float(a[0]), float(a[1]), float(b[0]), float(b[1]),

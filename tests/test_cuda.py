@@ -206,8 +206,8 @@ def test_cuda_fused_kernel_runs_and_equals_chain(monkeypatch):
             p.grad = torch.randn(p.shape, generator=g).cuda()
         opt.step()
     calls = []
-    real = triton_kernel.predict_bucket
-    monkeypatch.setattr(triton_kernel, "predict_bucket", lambda items, key: (calls.append(len(items)), real(items, key)))
+    real = triton_kernel._launch
+    monkeypatch.setattr(triton_kernel, "_launch", lambda table, key, dtype: (calls.append(len(table[2])), real(table, key, dtype)))
     fused = [t.clone() for t in opt.predict(3)]
     assert calls == [len(ps)]
     monkeypatch.setattr(kernel, "FUSED", False)

@@ -22,8 +22,8 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2,
 def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls = []
-    real = triton_kernel.predict_bucket
-    monkeypatch.setattr(triton_kernel, "predict_bucket", lambda items, key: (calls.append(len(items)), real(items, key)))
+    real = triton_kernel._launch
+    monkeypatch.setattr(triton_kernel, "_launch", lambda table, key, dtype: (calls.append(len(table[2])), real(table, key, dtype)))
     return calls
 
 
@@ -96,3 +96,22 @@ def test_supports_only_what_the_kernel_computes(monkeypatch):
     assert not triton_kernel.supports(key, [(w.double(), w.double()) + ts])  # float64: the chain
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not triton_kernel.supports(*bucket(Direction(((1.0, n),))))  # CPU tensors, compiled mode
+
+
+def test_launcher_follows_weights_whose_data_moved(interpret, monkeypatch):
+    """The cached address table is rebuilt when a weight's storage moves (``param.data = ...``,
+    as the swaps do); the prediction then reads the new storage (against the chain)."""
+    g = torch.Generator().manual_seed(1)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(6, 4), (4,), (3, 3), (9,)]]
+    opt = PredictiveOptimizer(torch.optim.Adam(ps, lr=0.01))
+    monkeypatch.setattr(kernel, "FOREACH", True)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    opt.predict(2)
+    ps[1].data = ps[1].data * 3.0  # new storage, new values
+    fused = [t.clone() for t in opt.predict(2)]
+    assert len(interpret) == 2
+    monkeypatch.setattr(kernel, "FUSED", False)
+    for a, b in zip(fused, opt.predict(2)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
