@@ -47,7 +47,7 @@ for size in 50e6 1e9; do
             --tensors 200 --repeats 20 --kernel "$k" --write "$OUT/RESULTS_gpu.md"
     done
 done
-for cfg in "adam 128" "adam 2048" "sgdm 2048"; do
+for cfg in "adam 128" "sgdm 128" "adam 2048" "sgdm 2048"; do
     set -- $cfg
     step "pipeline_step_$1_$2" 90 "$PY" benchmarks/pipeline_step.py --device cuda --width 4096 --layers 2 \
         --batch "$2" --minibatches 16 --repeats 5 --optimizer "$1" --write "$OUT/RESULTS_gpu.md"
