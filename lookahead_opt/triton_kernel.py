@@ -175,7 +175,10 @@ class Launcher:
         if not ok:
             return False
         wptrs = [it[1].data_ptr() for it in items]
-        if wptrs != self.wptrs:
+        if wptrs != self.wptrs:  # a weight's storage moved: check its layout again
+            if not supports(key, items):
+                self.verdicts[form] = False
+                return False
             self.table = _table(items, len(key[3]), len(key[4]), den is not None)
             self.wptrs = wptrs
         _launch(self.table, key, items[0][1].dtype)

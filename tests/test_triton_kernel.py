@@ -115,3 +115,21 @@ def test_launcher_follows_weights_whose_data_moved(interpret, monkeypatch):
     monkeypatch.setattr(kernel, "FUSED", False)
     for a, b in zip(fused, opt.predict(2)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_launcher_rechecks_layout_when_data_moves(interpret, monkeypatch):
+    """A weight whose storage is replaced by a non-contiguous view leaves the fused kernel (which
+    reads storage order) for the chain; the prediction stays right."""
+    g = torch.Generator().manual_seed(2)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(5, 5), (5,), (4, 4), (3,)]]
+    opt = PredictiveOptimizer(torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    monkeypatch.setattr(kernel, "FOREACH", True)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    opt.predict(2)
+    ps[0].data = ps[0].data.t().contiguous().t() * 2.0  # same shape, transposed strides
+    got = [t.clone() for t in opt.predict(2)]
+    monkeypatch.setattr(kernel, "FUSED", False)
+    for a, b in zip(got, opt.predict(2)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
