@@ -391,11 +391,11 @@ _NO_STATE: Dict[str, Any] = {}
 
 
 def _frozen(v: Any) -> Any:
-    """A param group entry as a value to compare with later: a one-element tensor by its value
-    (schedulers may set a tensor ``lr`` in place), other tensors by identity and version,
-    sequences and dicts entry by entry."""
+    """A param group entry as a value to compare with later: a one-element CPU tensor by its
+    value (schedulers may set a tensor ``lr`` in place), other tensors by identity and version
+    (reading a GPU tensor's value would synchronise the host), sequences and dicts entry by entry."""
     if isinstance(v, Tensor):
-        return float(v) if v.numel() == 1 else (id(v), v._version)
+        return float(v) if v.numel() == 1 and v.device.type == "cpu" else (id(v), v._version)
     if isinstance(v, (tuple, list)):
         return tuple(_frozen(x) for x in v)
     if isinstance(v, dict):
