@@ -1,7 +1,6 @@
 """`PredictiveOptimizer`: wrap an optimizer, predict its weights ``s`` steps ahead."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 import operator
 import weakref
@@ -12,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .kernel import Plan, _Scratch
-from .redirect import Swapped
+from .redirect import SwapMixin, Swapped
 from .rules import FALLBACK, Direction, Kept, Rule, rule_for, rule_named
 from .rules.base import group_lr
 
@@ -34,7 +33,7 @@ def _check_s(s: Any) -> int:
     return n
 
 
-class PredictiveOptimizer(torch.optim.Optimizer):
+class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
     """Wraps an already-built optimizer and predicts its weights ``s`` steps ahead.
 
     .. math::  \\hat W_{t+s} = W_t - lr \\cdot s \\cdot dW_t
@@ -55,9 +54,12 @@ class PredictiveOptimizer(torch.optim.Optimizer):
         check_finite: after each prediction check the predicted weights are finite and raise
             ``RuntimeError`` naming the parameter otherwise (costs one host synchronisation).
 
-    The forward that runs under :meth:`swap_in` (or :meth:`predicted`) may be differentiated
-    after :meth:`swap_out` and even after later optimizer steps: saved weights are redirected
-    to the live weights current at backward time (:mod:`lookahead_opt.redirect`). Call
+    :meth:`swap_in`, :meth:`swap_out` and :meth:`predicted` (from
+    :class:`~lookahead_opt.redirect.SwapMixin`) point the parameters at ``predict(s)``'s buffer
+    and back, by pointer. The forward that runs under :meth:`swap_in` (or :meth:`predicted`)
+    may be differentiated after :meth:`swap_out` and even after later optimizer steps: saved
+    weights are redirected to the live weights current at backward time
+    (:mod:`lookahead_opt.redirect`). Call
     ``swap_in``, the forward and ``swap_out`` on the same thread (saved-tensor hooks are
     thread-local) and nest other saved-tensor hooks inside, not across, the swap.
 
@@ -297,30 +299,9 @@ class PredictiveOptimizer(torch.optim.Optimizer):
             i -= len(g["params"])
         raise IndexError(flat)
 
-    # -- swapping ----------------------------------------------------------------------
-    def swap_in(self, s: int) -> None:
-        """Point every parameter's ``.data`` at :meth:`predict` ``(s)`` (the reusable buffer);
-        the live weights are kept aside (no copy). Autograd-safe: see the class docs."""
-        if self._swapped is not None:
-            raise RuntimeError("swap_in() twice: the predicted weights are already swapped in; call swap_out() first")
-        self._swapped = Swapped(self.params, self.predict(s))
-
-    def swap_out(self) -> None:
-        """Point the parameters back at the live weights (undoes :meth:`swap_in`)."""
-        if self._swapped is None:
-            raise RuntimeError("swap_out() without swap_in(): the parameters already hold the live weights")
-        swapped, self._swapped = self._swapped, None
-        swapped.undo()
-
-    @contextlib.contextmanager
-    def predicted(self, s: int) -> Iterator[List[Tensor]]:
-        """``with opt.predicted(s):`` runs the block with the predicted weights swapped in,
-        swapping out even if it raises. Yields the predicted weights."""
-        self.swap_in(s)
-        try:
-            yield self._buffers  # type: ignore[misc]
-        finally:
-            self.swap_out()
+    # -- swapping (swap_in, swap_out, predicted: redirect.SwapMixin) --------------------
+    def _swap_params(self) -> List[Tensor]:
+        return self.params
 
     # -- checkpoints -------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:  # type: ignore[override]

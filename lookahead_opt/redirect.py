@@ -19,12 +19,13 @@ works while the parameters' ``.data`` has been pointed at predicted weights
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+import contextlib
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["redirect", "live", "Swapped", "current_live"]
+__all__ = ["redirect", "live", "Swapped", "SwapMixin", "current_live"]
 
 
 def live(params: Sequence[Tensor]) -> Callable[[int], Tensor]:
@@ -104,6 +105,7 @@ class Swapped:
 
     def __init__(self, params: Sequence[Tensor], weights: Sequence[Tensor]) -> None:
         self.params = list(params)
+        self.weights = list(weights)
         self.live: List[Tensor] = [p.data for p in self.params]
         for p, w, x in zip(self.params, weights, self.live):
             p.data = w
@@ -118,3 +120,42 @@ class Swapped:
             p.data = w
             _KEPT_ASIDE.pop(id(p), None)
         self._ctx.__exit__(None, None, None)
+
+
+class SwapMixin:
+    """``swap_in``/``swap_out``/``predicted`` for an object with ``predict(s)`` (returning the
+    predicted weights) and the parameters it swaps (:meth:`_swap_params`): one
+    :class:`Swapped` at a time, kept in ``self._swapped``."""
+
+    _swapped: Optional[Swapped]
+
+    def _swap_params(self) -> List[Tensor]:  # pragma: no cover - provided by the class
+        raise NotImplementedError
+
+    def _swap_busy(self) -> bool:
+        """Whether predicted weights are swapped in already (here, or where else it matters)."""
+        return self._swapped is not None
+
+    def swap_in(self, s: int) -> None:
+        """Point every parameter's ``.data`` at :meth:`predict` ``(s)``; the live weights are
+        kept aside (no copy) and saved weights resolve to them at backward."""
+        if self._swap_busy():
+            raise RuntimeError("swap_in() twice: the predicted weights are already swapped in; call swap_out() first")
+        self._swapped = Swapped(self._swap_params(), self.predict(s))  # type: ignore[attr-defined]
+
+    def swap_out(self) -> None:
+        """Point the parameters back at the live weights (undoes :meth:`swap_in`)."""
+        if self._swapped is None:
+            raise RuntimeError("swap_out() without swap_in(): the parameters already hold the live weights")
+        swapped, self._swapped = self._swapped, None
+        swapped.undo()
+
+    @contextlib.contextmanager
+    def predicted(self, s: int) -> Iterator[List[Tensor]]:
+        """``with obj.predicted(s):`` runs the block with the predicted weights swapped in,
+        swapping out even if it raises. Yields the predicted weights."""
+        self.swap_in(s)
+        try:
+            yield self._swapped.weights  # type: ignore[union-attr]
+        finally:
+            self.swap_out()
