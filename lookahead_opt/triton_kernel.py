@@ -38,7 +38,7 @@ try:
 except ImportError:  # pragma: no cover - exercised where Triton is absent
     triton = None
 
-__all__ = ["AVAILABLE", "supports", "predict_bucket", "Launcher"]
+__all__ = ["AVAILABLE", "supports", "Launcher"]
 
 #: Whether Triton imports here.
 AVAILABLE: bool = triton is not None
@@ -183,12 +183,6 @@ class Launcher:
             self.wptrs = wptrs
         _launch(self.table, key, items[0][1].dtype)
         return True
-
-
-def predict_bucket(items: Sequence[Tuple[Tensor, ...]], key: Tuple) -> None:
-    """Evaluate one bucket of :func:`lookahead_opt.kernel.predict_into` (items ``(out, W, N_1..N_k,
-    P_1..P_j[, D])``, coefficients in ``key``) in one launch. Requires :func:`supports`."""
-    _launch(_table(items, len(key[3]), len(key[4]), key[5] is not None), key, items[0][1].dtype)
 
 
 def _launch(table: tuple, key: Tuple, dtype: torch.dtype) -> None:
