@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _sections import append_section  # noqa: E402
 from lookahead_opt import PredictiveOptimizer  # noqa: E402
-from lookahead_opt import kernel  # noqa: E402
+from lookahead_opt import kernel, native_kernel  # noqa: E402
 
 
 def timer(device: torch.device):
@@ -82,16 +82,15 @@ def main(argv=None) -> None:
     ap.add_argument("--tensors", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--s", type=int, default=3)
-    ap.add_argument("--kernel", choices=["auto", "foreach", "loop", "compile"], default="auto",
+    ap.add_argument("--kernel", choices=["auto", "foreach", "loop"], default="auto",
                     help="auto: by device (CUDA: the fused Triton kernel where it applies, else the "
-                         "foreach chain; CPU: per-tensor out= ops); foreach: the multi-tensor chain only; "
-                         "loop: per-tensor out= ops; compile: opt-in torch.compile'd fused kernel per tensor")
+                         "foreach chain; CPU: the native kernel where it applies, else per-tensor out= ops); "
+                         "foreach: the multi-tensor chain only; loop: per-tensor out= ops only")
     ap.add_argument("--chunk", type=int, default=None, help="elements per chunk of the loop (default kernel.CHUNK)")
     ap.add_argument("--write", type=Path, default=None, help="append a section to this markdown file")
     args = ap.parse_args(argv)
-    kernel.FOREACH = {"auto": None, "foreach": True, "loop": False, "compile": False}[args.kernel]
-    kernel.COMPILE = args.kernel == "compile"
-    kernel.FUSED = args.kernel == "auto"
+    kernel.FOREACH = {"auto": None, "foreach": True, "loop": False}[args.kernel]
+    kernel.FUSED = kernel.NATIVE = args.kernel == "auto"
     if args.chunk is not None:
         kernel.CHUNK = args.chunk
     device = torch.device(args.device)
@@ -114,7 +113,9 @@ def main(argv=None) -> None:
         f"* command: `python benchmarks/predict_bandwidth.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"* device: {dev_name}; torch {torch.__version__}; {numel / 1e6:.1f}M {str(dtype).split('.')[-1]} parameters "
         f"in {len(params)} tensors; s={args.s}; median of {args.repeats}"
-        + f"; kernel {args.kernel}" + (f", chunk {kernel.CHUNK}" if args.kernel in ("auto", "loop") else ""),
+        + f"; kernel {args.kernel}" + (f", chunk {kernel.CHUNK}" if args.kernel == "loop" else "")
+        + ("; native kernel " + ("built" if native_kernel.available() else "unavailable")
+           if device.type == "cpu" and args.kernel == "auto" else ""),
         "",
         "| operation | tensor passes | median time (ms) | GB/s | efficiency vs copy | efficiency, median per round |",
         "|---|---|---|---|---|---|",

@@ -35,10 +35,11 @@ from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import triton_kernel
+from . import native_kernel, triton_kernel
+from .launcher import Launcher
 from .rules.base import Direction
 
-__all__ = ["predict_into", "Plan", "FOREACH", "CHUNK", "PACK", "PACK_GROUP", "COMPILE", "FUSED"]
+__all__ = ["predict_into", "Plan", "FOREACH", "CHUNK", "PACK", "PACK_GROUP", "NATIVE", "FUSED"]
 
 #: Default of :func:`predict_into`'s ``foreach``: ``None`` picks by device.
 FOREACH: Optional[bool] = None
@@ -62,11 +63,11 @@ _PACK_MIN = 4
 #: Elements per packed group (see :data:`PACK`): bounds the buffers a bucket keeps.
 PACK_GROUP: int = 1 << 16
 
-#: Opt-in: evaluate each parameter by one ``torch.compile``d fused kernel instead of the
-#: per-tensor ``out=`` ops (where the loop would run). Never required and not used by the
-#: tests' default paths: the first call compiles (tens of seconds, needs a C++ compiler on CPU).
-#: Coefficients are passed as tensors, so new step sizes do not recompile.
-COMPILE: bool = False
+#: Where the per-tensor ``out=`` ops would run (CPU), evaluate each bucket that the native
+#: kernel supports in one call and one pass instead (:mod:`lookahead_opt.native_kernel`: built
+#: with the machine's C compiler at first use; same operations and rounding). ``False`` keeps
+#: the per-tensor ops.
+NATIVE: bool = True
 
 #: Where the chain would run, evaluate each bucket that the fused Triton kernel supports in
 #: one launch and one pass instead (:mod:`lookahead_opt.triton_kernel`: on CUDA when Triton
@@ -289,7 +290,7 @@ class _Bucket:
     ``s`` (same device, dtypes, coefficients and rate), their operand lists, and what each
     evaluation path keeps between runs (built at its first use)."""
 
-    __slots__ = ("source", "items", "idx", "cols", "proto", "keys", "tmp", "packed", "npacked", "fused")
+    __slots__ = ("source", "items", "idx", "cols", "proto", "keys", "tmp", "packed", "npacked", "fused", "native")
 
     def __init__(self, items: List[_Item], idx: List[int], proto: Optional[Tuple[Tensor, Direction, float]],
                  previous: Optional["_Bucket"] = None) -> None:
@@ -302,7 +303,7 @@ class _Bucket:
             self.source = previous.source
             self.items, self.idx, self.cols = previous.items, previous.idx, previous.cols
             self.npacked, self.tmp, self.packed = previous.npacked, previous.tmp, previous.packed
-            self.fused = previous.fused
+            self.fused, self.native = previous.fused, previous.native
             return
         self.source = (idx, form, items)  # what a later plan's bucket must match to take this one over
         # the loop packs small tensors: put them first, in order (order within a bucket is free)
@@ -317,7 +318,8 @@ class _Bucket:
         self.npacked = len(small)
         self.tmp: Optional[List[Tensor]] = None
         self.packed: Optional[List[_Packed]] = None
-        self.fused = triton_kernel.Launcher()
+        self.fused = Launcher(triton_kernel)
+        self.native = Launcher(native_kernel)
 
     def key(self, s: float) -> Tuple:
         """The bucket's key (coefficients) for ``s`` steps ahead (not a copy bucket)."""
@@ -407,7 +409,7 @@ class Plan:
     one key for every ``s``) when the plan is built; the buckets keep their operand lists and,
     once used, their scratch views and packed layouts (:data:`PACK` as it was at the build,
     :data:`PACK_GROUP` at the first use). :meth:`run` reads the tensors' values (and
-    :data:`FOREACH`, :data:`CHUNK`, :data:`COMPILE`, :data:`FUSED`) when it runs, so a plan
+    :data:`FOREACH`, :data:`CHUNK`, :data:`NATIVE`, :data:`FUSED`) when it runs, so a plan
     stays valid while the *same* tensor objects (``weights`` may be parameters: ``.data``
     swaps are followed), directions and rates apply; whoever builds it decides when to
     rebuild (:class:`~lookahead_opt.PredictiveOptimizer`: see its docs).
@@ -472,65 +474,11 @@ class Plan:
             key = b.key(s)
             items = b.items if outs is None else [(o,) + it[1:] for o, it in zip(cols[0], b.items)]
             use_chain = items[0][1].device.type != "cpu" if choice is None else choice
-            if use_chain and FUSED and (b.fused if outs is None else triton_kernel.Launcher())(items, key):
-                continue
             if use_chain:
-                _chain(cols, key, b.chain_tmp(key, self.scratch))
-            elif COMPILE:
-                _compiled(items, key)
-            else:
+                if not (FUSED and (b.fused if outs is None else Launcher(triton_kernel))(items, key)):
+                    _chain(cols, key, b.chain_tmp(key, self.scratch))
+            elif not (NATIVE and (b.native if outs is None else Launcher(native_kernel))(items, key)):
                 b.loop(cols, key, self.scratch, chunk)
-
-
-_FUSED = None
-
-
-def _fused_impl(out: Tensor, w: Tensor, ns: List[Tensor], ps: List[Tensor], d: Optional[Tensor],
-                cap: Optional[Tensor], c: Tensor, power: Optional[float], rate: bool, bounded: bool) -> None:
-    # c = [wscale, shift, inner, eps, scale, lo, hi, alpha_1..alpha_k, plain_1..plain_j]
-    k = len(ns)
-    acc = w * c[0]
-    for i, p in enumerate(ps):
-        acc = acc + c[7 + k + i] * p
-    num = ns[0] * c[7]
-    for i in range(1, k):
-        num = num + ns[i] * c[7 + i]
-    if d is not None:
-        r = d + c[2]
-        r = r.sqrt() if power == 0.5 else (r if power == 1.0 else r.pow(power))
-        if rate:
-            r = 1.0 / (r * c[4] + c[3])
-            if bounded:
-                r = torch.clamp(r, c[5], c[6])
-            if cap is not None:
-                r = torch.minimum(r, cap)
-            num = num * r
-        else:
-            num = num / (r + c[3])
-    out.copy_(acc + num + c[1])
-
-
-def _compiled(items: Sequence[_Item], key: Tuple) -> None:
-    """One compiled fused kernel call per tensor (see :data:`COMPILE`)."""
-    global _FUSED
-    if key[5] is None or not key[3]:  # no denominator: already one single-pass op
-        scratch = _Scratch()
-        for out, w, *rest in items:
-            _one_chunked(out, w, rest, key, scratch, 0)
-        return
-    if _FUSED is None:
-        _FUSED = torch.compile(_fused_impl, dynamic=True)
-    _, _, _, alphas, plain, den, wscale, shift = key
-    k, j = len(alphas), len(plain)
-    rate = len(den) != 3
-    inner, eps, scale, bounds = (den[1], den[2], 1.0, None) if not rate else (den[1], den[3], den[2], den[4])
-    lo, hi = bounds if bounds is not None else (0.0, 0.0)
-    w0 = items[0][1]
-    c = torch.tensor([wscale, shift, inner, eps, scale, lo, hi, *alphas, *plain], dtype=torch.float64,
-                     device=w0.device)
-    for out, w, *rest in items:
-        cap = rest[k + j + 1] if rate and den[5] else None
-        _FUSED(out, w, rest[:k], rest[k:k + j], rest[k + j], cap, c, den[0], rate, bounds is not None)
 
 
 def predict_into(

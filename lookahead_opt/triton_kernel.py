@@ -38,7 +38,7 @@ try:
 except ImportError:  # pragma: no cover - exercised where Triton is absent
     triton = None
 
-__all__ = ["AVAILABLE", "supports", "Launcher"]
+__all__ = ["AVAILABLE", "supports", "table", "launch", "mode"]
 
 #: Whether Triton imports here.
 AVAILABLE: bool = triton is not None
@@ -99,20 +99,22 @@ def supports(key: Tuple, items: Sequence[Tuple[Tensor, ...]]) -> bool:
     if dtype not in _DTYPES or any(d != dtype for d in dtypes):
         return False
     device = items[0][1].device
-    if device.type != "cuda" and not _interpret():
+    if device.type != "cuda" and not mode():
         return False
     return all(t.is_contiguous() and t.dtype == dtype for it in items for t in it)
 
 
-def _interpret() -> bool:
+def mode() -> bool:
+    """Whether Triton's interpreter runs (part of a :class:`~lookahead_opt.launcher.Launcher`'s
+    verdict: the same bucket may be taken with it and refused without it)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _kernel():
-    mode = _interpret()
-    if mode not in _kernels:
-        _kernels[mode] = triton.jit(_body)
-    return _kernels[mode]
+    interpret = mode()
+    if interpret not in _kernels:
+        _kernels[interpret] = triton.jit(_body)
+    return _kernels[interpret]
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -121,8 +123,9 @@ def _tl_dtype(dtype: torch.dtype):
     return _TL[dtype]
 
 
-def _table(items: Sequence[Tuple[Tensor, ...]], k: int, j: int, has_den: bool) -> tuple:
+def table(items: Sequence[Tuple[Tensor, ...]], key: Tuple) -> tuple:
     """(address table, block table, numels) for the bucket, cached by the operands' addresses."""
+    k, j, has_den = len(key[3]), len(key[4]), key[5] is not None
     cols = [0, 1] + [2 + i for i in range(k)] + [2 + k + i for i in range(j)] + ([2 + k + j] if has_den else [])
     slots = [0, 1] + [2 + i for i in range(k)] + [4 + i for i in range(j)] + ([6] if has_den else [])
     sig = tuple(it[c].data_ptr() for it in items for c in cols) + tuple(it[1].numel() for it in items)
@@ -144,48 +147,15 @@ def _table(items: Sequence[Tuple[Tensor, ...]], k: int, j: int, has_den: bool) -
             torch.tensor([it[1].numel() for it in items], dtype=torch.int64)]
     if device.type == "cuda":  # pinned and non-blocking: building a table never syncs the host
         host = [t.pin_memory() for t in host]
-    table = tuple(t.to(device, non_blocking=True) for t in host) + (host,)  # host copies kept alive
+    built = tuple(t.to(device, non_blocking=True) for t in host) + (host,)  # host copies kept alive
     if len(_tables) > 64:
         _tables.clear()
-    _tables[sig] = table
-    return table
+    _tables[sig] = built
+    return built
 
 
-class Launcher:
-    """One bucket's fused evaluation for a plan that runs the same operands many times
-    (:class:`lookahead_opt.kernel.Plan`): it keeps the :func:`supports` verdict per form of the
-    key and the address tables, and per call only reads the weights' addresses (parameters whose
-    data are swapped move; the plan's outputs and the optimizer's state tensors do not). Calling
-    it evaluates the bucket and returns ``True``, or returns ``False`` if the kernel does not
-    apply."""
-
-    __slots__ = ("verdicts", "wptrs", "table")
-
-    def __init__(self) -> None:
-        self.verdicts: Dict[Tuple, bool] = {}
-        self.wptrs: List[int] = []
-        self.table: tuple = ()
-
-    def __call__(self, items: Sequence[Tuple[Tensor, ...]], key: Tuple) -> bool:
-        den = key[5]
-        form = (key[2], len(key[3]), len(key[4]), None if den is None else (len(den), den[0]), _interpret())
-        ok = self.verdicts.get(form)
-        if ok is None:
-            ok = self.verdicts[form] = supports(key, items)
-        if not ok:
-            return False
-        wptrs = [it[1].data_ptr() for it in items]
-        if wptrs != self.wptrs:  # a weight's storage moved: check its layout again
-            if not supports(key, items):
-                self.verdicts[form] = False
-                return False
-            self.table = _table(items, len(key[3]), len(key[4]), den is not None)
-            self.wptrs = wptrs
-        _launch(self.table, key, items[0][1].dtype)
-        return True
-
-
-def _launch(table: tuple, key: Tuple, dtype: torch.dtype) -> None:
+def launch(table: tuple, key: Tuple, dtype: torch.dtype) -> None:
+    """Run the kernel over a bucket whose :func:`table` is ``table``."""
     ptrs, blocks, numels, _ = table
     if not blocks.numel():  # only empty tensors
         return

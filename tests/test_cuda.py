@@ -206,8 +206,8 @@ def test_cuda_fused_kernel_runs_and_equals_chain(monkeypatch):
             p.grad = torch.randn(p.shape, generator=g).cuda()
         opt.step()
     calls = []
-    real = triton_kernel._launch
-    monkeypatch.setattr(triton_kernel, "_launch", lambda table, key, dtype: (calls.append(len(table[2])), real(table, key, dtype)))
+    real = triton_kernel.launch
+    monkeypatch.setattr(triton_kernel, "launch", lambda table, key, dtype: (calls.append(len(table[2])), real(table, key, dtype)))
     fused = [t.clone() for t in opt.predict(3)]
     assert calls == [len(ps)]
     monkeypatch.setattr(kernel, "FUSED", False)

@@ -22,8 +22,8 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2,
 def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls = []
-    real = triton_kernel._launch
-    monkeypatch.setattr(triton_kernel, "_launch", lambda table, key, dtype: (calls.append(len(table[2])), real(table, key, dtype)))
+    real = triton_kernel.launch
+    monkeypatch.setattr(triton_kernel, "launch", lambda table, key, dtype: (calls.append(len(table[2])), real(table, key, dtype)))
     return calls
 
 
