@@ -68,8 +68,11 @@ def main() -> None:
     ap.add_argument("--minibatches", type=int, default=16, help="minibatches per timed train() call")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgdm")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated method names to run (default: all; pipedream and pipeoptim always run)")
     ap.add_argument("--write", type=Path, default=None, help="append a section to this markdown file")
     args = ap.parse_args()
+    wanted = None if args.methods is None else set(args.methods.split(",")) | {"pipedream", "pipeoptim"}
     device = torch.device(args.device)
     base = build_stages(args)
     g = torch.Generator().manual_seed(1)
@@ -77,6 +80,8 @@ def main() -> None:
                 torch.randn(args.batch, args.width, generator=g).to(device)) for _ in range(args.minibatches)]
     pipes = {}
     for method, kw in RUNS:
+        if wanted is not None and (method not in wanted or kw):
+            continue
         pipe = Pipeline(copy.deepcopy(base), [device] * args.stages, OPTIMIZERS[args.optimizer],
                         nn.functional.mse_loss, method=method, **kw)
         pipe.train(batches[:max(2, args.stages)])  # warm-up: allocator, kernels, optimizer state
