@@ -5,7 +5,8 @@
 #    sequential oracle, foreach prediction on CUDA against the fallback rule, no host sync,
 #    stream overlap); 2. the whole CPU suite under that machine's torch (compatibility);
 # 3. benchmarks on cuda: prediction bandwidth (foreach chain and the fused probe), pipeline
-#    step time at two work sizes, utilisation against the schedule's ideal.
+#    step time at two work sizes, utilisation against the schedule's ideal (default hardware
+#    queues, then CUDA_DEVICE_MAX_CONNECTIONS=32).
 # Every step runs even if an earlier one failed; the script exits non-zero if any did. All
 # output goes to $OUT/log.txt; each benchmark also writes a markdown section (command, date,
 # device) to $OUT/RESULTS_*.md, to copy into benchmarks/RESULTS.md.
@@ -53,4 +54,7 @@ for cfg in "adam 128" "sgdm 128" "adam 2048" "sgdm 2048"; do
         --batch "$2" --minibatches 16 --repeats 5 --optimizer "$1" --write "$OUT/RESULTS_gpu.md"
 done
 step utilisation 90 "$PY" benchmarks/utilisation.py --device cuda --write "$OUT/RESULTS_util.md"
+# the same with more hardware queues than streams (depth 8 uses more streams than the default 8)
+step utilisation_conn32 90 env CUDA_DEVICE_MAX_CONNECTIONS=32 "$PY" benchmarks/utilisation.py --device cuda \
+    --write "$OUT/RESULTS_util_conn32.md"
 exit $status
