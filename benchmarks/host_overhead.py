@@ -100,7 +100,7 @@ def predict_rows(versions: Dict[str, Tuple[object, object]], rounds: int) -> Lis
     rows = []
     for name, cls, kw in (("SGD-momentum", torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
                           ("Adam", torch.optim.Adam, dict(lr=1e-3))):
-        for path, foreach in (("default (CPU loop)", None), ("foreach chain", True)):
+        for path, foreach in (("default (CPU: native kernel, else loop)", None), ("foreach chain", True)):
             for when in ("repeated", "after a step"):
                 fns = {v: predictions(la, predictor(la, cls, kw), foreach, when == "after a step")
                        for v, (la, _) in versions.items()}

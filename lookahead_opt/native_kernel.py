@@ -19,7 +19,7 @@ the result equals theirs. float32 and float64, contiguous tensors of one dtype; 
 
 It is built the first time it is needed, with the C compiler of the machine (``$CC``, else
 ``cc``, ``gcc`` or ``clang``; ``-O3 -march=native -fopenmp``; about a second) into
-``$LOOKAHEAD_OPT_CACHE`` (default ``~/.cache/lookahead_opt``), named by a hash of the source,
+``$LOOKAHEAD_OPT_CACHE`` (default ``~/.cache/lookahead_opt``, else the temporary directory), named by a hash of the source,
 the compiler, the flags and the CPU, and loaded with :mod:`ctypes`. Without a compiler, or
 with ``LOOKAHEAD_OPT_NATIVE=0`` in the environment, :func:`available` is ``False`` and the
 per-tensor ops run. Used automatically on CPU (see :data:`lookahead_opt.kernel.NATIVE`).
@@ -79,6 +79,21 @@ def _compiler() -> Optional[str]:
     return None
 
 
+def _cache_dir() -> Optional[Path]:
+    """``$LOOKAHEAD_OPT_CACHE``, else ``~/.cache/lookahead_opt`` (``$XDG_CACHE_HOME``), else a
+    folder in the temporary directory: the first one that can be created and written."""
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lookahead_opt"
+    env = os.environ.get("LOOKAHEAD_OPT_CACHE")
+    for d in ([Path(env)] if env else []) + [home, Path(tempfile.gettempdir()) / f"lookahead_opt-{getattr(os, 'getuid', lambda: 0)()}"]:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(d, os.W_OK):
+            return d
+    return None
+
+
 def _build() -> Optional[ctypes.CDLL]:
     """Compile (once per machine, cached on disk) and load the kernel; ``None`` if impossible."""
     cc = _compiler()
@@ -86,8 +101,10 @@ def _build() -> Optional[ctypes.CDLL]:
         log.info("lookahead_opt: no C compiler found; CPU prediction uses per-tensor ops")
         return None
     source = _SOURCE.read_bytes()
-    cache = Path(os.environ.get("LOOKAHEAD_OPT_CACHE")
-                 or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lookahead_opt")
+    cache = _cache_dir()
+    if cache is None:
+        log.info("lookahead_opt: no writable cache directory; CPU prediction uses per-tensor ops")
+        return None
     for extra in _OPTIONAL:
         flags = _FLAGS + extra
         tag = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _cpu_id().encode(),
@@ -95,7 +112,6 @@ def _build() -> Optional[ctypes.CDLL]:
         so = cache / f"native-{tag}.so"
         if not so.exists():
             try:
-                cache.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
                 os.close(fd)
                 subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE)], check=True, capture_output=True, timeout=120)

@@ -13,7 +13,7 @@ from lookahead_opt.rules import Direction
 
 from test_kernel import SHAPES, directions, tensors
 
-pytestmark = pytest.mark.skipif(not native_kernel.available(), reason="no C compiler on this machine")
+pytestmark = pytest.mark.skipif(not native_kernel.available(), reason="native kernel unavailable here (no C compiler, or LOOKAHEAD_OPT_NATIVE=0)")
 
 
 @pytest.fixture
@@ -196,3 +196,14 @@ def test_disabled_or_unbuildable_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("LOOKAHEAD_OPT_CACHE", str(tmp_path / "cache"))
     assert native_kernel._build() is None
     assert not list((tmp_path / "cache").glob("*"))  # no half-written library left behind
+
+
+def test_cache_directory_falls_back_when_unusable(monkeypatch, tmp_path):
+    """A ``LOOKAHEAD_OPT_CACHE`` that cannot be a directory (here: an existing file) is passed
+    over for the next candidate, which is created."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("LOOKAHEAD_OPT_CACHE", str(blocker))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert native_kernel._cache_dir() == tmp_path / "xdg" / "lookahead_opt"
+    assert (tmp_path / "xdg" / "lookahead_opt").is_dir()
