@@ -84,7 +84,8 @@ def _cache_dir() -> Optional[Path]:
     folder in the temporary directory: the first one that can be created and written."""
     home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lookahead_opt"
     env = os.environ.get("LOOKAHEAD_OPT_CACHE")
-    for d in ([Path(env)] if env else []) + [home, Path(tempfile.gettempdir()) / f"lookahead_opt-{getattr(os, 'getuid', lambda: 0)()}"]:
+    tmp = Path(tempfile.gettempdir()) / f"lookahead_opt-{getattr(os, 'getuid', lambda: 0)()}"
+    for d in ([Path(env)] if env else []) + [home, tmp]:
         try:
             d.mkdir(parents=True, exist_ok=True)
         except OSError:
