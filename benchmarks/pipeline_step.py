@@ -110,7 +110,9 @@ def main() -> None:
         lines.append(f"| {name} | {med[name] * 1e3:.2f} | {med[name] / ref:.3f} | {versions} | "
                      f"{[round(x, 1) for x in mib]} |")
     ratio = med["pipeoptim"] / ref
-    paired = statistics.median(a / b for a, b in zip(times["pipeoptim"], times["pipedream"]))
+    rounds = sorted(a / b for a, b in zip(times["pipeoptim"], times["pipedream"]))
+    paired = statistics.median(rounds)
+    quartiles = statistics.quantiles(rounds, n=4) if len(rounds) > 1 else [paired] * 3
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     text = "\n".join([
         "## pipeline_step: per-minibatch time and weight memory per method",
@@ -122,7 +124,7 @@ def main() -> None:
         f"{args.batch} rows per minibatch, {args.minibatches} minibatches per train(), optimizer {args.optimizer}; "
         f"median of {args.repeats} round-robin repeats",
         f"* **pipeoptim / pipedream = {ratio:.3f}** (target <= 1.03); median of the per-round ratios "
-        f"(each round times both): {paired:.3f}",
+        f"(each round times both): {paired:.3f}, quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}",
         "",
         *lines,
         "",
