@@ -81,13 +81,19 @@ def _compiler() -> Optional[str]:
 
 def _cache_dir() -> Optional[Path]:
     """``$LOOKAHEAD_OPT_CACHE``, else ``~/.cache/lookahead_opt`` (``$XDG_CACHE_HOME``), else a
-    folder in the temporary directory: the first one that can be created and written."""
+    folder of this user's in the temporary directory (only if nobody else owns or can write it:
+    a library planted there would be loaded): the first one that can be created and written."""
     home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lookahead_opt"
     env = os.environ.get("LOOKAHEAD_OPT_CACHE")
-    tmp = Path(tempfile.gettempdir()) / f"lookahead_opt-{getattr(os, 'getuid', lambda: 0)()}"
+    uid = getattr(os, "getuid", lambda: None)()
+    tmp = Path(tempfile.gettempdir()) / f"lookahead_opt-{uid}"
     for d in ([Path(env)] if env else []) + [home, tmp]:
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if d == tmp and uid is not None:  # a shared folder: only our own, closed to others
+                st = d.stat()
+                if st.st_uid != uid or st.st_mode & 0o022:
+                    continue
         except OSError:
             continue
         if os.access(d, os.W_OK):

@@ -207,3 +207,19 @@ def test_cache_directory_falls_back_when_unusable(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert native_kernel._cache_dir() == tmp_path / "xdg" / "lookahead_opt"
     assert (tmp_path / "xdg" / "lookahead_opt").is_dir()
+
+
+def test_shared_temporary_folder_must_be_our_own(monkeypatch, tmp_path):
+    """The last resort, a folder in the temporary directory, is refused when others can write it
+    (someone could have planted a library under the name the kernel would load)."""
+    monkeypatch.delenv("LOOKAHEAD_OPT_CACHE", raising=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # ~/.cache candidate unusable
+    monkeypatch.setattr(native_kernel.tempfile, "gettempdir", lambda: str(tmp_path))
+    shared = tmp_path / f"lookahead_opt-{native_kernel.os.getuid()}"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    assert native_kernel._cache_dir() is None
+    shared.chmod(0o700)
+    assert native_kernel._cache_dir() == shared
