@@ -33,7 +33,7 @@ Group = Dict[str, Any]
 State = Dict[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Direction:
     """One parameter's update direction ``dW`` per unit learning rate (see module docs).
 
@@ -69,6 +69,16 @@ class Direction:
     offset: float = 0.0
     bounds: Optional[Tuple[float, float]] = None
     cap: Optional[Tensor] = None
+
+    def __init__(self, terms: Tuple[Tuple[float, Tensor], ...], den: Optional[Tensor] = None, root: bool = True,
+                 inner: float = 0.0, scale: float = 1.0, eps: float = 0.0, decay: float = 0.0,
+                 lr: Optional[float] = None, power: float = 0.5, plain: Tuple[Tuple[float, Tensor], ...] = (),
+                 offset: float = 0.0, bounds: Optional[Tuple[float, float]] = None,
+                 cap: Optional[Tensor] = None) -> None:
+        # Frozen, but set through the instance dict: the generated __init__'s thirteen
+        # object.__setattr__ calls were half of a rebuilt prediction's per-parameter host time.
+        self.__dict__.update(terms=terms, den=den, root=root, inner=inner, scale=scale, eps=eps, decay=decay, lr=lr,
+                             power=power, plain=plain, offset=offset, bounds=bounds, cap=cap)
 
     @property
     def rate(self) -> bool:
