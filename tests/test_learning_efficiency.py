@@ -59,6 +59,8 @@ def test_seed_mean_counts_and_divergence():
     s = le.summary(runs, methods)
     assert "seed 1: <= pipedream 0/2, within 1.2x sync 0/2, diverged 1" in s
     assert "above pipedream, some seeds only (2)" in s and "not within 1.2x sync, every seed (0)" in s
+    assert "* <= pipedream: in every seed in 0/2 cells, in most seeds in 2/2" in s
+    assert "* within 1.2x sync: in every seed in 0/2 cells, in most seeds in 1/2" in s
 
 
 def test_single_seed_table_keeps_the_old_format():
