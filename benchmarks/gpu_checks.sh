@@ -53,6 +53,13 @@ for cfg in "adam 128" "sgdm 128" "adam 2048" "sgdm 2048"; do
     step "pipeline_step_$1_$2" 90 "$PY" benchmarks/pipeline_step.py --device cuda --width 4096 --layers 2 \
         --batch "$2" --minibatches 16 --repeats 5 --optimizer "$1" --write "$OUT/RESULTS_gpu.md"
 done
+# the small, host-bound size again with many rounds of only async/pipedream/pipeoptim: the
+# per-round ratios' median and quartiles settle what single 5-round runs (1.01 vs 1.18) could not
+for opt in adam sgdm; do
+    step "pipeline_step_${opt}_128_rounds" 120 "$PY" benchmarks/pipeline_step.py --device cuda --width 4096 \
+        --layers 2 --batch 128 --minibatches 16 --repeats 41 --methods async --optimizer "$opt" \
+        --write "$OUT/RESULTS_gpu.md"
+done
 step utilisation 90 "$PY" benchmarks/utilisation.py --device cuda --write "$OUT/RESULTS_util.md"
 # the same with more hardware queues than streams (depth 8 uses more streams than the default 8)
 step utilisation_conn32 90 env CUDA_DEVICE_MAX_CONNECTIONS=32 "$PY" benchmarks/utilisation.py --device cuda \
