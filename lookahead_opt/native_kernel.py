@@ -3,26 +3,29 @@
 On CPU the per-tensor ``out=`` ops of :mod:`lookahead_opt.kernel` read and write each operand
 once per op; for Adam (``sqrt``, ``add``, ``addcdiv``) that is still three passes, and each
 tensor costs a few op dispatches. This kernel (``_native.c``, next to this file) evaluates a
-whole bucket in one call and one pass, cut into blocks shared by ``torch.get_num_threads()``
-OpenMP threads, each block in L1-sized chunks:
+whole bucket in one call and one pass, its tensors cut into blocks shared by
+``torch.get_num_threads()`` OpenMP threads, one fused loop per form:
 
 .. code-block:: text
 
     out = W * wscale + sum_j b_j P_j + sum_k (a_k N_k) / ((D + inner)^p + eps) + shift
 
-with ``p`` in {1/2, 1} (or no ``D``), at most two ``N_k`` and two ``P_j``: SGD and its momentum forms, Adam/AdamW/NAdam/RAdam,
-RMSprop, Adagrad, Adadelta. Each operation is done in the tensor's dtype in the order and
-with the rounding of the ``out=`` ops it replaces (``addcdiv`` as ``out + (a*N)/tmp``,
-``add`` with ``alpha`` as a fused multiply-add, as PyTorch's vectorised CPU kernels do), so
-the result equals theirs. float32 and float64, contiguous tensors of one dtype; the rate form
-(bounds, caps) and other powers keep the per-tensor ops.
+with ``p`` in {1/2, 1} (or no ``D``), at most two ``N_k`` and two ``P_j``: SGD and its momentum
+forms, Adam/AdamW/NAdam/RAdam, RMSprop, Adagrad, Adadelta. Each operation is done in the
+tensor's dtype, in the order and with the rounding of the ``out=`` ops it replaces (``addcdiv``
+as ``out + (a*N)/tmp``, ``add`` with ``alpha`` as a fused multiply-add, as PyTorch's vectorised
+CPU kernels do): without a denominator the result equals theirs bit for bit; with one it is the
+IEEE result, which can differ from theirs in the last bit because ``torch.sqrt`` on CPU is not
+always correctly rounded. float32 and float64, contiguous tensors of one dtype; the rate form
+(bounds, caps), other powers and other dtypes keep the per-tensor ops.
 
 It is built the first time it is needed, with the C compiler of the machine (``$CC``, else
-``cc``, ``gcc`` or ``clang``; ``-O3 -march=native -fopenmp``; about a second) into
-``$LOOKAHEAD_OPT_CACHE`` (default ``~/.cache/lookahead_opt``, else the temporary directory), named by a hash of the source,
-the compiler, the flags and the CPU, and loaded with :mod:`ctypes`. Without a compiler, or
-with ``LOOKAHEAD_OPT_NATIVE=0`` in the environment, :func:`available` is ``False`` and the
-per-tensor ops run. Used automatically on CPU (see :data:`lookahead_opt.kernel.NATIVE`).
+``cc``, ``gcc`` or ``clang``; ``-O3 -march=native -fopenmp``; about half a second) into
+``$LOOKAHEAD_OPT_CACHE`` (default ``~/.cache/lookahead_opt``, else the temporary directory),
+named by a hash of the source, the compiler, the flags and the CPU, and loaded with
+:mod:`ctypes`. Without a compiler, or with ``LOOKAHEAD_OPT_NATIVE=0`` in the environment,
+:func:`available` is ``False`` and the per-tensor ops run. Used automatically on CPU (see
+:data:`lookahead_opt.kernel.NATIVE`).
 """
 from __future__ import annotations
 
