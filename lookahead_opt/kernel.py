@@ -14,7 +14,9 @@ one param group) and the same device and dtypes are evaluated together:
     out += -m*offset                            (only with an offset)
 
 On CUDA (and any non-CPU device) the chain is ``torch._foreach_*`` ops over whole tensors:
-one launch per op for many tensors. On CPU a foreach op is only a C++ loop over tensors, each
+one launch per op for many tensors, or, where it applies, one fused Triton kernel per bucket
+(:data:`FUSED`). On CPU a bucket goes to the compiled native kernel where it applies
+(:data:`NATIVE`). Otherwise, on CPU, a foreach op would be only a C++ loop over tensors, each
 op a full pass over memory, so a chain moves every temporary through DRAM (measured: Adam at
 about a third of copy bandwidth); there each parameter is instead done by single-pass ``out=``
 ops (``torch.sqrt(out=)``, ``torch.addcdiv(out=)``, ``torch.add(out=)``) on chunks of
