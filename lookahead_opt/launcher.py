@@ -13,11 +13,30 @@ changes when the same bucket may get another verdict, e.g. Triton's interpreter 
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Dict, List, Sequence, Tuple
+from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
-__all__ = ["Launcher"]
+__all__ = ["Launcher", "fits"]
+
+
+def fits(key: Tuple, items: Sequence[Tuple[Tensor, ...]], dtypes: Collection[torch.dtype],
+         device_type: Optional[str] = None) -> bool:
+    """Whether a bucket (``kernel._key``'s key, its items) has the form both fused kernels
+    compute: not a copy; at most two ``N_k`` and two ``P_j``; no denominator, or
+    ``(D + inner)^p + eps`` with ``p`` in {1/2, 1} (not the rate form); every operand contiguous
+    and of one dtype among ``dtypes`` (and, given ``device_type``, on a device of that type)."""
+    if key[0] == "copy":
+        return False
+    _, _, operand_dtypes, alphas, plain, den, _, _ = key
+    if len(alphas) > 2 or len(plain) > 2 or (den is not None and (len(den) != 3 or den[0] not in (0.5, 1.0))):
+        return False
+    dtype = items[0][1].dtype
+    if dtype not in dtypes or any(d != dtype for d in operand_dtypes):
+        return False
+    return all(t.is_contiguous() and t.dtype == dtype and (device_type is None or t.device.type == device_type)
+               for it in items for t in it)
 
 
 class Launcher:

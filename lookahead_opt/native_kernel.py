@@ -43,6 +43,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .launcher import fits
+
 __all__ = ["available", "supports", "table", "launch", "mode", "BLOCK", "MIN_PARALLEL"]
 
 log = logging.getLogger(__name__)
@@ -161,24 +163,13 @@ def mode() -> bool:
 
 
 def supports(key: Tuple, items: Sequence[Tuple[Tensor, ...]]) -> bool:
-    """Whether a bucket (``kernel._key``'s key, its items) fits the kernel."""
-    if key[0] == "copy":
-        return False
-    _, _, dtypes, alphas, plain, den, _, _ = key
-    if den is not None and (len(den) != 3 or den[0] not in (0.5, 1.0)):
-        return False
-    if len(alphas) > 2 or len(plain) > 2:
-        return False
-    dtype = items[0][1].dtype
-    if dtype not in _DTYPES or any(d != dtype for d in dtypes) or items[0][1].device.type != "cpu":
-        return False
-    if not available():
-        return False
-    return all(t.is_contiguous() and t.dtype == dtype and t.device.type == "cpu" for it in items for t in it)
+    """Whether a bucket (``kernel._key``'s key, its items) fits the kernel: the form of
+    :func:`~lookahead_opt.launcher.fits` in float32/float64 on CPU, where the kernel is available."""
+    return items[0][1].device.type == "cpu" and fits(key, items, _DTYPES, "cpu") and available()
 
 
 def table(items: Sequence[Tuple[Tensor, ...]], key: Tuple) -> tuple:
-    """(address table, numels, total elements, kept alive) for the bucket."""
+    """(address table, numels, total elements, number of tensors) for the bucket."""
     ncols = 2 + len(key[3]) + len(key[4]) + (key[5] is not None)
     ptrs: List[int] = [t.data_ptr() for it in items for t in it[:ncols]]
     numels = [it[1].numel() for it in items]

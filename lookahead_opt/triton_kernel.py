@@ -32,6 +32,8 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .launcher import fits
+
 try:
     import triton
     import triton.language as tl
@@ -87,21 +89,14 @@ _TL = {}
 
 
 def supports(key: Tuple, items: Sequence[Tuple[Tensor, ...]]) -> bool:
-    """Whether a bucket (``kernel._key``'s key, its items) fits the fused kernel."""
-    if not AVAILABLE or key[0] == "copy":
+    """Whether a bucket (``kernel._key``'s key, its items) fits the fused kernel: the form of
+    :func:`~lookahead_opt.launcher.fits` in float32/16/bf16, with a numerator wherever there is
+    a denominator, on CUDA (or any device under the interpreter)."""
+    if not AVAILABLE or key[0] == "copy" or (not key[3] and key[5] is not None):
         return False
-    _, _, dtypes, alphas, plain, den, _, _ = key
-    if len(alphas) > 2 or len(plain) > 2 or (den is not None and (len(den) != 3 or den[0] not in (0.5, 1.0))):
+    if items[0][1].device.type != "cuda" and not mode():
         return False
-    if not alphas and den is not None:
-        return False
-    dtype = items[0][1].dtype
-    if dtype not in _DTYPES or any(d != dtype for d in dtypes):
-        return False
-    device = items[0][1].device
-    if device.type != "cuda" and not mode():
-        return False
-    return all(t.is_contiguous() and t.dtype == dtype for it in items for t in it)
+    return fits(key, items, _DTYPES)
 
 
 def mode() -> bool:
