@@ -460,6 +460,38 @@ class Plan:
                 den = b.cols[2 + len(d.terms) + len(d.plain)]
                 self.scratch.reserve(den[0].device, den[0].dtype, sum(t.numel() for t in den))
 
+    def retarget(self, reps: Sequence[Sequence[Tuple[int, Direction, float]]]) -> bool:
+        """New coefficients for the same operands: ``reps[k]`` lists, for the ``k``-th bucket
+        that is not a copy, ``(position, direction, rate)`` of items that stand for the others
+        (the caller knows every item shares the coefficients of one of them, see
+        :attr:`~lookahead_opt.rules.Rule.signature`). Returns ``False``, changing nothing,
+        unless every direction reads its own item's tensors, in the bucket's form, and the
+        directions of a bucket agree (else the plan must be rebuilt). Afterwards :meth:`build`
+        never returns this plan as ``previous`` itself (it builds anew, keeping layouts)."""
+        buckets = [b for b in self.buckets if b.proto is not None]
+        if len(buckets) != len(reps):
+            return False
+        for b, mine in zip(buckets, reps):
+            old = b.proto[1]
+            form = (len(old.terms), len(old.plain), old.den is None, old.rate, old.root, old.power, old.cap is None)
+            key = None
+            for pos, d, r in mine:
+                if r == 0.0 or (len(d.terms), len(d.plain), d.den is None, d.rate, d.root, d.power,
+                                d.cap is None) != form:
+                    return False
+                item = b.items[pos]
+                k, tensors = _group(item[1], d, r)
+                if len(tensors) != len(item) - 2 or not all(map(operator.is_, tensors, item[2:])) \
+                        or (key is not None and k != key):
+                    return False
+                key = k
+        for b, mine in zip(buckets, reps):
+            pos, d, r = mine[0]
+            b.proto = (b.items[pos][1], d, r)
+            b.keys = {}
+        self.keys = [None] * len(self.keys)
+        return True
+
     @torch.no_grad()
     def run(self, s: float, outs: Optional[Sequence[Tensor]] = None, *, foreach: Optional[bool] = None,
             chunk: Optional[int] = None) -> None:

@@ -66,7 +66,9 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
     Repeated predictions are cheap: the directions and their bucketing
     (:class:`~lookahead_opt.kernel.Plan`) are kept between calls and rebuilt when anything
     they were derived from may have changed: a step of this wrapper or of the base optimizer
-    (seen by a post-hook on it, where ``torch.optim.Optimizer.__init__`` set it up), this
+    (seen by a post-hook on it, where ``torch.optim.Optimizer.__init__`` set it up; for a
+    :attr:`~lookahead_opt.rules.Rule.stationary` rule only if it replaced a kept buffer or
+    changed its learning rate), this
     wrapper's ``load_state_dict`` or ``add_param_group``, any param group's entries (``lr``
     from a scheduler, betas, ...: by identity, and those that can change in place, tensors,
     lists and dicts, also by value: a one-element tensor by its value), the rule's settings,
@@ -254,10 +256,51 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
             params = self.params
             previous = None if cached is None else cached.plan
             cached = self._cache = _Cached(self, self._build(params, None, previous), params, self._buffers)
+            cached.kept = self._kept_signature(params)
         elif cached.generation != self._generation.n:  # a step: the same tensors, new coefficients
-            cached.plan = self._build(cached.params, None, cached.plan)
+            kept = self._kept_signature(cached.params)
+            if not (kept == cached.kept and (self.rule.stationary or self._refresh(cached))):
+                cached.plan = self._build(cached.params, None, cached.plan)
+            cached.kept = kept
             cached.generation = self._generation.n
         return cached.plan
+
+    def _refresh(self, cached: "_Cached") -> bool:
+        """After a step that left every object the plan reads in place: new coefficients from
+        one rule call per bucket of the plan and distinct (group, signature) among its items
+        (see :attr:`~lookahead_opt.rules.Rule.signature`) instead of one per parameter.
+        ``False``, changing nothing, where that does not apply: the plan must be rebuilt."""
+        signature = self.rule.signature
+        if signature is None:
+            return False
+        views = [g for _, g in self._groups()]
+        groups, params, state, kept, which = self.base.param_groups, cached.params, self.base.state, self._kept, \
+            cached.group_index
+        reps: List[List[Tuple[int, Direction, float]]] = []
+        for b in cached.plan.buckets:
+            if b.proto is None:
+                continue
+            seen: Dict[Tuple[int, Any], int] = {}
+            for pos, i in enumerate(b.idx):
+                seen.setdefault((which[i], signature(views[which[i]], state.get(params[i], _NO_STATE))), pos)
+            mine = []
+            for (gi, _), pos in seen.items():
+                p = params[b.idx[pos]]
+                d = self.rule.direction(views[gi], state.get(p) or {}, p.detach(), kept.get(p))
+                if d is None:
+                    return False
+                lr = group_lr(groups[gi])
+                mine.append((pos, d, lr if d.lr is None else _ratio(lr, d.lr)))
+            reps.append(mine)
+        return cached.plan.retarget(reps)
+
+    def _kept_signature(self, params: List[Tensor]) -> List[Optional[Tuple[int, float]]]:
+        """Per parameter, the kept buffer (by identity) and its step's lr: what a stationary
+        rule reads besides what :meth:`_Cached.valid` compares."""
+        kept = self._kept
+        if not kept:
+            return []
+        return [None if k is None else (id(k.tensor), k.lr) for k in map(kept.get, params)]
 
     def _build(self, weights: List[Tensor], out: Optional[List[Tensor]], previous: Optional[Plan] = None) -> Plan:
         """A plan from ``weights`` (parameters, or live weights) into ``out`` (default: the buffer)."""
@@ -394,7 +437,7 @@ class _Cached:
     """A :class:`~lookahead_opt.kernel.Plan` and what its directions were derived from."""
 
     __slots__ = ("plan", "plan_outs", "params", "generation", "groups", "lists", "values", "mutable", "frozen",
-                 "settings", "states", "entries", "counts")
+                 "settings", "states", "entries", "counts", "kept", "group_index")
 
     def __init__(self, opt: PredictiveOptimizer, plan: Plan, params: List[Tensor],
                  outs: Optional[List[Tensor]]) -> None:
@@ -404,6 +447,7 @@ class _Cached:
         self.generation = opt._generation.n
         self.groups = list(opt.base.param_groups)
         self.lists = [(g["params"], list(g["params"])) for g in self.groups]
+        self.group_index = [i for i, g in enumerate(self.groups) for _ in g["params"]]
         # the group entries by identity, and those that can change in place also by value
         self.values = list(itertools.chain.from_iterable(map(dict.values, self.groups)))
         self.mutable = [(g, k) for g in self.groups for k, v in g.items()

@@ -284,7 +284,7 @@ def test_property_prediction_matches_the_direction(shapes, dtype, s, which, step
 
 def _fresh(opt):
     """The prediction of a new wrapper around the same base optimizer (nothing kept yet)."""
-    other = PredictiveOptimizer(opt.base)
+    other = PredictiveOptimizer(opt.base, rule=opt.rule)
     other._kept = opt._kept
     return [t.clone() for t in other.predict(2)]
 
@@ -332,6 +332,63 @@ def test_kept_prediction_is_rebuilt_whenever_its_inputs_change(cls, kw):
     extra = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
     opt.param_groups[-1]["params"].append(extra)                       # a group's parameter list
     assert len(opt.predict(2)) == len(opt.params)
+
+
+@pytest.mark.parametrize("rule,kw", [(None, dict(momentum=0.9, nesterov=True)), (None, dict(momentum=0.9)),
+                                     ("fallback", dict(momentum=0.9)), ("smoothed_gradient", {})])
+def test_stationary_rule_keeps_its_plan_across_steps_only_while_its_inputs_stay(rule, kw):
+    """A stationary rule (SGD, the fallback, SpecTrain's) keeps its plan across a step that
+    leaves its inputs the same objects, and still predicts what a fresh wrapper does when a
+    step drops a parameter's kept buffer (no gradient), makes a new one, or runs at another lr."""
+    m = model()
+    opt = PredictiveOptimizer(torch.optim.SGD(m.parameters(), lr=0.1, **kw), rule=rule)
+    assert opt.rule.stationary
+    train(opt, m, steps=2)
+    opt.predict(2)
+    plan = opt._cache.plan
+    train(opt, m, steps=1)
+    _same_as_fresh(opt)
+    assert opt._cache.plan is plan                                      # nothing rebuilt
+    first = m[0].weight
+    for step in range(3):  # no gradient for one parameter, then one again, then a new lr
+        x = torch.randn(8, 4, dtype=torch.float64)
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        if step == 0:
+            first.grad = None
+        if step == 2:
+            opt.param_groups[0]["lr"] = 0.05
+            _same_as_fresh(opt)  # the fallback rescales its kept update by 0.05/0.1 until the step
+        opt.step()
+        _same_as_fresh(opt)
+
+
+@pytest.mark.parametrize("cls,kw", [(torch.optim.Adam, dict(lr=1e-2)), (torch.optim.AdamW, dict(lr=1e-2)),
+                                    (torch.optim.Adam, dict(lr=1e-2, amsgrad=True)),
+                                    (torch.optim.RAdam, dict(lr=1e-2)), (torch.optim.Adamax, dict(lr=1e-2))])
+def test_signature_rule_refreshes_its_plan_per_bucket_and_stays_exact(cls, kw):
+    """Rules with a signature (the step count) get new coefficients after a step from one
+    rule call per bucket; a parameter whose step count falls behind (no gradient at a step:
+    the optimizer skips it), a second group with the same coefficients, and a group with
+    another lr still predict what a fresh wrapper does, bit for bit."""
+    m = model()
+    extra = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    other = torch.nn.Parameter(torch.randn(2, dtype=torch.float64))
+    opt = PredictiveOptimizer(cls([{"params": list(m.parameters())}, {"params": [extra]},
+                                   {"params": [other], "lr": 3e-3}], **kw))
+    assert opt.rule.signature is not None
+    for step in range(7):
+        x = torch.randn(8, 4, dtype=torch.float64)
+        opt.zero_grad()
+        (m(x).square().mean() + extra.square().sum() + other.sum()).backward()
+        if step in (2, 3):
+            m[0].bias.grad = None  # its step count falls behind from here on
+        opt.step()
+        _same_as_fresh(opt)
+        # steps that change no step count's order (nor RAdam's form, which it changes at t = 6)
+        if step in ((1,) if cls is torch.optim.RAdam else (1, 5)):  # refreshed, not rebuilt
+            assert opt._cache.plan is plan
+        plan = opt._cache.plan
 
 
 def test_kept_prediction_follows_a_tensor_lr_set_in_place():

@@ -148,9 +148,14 @@ def _nadam(group: Group, state: State, w: Tensor, kept: Optional[Kept]) -> Optio
     return adam_like(group, state, terms, bias2=_bias(b2, t), decay=_decoupled_wd(group))
 
 
-ADAM = Rule("adam", _adam)
-ADAMAX = Rule("adamax", _adamax)
-RADAM = Rule("radam", _radam)
+def _step(group: Group, state: State) -> Optional[float]:
+    """The signature of the rules that read only the step count: its value."""
+    return step_count(state) if "step" in state else None
+
+
+ADAM = Rule("adam", _adam, signature=_step)
+ADAMAX = Rule("adamax", _adamax, signature=_step)
+RADAM = Rule("radam", _radam, signature=_step)
 NADAM = Rule("nadam", _nadam, keep=_keep_nadam_grad)
 
 

@@ -150,6 +150,18 @@ class Rule:
             param groups (attributes such as AdaBelief's ``_rectify``, AdaBound's
             ``base_lrs[i]``); the wrapper passes ``direction`` and ``keep`` a read-only view of
             group ``i`` with these keys added. ``None``: the group as is.
+        stationary: whether ``direction`` depends on nothing a step changes but the *values*
+            of tensors: it reads the group, the settings, state entries and the kept buffer
+            and its ``lr``, never a step counter or another scalar of the state. After a step
+            that left all of these the same objects, the wrapper then keeps its prediction
+            plan instead of asking the rule again (SGD-momentum: no per-step host work but
+            the kernel's).
+        signature: ``signature(group, state) -> hashable``, for a rule whose direction
+            depends on a step beyond tensor values only through scalars of the state (Adam's
+            step count): two parameters of one group with equal signatures (and state entries
+            of the same kinds) get directions with equal coefficients. After a step that left
+            the same objects in place, the wrapper then asks the rule for one parameter per
+            bucket of its plan (parameters sharing coefficients) instead of every parameter.
     """
 
     name: str
@@ -160,6 +172,8 @@ class Rule:
     exact: bool = True
     closed_form: bool = True
     settings: Optional[Callable[[Any, int], Dict[str, Any]]] = None
+    stationary: bool = False
+    signature: Optional[Callable[[Group, State], Any]] = None
 
 
 def step_count(state: State, key: str = "step") -> float:

@@ -41,7 +41,8 @@ def _last_update(group: Group, state: State, w: Tensor, kept: Optional[Kept]) ->
     return None if kept is None else Direction(((1.0, kept.tensor),), lr=kept.lr)
 
 
-FALLBACK = Rule("fallback", _last_update, keep=_keep_weights, after=_to_update, keeps_grad=False, closed_form=False)
+FALLBACK = Rule("fallback", _last_update, keep=_keep_weights, after=_to_update, keeps_grad=False, closed_form=False,
+                stationary=True)
 
 _SMOOTHED_KEYS = ("momentum_buffer", "exp_avg")
 
@@ -61,7 +62,7 @@ def _smoothed(group: Group, state: State, w: Tensor, kept: Optional[Kept]) -> Op
     return None if kept is None else Direction(((1.0, kept.tensor),))
 
 
-SMOOTHED_GRADIENT = Rule("smoothed_gradient", _smoothed, keep=_keep_grad_unless_smoothed, exact=False)
+SMOOTHED_GRADIENT = Rule("smoothed_gradient", _smoothed, keep=_keep_grad_unless_smoothed, exact=False, stationary=True)
 
 
 NeedsFn = Callable[[Group, State, Tensor, Optional[Tensor]], bool]

@@ -74,7 +74,7 @@ def sgd_rule(name: str, grad_fn: GradFn = lambda g, w, grad: effective_grad(g, w
             return None
         return Direction(((1.0, kept.tensor),) + (((mu, buf),) if mu else ()), offset=off)
 
-    return Rule(name, direction, keep=keep)
+    return Rule(name, direction, keep=keep, stationary=True)
 
 
 SGD = sgd_rule("sgd")
