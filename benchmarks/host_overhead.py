@@ -6,7 +6,9 @@ Two measurements where the device work is tiny and the host is the bottleneck:
   on the default CPU path and on the foreach chain (``kernel.FOREACH = True``, the path CUDA
   takes), repeated without a step (the kept plan) and right after a step (rebuilt);
 * ``Pipeline.train`` of 8 stages of one ``Linear(4, 4)`` each on CPU (4 minibatches of 16
-  rows, 8 micro-batches each), in microseconds per action of the plan, next to the same torch
+  rows, 8 micro-batches each, SGD-momentum; and 32 minibatches of 16 rows, one micro-batch
+  each, i.e. a step after every minibatch as the asynchronous methods take by default,
+  SGD-momentum and Adam), in microseconds per action of the plan, next to the same torch
   work without a runtime (forwards from detached leaves, backwards, optimizer steps): the
   difference is the runtime's own overhead.
 
@@ -110,22 +112,26 @@ def predict_rows(versions: Dict[str, Tuple[object, object]], rounds: int) -> Lis
     return rows
 
 
-def pipe(pr, method: str) -> object:
+OPTIMIZERS = {"SGD-m": lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9),
+              "Adam": lambda ps: torch.optim.Adam(ps, lr=1e-3)}
+
+
+def pipe(pr, method: str, optimizer: str, chunks: int) -> object:
     torch.manual_seed(0)
     stages = [torch.nn.Linear(4, 4) for _ in range(8)]
-    return pr.Pipeline(stages, ["cpu"] * 8, lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9),
-                       torch.nn.functional.mse_loss, method=method, chunks=8)
+    return pr.Pipeline(stages, ["cpu"] * 8, OPTIMIZERS[optimizer], torch.nn.functional.mse_loss, method=method,
+                       chunks=chunks)
 
 
-def floor(stages, opts, batches) -> None:
+def floor(stages, opts, batches, chunks: int) -> None:
     """The pipeline's torch work without a runtime."""
     for x, y in batches:
-        for xm, ym in zip(x.chunk(8), y.chunk(8)):
+        for xm, ym in zip(x.chunk(chunks), y.chunk(chunks)):
             acts = []
             for s in stages:
                 xm = xm.detach().requires_grad_(True)
                 acts.append((xm, s(xm)))
-            loss = torch.nn.functional.mse_loss(acts[-1][1], ym) * 0.125
+            loss = torch.nn.functional.mse_loss(acts[-1][1], ym) / chunks
             g = None
             for k in reversed(range(len(stages))):
                 xk, out = acts[k]
@@ -142,21 +148,24 @@ def floor(stages, opts, batches) -> None:
 def pipeline_rows(versions: Dict[str, Tuple[object, object]], rounds: int) -> List[str]:
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)) for _ in range(4)]
-    torch.manual_seed(0)
-    fstages = [torch.nn.Linear(4, 4) for _ in range(8)]
-    fopts = [torch.optim.SGD(s.parameters(), lr=0.01, momentum=0.9) for s in fstages]
     rows = []
-    for method in ("pipeoptim", "pipedream", "sync"):
-        pipes = {v: pipe(pr, method) for v, (_, pr) in versions.items()}
-        actions = len(next(iter(pipes.values())).plan(batches).order)
-        fns = {v: timed(lambda p=p: p.train(batches)) for v, p in pipes.items()}
-        fns["torch work alone"] = timed(lambda: floor(fstages, fopts, batches))
-        t = interleaved(fns, rounds)
-        us = {k: v / actions * 1e6 for k, v in t.items()}
-        base = us.pop("torch work alone")
-        rows.append(f"| Pipeline.train, {method}, 8 x Linear(4, 4), {actions} actions: us/action "
-                    f"(runtime overhead above {base:.1f} us of torch work) | "
-                    + " | ".join(f"{us[v]:.1f} ({us[v] - base:.1f})" for v in versions) + " |")
+    for chunks, optimizer, methods in ((8, "SGD-m", ("pipeoptim", "pipedream", "sync")),
+                                       (1, "SGD-m", ("pipeoptim", "pipedream")), (1, "Adam", ("pipeoptim", "pipedream"))):
+        data = batches if chunks > 1 else batches * 8  # the same number of micro-batches
+        torch.manual_seed(0)
+        fstages = [torch.nn.Linear(4, 4) for _ in range(8)]
+        fopts = [OPTIMIZERS[optimizer](s.parameters()) for s in fstages]
+        for method in methods:
+            pipes = {v: pipe(pr, method, optimizer, chunks) for v, (_, pr) in versions.items()}
+            actions = len(next(iter(pipes.values())).plan(data).order)
+            fns = {v: timed(lambda p=p: p.train(data)) for v, p in pipes.items()}
+            fns["torch work alone"] = timed(lambda: floor(fstages, fopts, data, chunks))
+            t = interleaved(fns, rounds)
+            us = {k: v / actions * 1e6 for k, v in t.items()}
+            base = us.pop("torch work alone")
+            rows.append(f"| Pipeline.train, {method}, {optimizer}, 8 x Linear(4, 4), {chunks} micro-batch(es) per "
+                        f"minibatch, {actions} actions: us/action (runtime overhead above {base:.1f} us of torch work) | "
+                        + " | ".join(f"{us[v]:.1f} ({us[v] - base:.1f})" for v in versions) + " |")
     return rows
 
 

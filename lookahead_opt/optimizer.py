@@ -274,7 +274,8 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
         if signature is None:
             return False
         views = [g for _, g in self._groups()]
-        groups, params, state, kept, which = self.base.param_groups, cached.params, self.base.state, self._kept, \
+        # the state dicts are the cached ones (the plan is valid)
+        groups, params, states, kept, which = self.base.param_groups, cached.params, cached.states, self._kept, \
             cached.group_index
         reps: List[List[Tuple[int, Direction, float]]] = []
         for b in cached.plan.buckets:
@@ -282,11 +283,12 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
                 continue
             seen: Dict[Tuple[int, Any], int] = {}
             for pos, i in enumerate(b.idx):
-                seen.setdefault((which[i], signature(views[which[i]], state.get(params[i], _NO_STATE))), pos)
+                seen.setdefault((which[i], signature(views[which[i]], states[i])), pos)
             mine = []
             for (gi, _), pos in seen.items():
-                p = params[b.idx[pos]]
-                d = self.rule.direction(views[gi], state.get(p) or {}, p.detach(), kept.get(p))
+                i = b.idx[pos]
+                p = params[i]
+                d = self.rule.direction(views[gi], states[i], p.detach(), kept.get(p))
                 if d is None:
                     return False
                 lr = group_lr(groups[gi])
