@@ -107,6 +107,12 @@ def run_one(task_name: str, method: str, optimizer: str, lr: float, depth: int, 
                      1000 * elapsed / len(batches), mb, errors)
 
 
+#: printed under the table: what its time column includes
+TIMING_NOTE = ("ms/minibatch: wall time of train() here. For the predicting methods it includes measuring the "
+               "prediction error (copies of the stage's weights at each forward, two norms at each backward); "
+               "benchmarks/pipeline_step.py times the methods without it.")
+
+
 def _fmt(x: Optional[float], spec: str = ".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -227,7 +233,7 @@ def compare(task: str = "teacher", depth: int = 8, methods: Sequence[str] = METH
     (out / "results.md").write_text(
         f"# pipeoptim compare: task {task}, depth {depth}, {epochs} epoch(s) of "
         f"{len(probe.batches[:minibatches])} minibatches, "
-        f"devices {devices}\n\n" + markdown(rows) + "\n", encoding="utf-8")
+        f"devices {devices}\n\n" + markdown(rows) + "\n\n" + TIMING_NOTE + "\n", encoding="utf-8")
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows(rows)
     with open(out / "losses.csv", "w", newline="", encoding="utf-8") as f:
@@ -238,6 +244,7 @@ def compare(task: str = "teacher", depth: int = 8, methods: Sequence[str] = METH
     plot(results, out / "loss_curves.png",
          f"task {task}, {depth} stages, {epochs} epoch(s); same data and initial weights for every method")
     print(plain(rows))
+    print("\n" + TIMING_NOTE)
     print(f"\nwrote {out / 'loss_curves.png'}, {out / 'results.md'}, {out / 'results.csv'}")
     return results
 

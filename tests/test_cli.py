@@ -54,6 +54,7 @@ def test_compare_tiny(tiny_task, tmp_path, capsys):
     _check_outputs(out, ["sync", "pipedream", "pipeoptim"], ["sgd", "adam"])
     printed = capsys.readouterr().out
     assert "pred. error per stage" in printed and "pipeoptim" in printed
+    assert cli.TIMING_NOTE in printed and cli.TIMING_NOTE in (out / "results.md").read_text()
 
 
 def test_compare_results(tiny_task, tmp_path):
