@@ -392,6 +392,12 @@ def _group(w: Tensor, d: Optional[Direction], rate: float) -> Tuple[Hashable, _I
             tuple([a for a, _ in plain]), shape, d.decay, d.offset), tensors
 
 
+def _form(d: Direction) -> Hashable:
+    """What a bucket's layout depends on in a direction besides its coefficients (the operand
+    columns and the shape of the denominator)."""
+    return len(d.terms), len(d.plain), d.den is None, d.rate, d.root, d.power, d.cap is None
+
+
 def _grouped(outs: Sequence[Tensor], weights: Sequence[Tensor], directions: Sequence[Optional[Direction]],
              rates: Sequence[float]) -> Tuple[List[Hashable], List[_Item]]:
     """Per item, its :func:`_group` key and its operands ``(out, W, N_1.., P_1.., D, cap)``."""
@@ -472,12 +478,10 @@ class Plan:
         if len(buckets) != len(reps):
             return False
         for b, mine in zip(buckets, reps):
-            old = b.proto[1]
-            form = (len(old.terms), len(old.plain), old.den is None, old.rate, old.root, old.power, old.cap is None)
+            form = _form(b.proto[1])
             key = None
             for pos, d, r in mine:
-                if r == 0.0 or (len(d.terms), len(d.plain), d.den is None, d.rate, d.root, d.power,
-                                d.cap is None) != form:
+                if r == 0.0 or _form(d) != form:
                     return False
                 item = b.items[pos]
                 k, tensors = _group(item[1], d, r)

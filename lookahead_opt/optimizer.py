@@ -259,7 +259,7 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
             cached.kept = self._kept_signature(params)
         elif cached.generation != self._generation.n:  # a step: the same tensors, new coefficients
             kept = self._kept_signature(cached.params)
-            if not (kept == cached.kept and (self.rule.stationary or self._refresh(cached))):
+            if kept is None or kept != cached.kept or not (self.rule.stationary or self._refresh(cached)):
                 cached.plan = self._build(cached.params, None, cached.plan)
             cached.kept = kept
             cached.generation = self._generation.n
@@ -291,14 +291,16 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
                 d = self.rule.direction(views[gi], states[i], p.detach(), kept.get(p))
                 if d is None:
                     return False
-                lr = group_lr(groups[gi])
-                mine.append((pos, d, lr if d.lr is None else _ratio(lr, d.lr)))
+                mine.append((pos, d, _rate(d, group_lr(groups[gi]))))
             reps.append(mine)
         return cached.plan.retarget(reps)
 
-    def _kept_signature(self, params: List[Tensor]) -> List[Optional[Tuple[int, float]]]:
-        """Per parameter, the kept buffer (by identity) and its step's lr: what a stationary
-        rule reads besides what :meth:`_Cached.valid` compares."""
+    def _kept_signature(self, params: List[Tensor]) -> Optional[List[Optional[Tuple[int, float]]]]:
+        """Per parameter, the kept buffer (by identity) and its step's lr: what a stationary or
+        signature rule reads besides what :meth:`_Cached.valid` compares (``None`` for the
+        other rules, whose plan is rebuilt after every step anyway)."""
+        if not (self.rule.stationary or self.rule.signature):
+            return None
         kept = self._kept
         if not kept:
             return []
@@ -308,7 +310,7 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
         """A plan from ``weights`` (parameters, or live weights) into ``out`` (default: the buffer)."""
         detached = [w.detach() for w in weights]
         dirs, lrs = self._directions(detached)
-        rates = [0.0 if d is None else lr if d.lr is None else _ratio(lr, d.lr) for d, lr in zip(dirs, lrs)]
+        rates = [0.0 if d is None else _rate(d, lr) for d, lr in zip(dirs, lrs)]
         return Plan.build(self._output(detached) if out is None else out, weights, dirs, rates, self._scratch, previous)
 
     def direction(self) -> List[Tensor]:
@@ -380,6 +382,12 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
             buf = torch.empty_like(p, memory_format=torch.preserve_format)
             buf.copy_(t)
             self._kept[p] = Kept(buf, float(own["kept_lr"][i]))
+
+
+def _rate(d: Direction, lr: float) -> float:
+    """A direction's multiplier at the group's ``lr`` now: ``lr`` for a direction per unit
+    learning rate, else the ratio to the step's learning rate (see :class:`Direction`)."""
+    return lr if d.lr is None else _ratio(lr, d.lr)
 
 
 def _ratio(lr_now: float, lr_then: float) -> float:

@@ -134,3 +134,29 @@ def test_a_rebuilt_plan_takes_over_only_matching_buckets():
     with_den = kernel.Plan(outs, ws[:1], [Direction(((1.0, ns[0]),), den=ns[1].abs())], [0.1], previous=first)
     assert with_den.buckets[0].packed is None
 
+
+
+def test_retarget_takes_new_coefficients_only_in_the_same_form():
+    """Plan.retarget: new coefficients on the same operands give what a new plan gives; a
+    direction of another form (no root), or on other tensors, is refused and changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    w, n, v = (torch.randn(6, generator=g, dtype=torch.float64) for _ in range(3))
+    v = v.abs()
+    out = torch.empty_like(w)
+    plan = kernel.Plan([out], [w], [Direction(((1.0, n),), den=v, scale=0.5, eps=1e-3)], [0.1])
+    new = Direction(((2.0, n),), den=v, scale=0.25, eps=1e-3)
+    for refused in (Direction(((2.0, n),), den=v, root=False, scale=0.25, eps=1e-3),
+                    Direction(((2.0, v),), den=v, scale=0.25, eps=1e-3)):
+        assert not plan.retarget([[(0, refused, 0.1)]])
+    plan.run(3)
+    before = out.clone()
+    assert torch.equal(before, _fresh_run(w, Direction(((1.0, n),), den=v, scale=0.5, eps=1e-3), 0.1))
+    assert plan.retarget([[(0, new, 0.1)]])
+    plan.run(3)
+    assert torch.equal(out, _fresh_run(w, new, 0.1)) and not torch.equal(out, before)
+
+
+def _fresh_run(w, d, rate):
+    out = torch.empty_like(w)
+    kernel.Plan([out], [w], [d], [rate]).run(3)
+    return out
