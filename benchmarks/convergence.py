@@ -2,7 +2,7 @@
 
 For each task (default ``teacher`` and the ``charlm`` transformer), depth (4 and 8) and
 optimizer (SGD-momentum, Adam, AdamW) it trains every method from the same initial weights
-on the same minibatches (``pipeline_rt.cli.run_one``) and prints, side by side, each method's
+on the same minibatches (``pipeoptim_compare.cli.run_one``) and prints, side by side, each method's
 held-out loss and metric and their ratios to ``sync`` (loss ratio > 1 and metric ratio < 1 are
 worse than synchronous training). Writes ``benchmarks/convergence.png`` and the
 ``convergence`` section of ``benchmarks/RESULTS.md``::
@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _sections import provenance, write_section  # noqa: E402
-from pipeline_rt.cli import METHOD_NAMES, OPTIMIZERS, RunResult, run_one  # noqa: E402
-from pipeline_rt.tasks import get_task  # noqa: E402
+from pipeoptim_compare.cli import METHOD_NAMES, OPTIMIZERS, RunResult, run_one  # noqa: E402
+from pipeoptim_compare.tasks import get_task  # noqa: E402
 
 Key = Tuple[str, int, str]  # task, depth, optimizer
 

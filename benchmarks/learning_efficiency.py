@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline_rt import Pipeline  # noqa: E402
-from pipeline_rt.tasks import evaluate, get_task  # noqa: E402
+from pipeoptim_compare.tasks import evaluate, get_task  # noqa: E402
 
 METHODS = ("sync", "pipedream", "pipeoptim", "pipeoptim-cal", "pipeoptim-rollout", "pipeoptim-calroll")
 SHORT = {"sync": "sync", "pipedream": "pd", "pipeoptim": "po", "pipeoptim-cal": "cal", "pipeoptim-rollout": "roll",

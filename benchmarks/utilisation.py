@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _sections import provenance, write_section  # noqa: E402
 from pipeline_rt import Pipeline  # noqa: E402
-from pipeline_rt.cli import METHOD_NAMES  # noqa: E402
+from pipeoptim_compare.cli import METHOD_NAMES  # noqa: E402
 from pipeline_rt.methods import get_method  # noqa: E402
 from pipeline_rt.schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Schedule, build  # noqa: E402
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline_rt import cli
-from pipeline_rt.tasks import TASKS, Task, register_task
+from pipeoptim_compare import cli
+from pipeoptim_compare.tasks import TASKS, Task, register_task
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -104,6 +104,6 @@ def test_bad_arguments(capsys):
 
 
 def test_python_m_entry_point():
-    r = subprocess.run([sys.executable, "-m", "pipeline_rt", "compare", "--help"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "pipeoptim_compare", "compare", "--help"], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert r.returncode == 0 and "--entry" in r.stdout and "--depth" in r.stdout

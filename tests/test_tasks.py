@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pipeline_rt import Pipeline
-from pipeline_rt.tasks import (SHAPES, TASKS, Task, corpus_text, evaluate, from_entry_point, get_task, psnr,
+from pipeoptim_compare.tasks import (SHAPES, TASKS, Task, corpus_text, evaluate, from_entry_point, get_task, psnr,
                                register_task, render_shapes)
 
 SMALL = {"teacher": {"train_size": 256, "eval_size": 64}, "charlm": {"num_batches": 4},

@@ -23,12 +23,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .methods import METHODS, get_method
+from pipeline_rt import Pipeline
+from pipeline_rt.methods import METHODS, get_method
+
 from .tasks import TASKS, Task, evaluate, get_task
 
 __all__ = ["main", "compare", "RunResult", "OPTIMIZERS", "METHOD_NAMES"]
 
-#: the methods of DESIGN.md §3, run by default; ``--methods`` accepts any name in ``METHODS``
+#: the methods of the docs' method table (:doc:`methods`), run by default; ``--methods`` accepts any name in ``METHODS``
 METHOD_NAMES = ("sync", "1f1b-flush", "async", "pipedream", "2bw", "spectrain", "pipeoptim")
 
 OptFactory = Callable[[Sequence[nn.Parameter], float], torch.optim.Optimizer]
@@ -81,8 +83,6 @@ def run_one(task_name: str, method: str, optimizer: str, lr: float, depth: int, 
 
     ``minibatches`` keeps only the first that many minibatches of each epoch.
     """
-    from .pipeline import Pipeline
-
     task = get_task(task_name, depth=depth, seed=seed)
     stages = task.split(depth)
     for st, dev in zip(stages, devices):
@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point (``pipeoptim`` and ``python -m pipeline_rt``)."""
+    """Console entry point (``pipeoptim`` and ``python -m pipeoptim_compare``)."""
     args = build_parser().parse_args(argv)
     if args.command == "compare":
         compare(task=args.entry or args.task, depth=args.depth, methods=args.methods,

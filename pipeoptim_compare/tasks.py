@@ -12,7 +12,7 @@ Built-in tasks (see :data:`TASKS`):
   stale gradients (PipeDream at depth 8) measurably slow it down against synchronous
   training.
 * ``"charlm"``: a small causal transformer language model over characters of the English
-  text shipped in ``pipeline_rt/data/tiny_corpus.txt``.
+  text shipped in ``pipeoptim_compare/data/tiny_corpus.txt``.
 * ``"denoise"``: image denoising (regression, mean squared error) with a residual
   convolutional network at full resolution; clean images of shapes are rendered in code.
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .partition import split_by_balance
+from pipeline_rt.partition import split_by_balance
 
 __all__ = [
     "Task", "TASKS", "register_task", "get_task", "from_entry_point", "evaluate",
