@@ -40,7 +40,9 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
 
     per parameter, where ``dW_t`` is the direction of the optimizer's most recent update per
     unit learning rate, derived from its state by the optimizer's rule (``dW = 0`` before the
-    first step) and ``lr`` is the parameter group's learning rate at the time of the call (so
+    first step, and for a parameter whose ``grad`` was ``None`` at the last :meth:`step`: the
+    optimizer skipped it, its last update was 0; see
+    :attr:`~lookahead_opt.rules.Rule.skips_without_grad`) and ``lr`` is the parameter group's learning rate at the time of the call (so
     ``torch.optim.lr_scheduler`` schedules are followed; build the scheduler on this wrapper
     or on :attr:`base`, they share ``param_groups``).
 
@@ -101,6 +103,10 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
         self.defaults = base.defaults
         self.num_steps = 0
         self._kept: Dict[Tensor, Kept] = {}
+        #: the parameters the last step skipped (no gradient; see Rule.skips_without_grad), by identity
+        self._skipped: Tuple[Tensor, ...] = ()
+        self._skipped_ids: frozenset = frozenset()
+        self._skip_generation = 0  # bumped when _skipped changes
         self._buffers: Optional[List[Tensor]] = None
         self._swapped: Optional[Swapped] = None
         self._scratch = _Scratch()
@@ -130,6 +136,13 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
         """All parameters, flat, in ``param_groups`` order (the order of every list returned)."""
         return [p for g in self.base.param_groups for p in g["params"]]
 
+    @property
+    def skipped(self) -> Tuple[Tensor, ...]:
+        """The parameters the last :meth:`step` skipped (``grad`` was ``None``), whose predicted
+        displacement is therefore 0; empty for a rule that measures the last update instead
+        (the fallback: see :attr:`~lookahead_opt.rules.Rule.skips_without_grad`)."""
+        return self._skipped
+
     def __repr__(self) -> str:
         return f"PredictiveOptimizer(rule={self.rule.name!r}, base={self.base!r})"
 
@@ -148,18 +161,25 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
         if self._swapped is not None:
             raise RuntimeError("step() while the predicted weights are swapped in would update the predicted "
                                "weights, not the live ones; call swap_out() first")
-        keep = self.rule.keep
-        if keep is not None:
-            if closure is None or not self.rule.keeps_grad:
-                self._keep()
-            else:
-                user_closure = closure
+        rule = self.rule
+        keep_now = rule.keep is not None and (closure is None or not rule.keeps_grad)
+        keep_later = rule.keep is not None and not keep_now  # after the closure made the gradients
+        mark = rule.skips_without_grad
+        if keep_now:
+            self._keep()
+        if mark and closure is None:
+            self._mark_skipped()
+        if closure is not None and (keep_later or mark):
+            user_closure = closure
 
-                def closure() -> Any:  # keep the gradients the step is about to use
-                    with torch.enable_grad():
-                        loss = user_closure()
+            def closure() -> Any:  # see the gradients the step is about to use
+                with torch.enable_grad():
+                    loss = user_closure()
+                if mark:
+                    self._mark_skipped()
+                if keep_later:
                     self._keep()
-                    return loss
+                return loss
         loss = self.base.step() if closure is None else self.base.step(closure)
         self._generation.bump()
         if self.rule.after is not None:
@@ -173,6 +193,20 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
         settings = self.rule.settings
         for i, g in enumerate(self.base.param_groups):
             yield g, (g if settings is None else ChainMap(settings(self.base, i), g))
+
+    def _mark_skipped(self) -> None:
+        """Records the parameters the coming step skips (``grad`` is ``None``; see
+        :attr:`~lookahead_opt.rules.Rule.skips_without_grad`): their predicted displacement
+        is 0 until a step updates them. One ``is None`` test per parameter (the base step
+        makes the same test); the kept plan is rebuilt only when the set changes."""
+        self._set_skipped(tuple([p for g in self.base.param_groups for p in g["params"] if p.grad is None]))
+
+    def _set_skipped(self, skipped: Tuple[Tensor, ...]) -> None:
+        old = self._skipped
+        if len(skipped) != len(old) or not all(map(operator.is_, skipped, old)):
+            self._skipped = skipped
+            self._skipped_ids = frozenset(map(id, skipped))
+            self._skip_generation += 1
 
     def _keep(self) -> None:
         keep = self.rule.keep
@@ -198,11 +232,15 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
     def _directions(self, weights: Sequence[Tensor]) -> Tuple[List[Optional[Direction]], List[float]]:
         dirs: List[Optional[Direction]] = []
         lrs: List[float] = []
-        direction, state, kept = self.rule.direction, self.base.state, self._kept
+        direction, state, kept, skipped = self.rule.direction, self.base.state, self._kept, self._skipped_ids
         i = 0
         for g0, g in self._groups():
             ps = g0["params"]
-            dirs += [direction(g, state.get(p) or {}, w, kept.get(p)) for p, w in zip(ps, weights[i:i + len(ps)])]
+            if skipped:  # dW = 0 for a parameter the last step skipped
+                dirs += [None if id(p) in skipped else direction(g, state.get(p) or {}, w, kept.get(p))
+                         for p, w in zip(ps, weights[i:i + len(ps)])]
+            else:
+                dirs += [direction(g, state.get(p) or {}, w, kept.get(p)) for p, w in zip(ps, weights[i:i + len(ps)])]
             lrs += [group_lr(g0)] * len(ps)
             i += len(ps)
         return dirs, lrs
@@ -259,10 +297,12 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
             cached.kept = self._kept_signature(params)
         elif cached.generation != self._generation.n:  # a step: the same tensors, new coefficients
             kept = self._kept_signature(cached.params)
-            if kept is None or kept != cached.kept or not (self.rule.stationary or self._refresh(cached)):
+            if kept is None or kept != cached.kept or cached.skips != self._skip_generation \
+                    or not (self.rule.stationary or self._refresh(cached)):
                 cached.plan = self._build(cached.params, None, cached.plan)
             cached.kept = kept
             cached.generation = self._generation.n
+            cached.skips = self._skip_generation
         return cached.plan
 
     def _refresh(self, cached: "_Cached") -> bool:
@@ -353,7 +393,8 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
     # -- checkpoints -------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:  # type: ignore[override]
         """The base optimizer's state dict plus the wrapper's own state under ``"lookahead"``
-        (rule name, step count, kept buffers by flat parameter index, with their step lr)."""
+        (rule name, step count, kept buffers by flat parameter index, with their step lr, and
+        the flat indices of the parameters the last step skipped)."""
         sd = self.base.state_dict()
         index = {p: i for i, p in enumerate(self.params)}
         sd["lookahead"] = {
@@ -361,6 +402,7 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
             "num_steps": self.num_steps,
             "kept": {index[p]: k.tensor for p, k in self._kept.items() if p in index},
             "kept_lr": {index[p]: k.lr for p, k in self._kept.items() if p in index},
+            "skipped": [index[p] for p in self._skipped if p in index],
         }
         return sd
 
@@ -371,6 +413,7 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
         self.base.load_state_dict(sd)
         self._kept = {}
         self._cache = None  # also lets go of the replaced state tensors now
+        self._set_skipped(())
         if own is None:
             return
         if own["rule"] != self.rule.name:
@@ -382,6 +425,7 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
             buf = torch.empty_like(p, memory_format=torch.preserve_format)
             buf.copy_(t)
             self._kept[p] = Kept(buf, float(own["kept_lr"][i]))
+        self._set_skipped(tuple(params[int(i)] for i in own.get("skipped", ())))  # absent in older checkpoints: none
 
 
 def _rate(d: Direction, lr: float) -> float:
@@ -447,7 +491,7 @@ class _Cached:
     """A :class:`~lookahead_opt.kernel.Plan` and what its directions were derived from."""
 
     __slots__ = ("plan", "plan_outs", "params", "generation", "groups", "lists", "values", "mutable", "frozen",
-                 "settings", "states", "entries", "counts", "kept", "group_index")
+                 "settings", "states", "entries", "counts", "kept", "group_index", "skips")
 
     def __init__(self, opt: PredictiveOptimizer, plan: Plan, params: List[Tensor],
                  outs: Optional[List[Tensor]]) -> None:
@@ -455,6 +499,7 @@ class _Cached:
         self.plan_outs = outs
         self.params = params
         self.generation = opt._generation.n
+        self.skips = opt._skip_generation  # the set of skipped parameters the plan was built with
         self.groups = list(opt.base.param_groups)
         self.lists = [(g["params"], list(g["params"])) for g in self.groups]
         self.group_index = [i for i, g in enumerate(self.groups) for _ in g["params"]]

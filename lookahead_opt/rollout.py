@@ -36,7 +36,10 @@ multiply the rest by :math:`\\mu`). Adam, step count :math:`k`:
 
 Supported: ``torch.optim.SGD``, ``Adam``, ``AdamW`` (and subclasses). Any other optimizer
 falls back to the wrapped optimizer's own linear prediction. Before the first step the
-prediction is the live weights (as for :meth:`PredictiveOptimizer.predict`).
+prediction is the live weights (as for :meth:`PredictiveOptimizer.predict`), and so it is for
+a parameter the last step skipped (no gradient: :attr:`PredictiveOptimizer.skipped`; the
+optimizer would skip it again if it still had none). Adam's bias corrections use each
+parameter's own step count (parameters skipped by some steps have fewer).
 
 ``future_grad="zero"`` rolls the optimizer out with zero future gradients instead (the
 momentum "coasts": for SGD-momentum :math:`W_t - lr A\\,m_t`, i.e. the paper's rule scaled
@@ -101,10 +104,12 @@ class RolloutPredictor(SwappingPredictor):
         res = opt.predict(0, out)  # the live weights, in out / the reusable buffer
         if s == 0 or opt.num_steps == 0:
             return res
+        skipped = {id(p) for p in opt.skipped}
         i = 0
         for g in opt.param_groups:
             n = len(g["params"])
-            idx = [j for j, p in enumerate(g["params"]) if opt.state.get(p) or (self.kind == "sgd" and p in self._grads)]
+            idx = [j for j, p in enumerate(g["params"]) if id(p) not in skipped
+                   and (opt.state.get(p) or (self.kind == "sgd" and p in self._grads))]
             ps = [g["params"][j] for j in idx]
             ws = [res[i + j] for j in idx]
             if ps:
@@ -141,9 +146,9 @@ class RolloutPredictor(SwappingPredictor):
         m = [x["exp_avg"].to(w.dtype).clone() for x, w in zip(st, ws)]
         v = [x["exp_avg_sq"].to(w.dtype).clone() for x, w in zip(st, ws)]
         vmax = [x["max_exp_avg_sq"].to(w.dtype).clone() for x, w in zip(st, ws)] if g["amsgrad"] else None
-        step = float(st[0]["step"])
+        steps = [float(x["step"]) for x in st]  # per parameter: a skipped step does not count
         for _ in range(s):
-            step += 1
+            steps = [k + 1 for k in steps]
             if wd and decoupled:
                 torch._foreach_mul_(ws, 1 - lr * wd)
             d = torch._foreach_add(grad, ws, alpha=wd) if wd and not decoupled else grad
@@ -153,9 +158,9 @@ class RolloutPredictor(SwappingPredictor):
             if vmax is not None:
                 torch._foreach_maximum_(vmax, v)
             denom = torch._foreach_sqrt(vmax if vmax is not None else v)
-            torch._foreach_div_(denom, math.sqrt(1 - b2 ** step))
+            torch._foreach_div_(denom, [math.sqrt(1 - b2 ** k) for k in steps])
             torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(ws, m, denom, value=-lr / (1 - b1 ** step))
+            torch._foreach_addcdiv_(ws, m, denom, [-lr / (1 - b1 ** k) for k in steps])
 
     def state_dict(self) -> dict:
         """The captured last gradients (by flat parameter index)."""

@@ -69,13 +69,14 @@ def fixed_scale(p: Pipeline, scale: float, **predictor_kw) -> Pipeline:
 
 def true_future(make_opt: Callable, po, ps, g, s: int) -> List[torch.Tensor]:
     """The oracle: a fresh copy of the real optimizer (state of ``po``) run ``s`` steps with
-    the constant gradient ``g``; returns the weights it reaches."""
+    the constant gradient ``g`` (an entry ``None``: that parameter has none); returns the
+    weights it reaches."""
     qs = [nn.Parameter(p.detach().clone()) for p in ps]
     opt = make_opt(qs)
     opt.load_state_dict(copy.deepcopy(po.base.state_dict()))
     for _ in range(s):
         for q, x in zip(qs, g):
-            q.grad = x.clone()
+            q.grad = None if x is None else x.clone()
         opt.step()
     return [q.detach() for q in qs]
 

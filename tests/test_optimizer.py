@@ -283,9 +283,11 @@ def test_property_prediction_matches_the_direction(shapes, dtype, s, which, step
 
 
 def _fresh(opt):
-    """The prediction of a new wrapper around the same base optimizer (nothing kept yet)."""
+    """The prediction of a new wrapper around the same base optimizer and the same wrapper
+    state (kept buffers, parameters the last step skipped) but no kept plan."""
     other = PredictiveOptimizer(opt.base, rule=opt.rule)
     other._kept = opt._kept
+    other._set_skipped(opt.skipped)
     return [t.clone() for t in other.predict(2)]
 
 

@@ -162,6 +162,15 @@ class Rule:
             of the same kinds) get directions with equal coefficients. After a step that left
             the same objects in place, the wrapper then asks the rule for one parameter per
             bucket of its plan (parameters sharing coefficients) instead of every parameter.
+        skips_without_grad: whether the optimizer leaves a parameter whose ``grad`` is ``None``
+            at ``step()`` untouched, weights and state (every ``torch.optim`` and
+            ``torch_optimizer`` optimizer with a registered rule does). The last update of
+            such a parameter is then exactly 0, so the wrapper predicts
+            :math:`dW = 0` for it (``direction`` is not asked) until a step updates it again:
+            the state still holds the direction of an *older* step, which is not the last
+            update. False for the generic fallback, which measures the last update
+            (:math:`W_{t-1} - W_t`, 0 for a skipped parameter) and so also covers optimizers
+            that move parameters without a gradient (LBFGS).
     """
 
     name: str
@@ -174,6 +183,7 @@ class Rule:
     settings: Optional[Callable[[Any, int], Dict[str, Any]]] = None
     stationary: bool = False
     signature: Optional[Callable[[Group, State], Any]] = None
+    skips_without_grad: bool = True
 
 
 def step_count(state: State, key: str = "step") -> float:

@@ -42,7 +42,7 @@ def _last_update(group: Group, state: State, w: Tensor, kept: Optional[Kept]) ->
 
 
 FALLBACK = Rule("fallback", _last_update, keep=_keep_weights, after=_to_update, keeps_grad=False, closed_form=False,
-                stationary=True)
+                stationary=True, skips_without_grad=False)
 
 _SMOOTHED_KEYS = ("momentum_buffer", "exp_avg")
 
