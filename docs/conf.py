@@ -1,9 +1,16 @@
-"""Sphinx configuration (no extensions beyond Sphinx itself; builds offline with -W)."""
+"""Sphinx configuration (Sphinx and a bundled MathJax only; builds and renders offline with -W)."""
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import pkgutil
+import re
 import sys
+
+from sphinx.util import logging
+
+logger = logging.getLogger(__name__)
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
@@ -18,6 +25,7 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
+    "sphinx-mathjax-offline",  # copies MathJax into _static: the math renders without a network
 ]
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
@@ -31,14 +39,18 @@ autodoc_preserve_defaults = True
 autodoc_mock_imports: list = []
 suppress_warnings = ["ref.python"]  # re-exported names resolve ambiguously (pipeline_rt.X vs its module)
 nitpicky = False
+# a name re-exported by a package links to its source from its own module's entry only (following
+# the import made viewcode point the source back at the package's anchor, which does not exist)
+viewcode_follow_imported_members = False
 
 html_theme = "alabaster"
 html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_theme_options = {"description": "asynchronous pipeline training with weight prediction"}
 exclude_patterns = ["_build"]
 
-PACKAGES = ("lookahead_opt", "pipeline_rt")
-SKIP = {"pipeline_rt.__main__"}
+PACKAGES = ("lookahead_opt", "pipeline_rt", "pipeoptim_compare")
+SKIP = {"pipeoptim_compare.__main__"}
 
 
 def _modules() -> list:
@@ -53,8 +65,33 @@ def _modules() -> list:
     return out
 
 
+#: packages whose every exported name (``__all__``) must be documented: the build fails otherwise
+EXPORTS_CHECKED = ("lookahead_opt",)
+
+
+def _exports(pkg: str) -> list:
+    """``(name, documented target)`` of every name in ``pkg.__all__``: a class, function or
+    module by its own module and qualified name, anything else by the submodule defining it."""
+    package = importlib.import_module(pkg)
+    out = []
+    for name in getattr(package, "__all__", ()):
+        obj = getattr(package, name)
+        if inspect.ismodule(obj):
+            target = obj.__name__
+        elif getattr(obj, "__module__", None) and getattr(obj, "__qualname__", None):
+            target = f"{obj.__module__}.{obj.__qualname__}"
+        else:
+            assigned = re.compile(rf"^{name}\s*[:=]", re.M)  # where it is defined, not imported
+            home = next((m for m in _modules() if m != pkg and m in sys.modules
+                         and assigned.search(inspect.getsource(sys.modules[m]))), pkg)
+            target = f"{home}.{name}"
+        out.append((name, target))
+    return out
+
+
 def _api_page(app, docname, source):
-    """Replace the ``.. automodules::`` marker of api.rst with one section per module."""
+    """Replace the ``.. automodules::`` marker of api.rst with one section per module; each
+    package's section lists its exported names, linked to where they are documented."""
     if docname != "api" or ".. automodules::" not in source[0]:
         return
     parts = []
@@ -62,8 +99,24 @@ def _api_page(app, docname, source):
         title = f"``{mod}``"
         opts = "   :no-members:\n" if mod in PACKAGES else ""
         parts.append(f"{title}\n{'-' * len(title)}\n\n.. automodule:: {mod}\n{opts}\n")
+        exports = _exports(mod) if mod in PACKAGES else []
+        if exports:
+            links = ", ".join(f":py:obj:`{name} <{target}>`" for name, target in exports)
+            parts.append(f"Exported (``from {mod} import ...``): {links}.\n")
     source[0] = source[0].replace(".. automodules::", "\n".join(parts))
+
+
+def _check_exports(app, env):
+    """A warning (an error under ``-W``) for every exported name of :data:`EXPORTS_CHECKED`
+    that no docstring documents."""
+    documented = env.get_domain("py").objects
+    for pkg in EXPORTS_CHECKED:
+        for name, target in _exports(pkg):
+            if target not in documented:
+                logger.warning(f"{pkg}.{name} is exported but not documented: {target} needs a docstring "
+                               "(or a '#:' comment above it)")
 
 
 def setup(app):
     app.connect("source-read", _api_page)
+    app.connect("env-check-consistency", _check_exports)
