@@ -60,7 +60,7 @@ class Pending(NamedTuple):
     """The statistics of a minibatch's forwards so far (per channel)."""
 
     forwards: int   # micro-batches accumulated
-    count: int      # elements per channel accumulated (rows times spatial size)
+    elements: int   # elements per channel accumulated (rows times spatial size)
     mean: Tensor    # their mean
     m2: Tensor      # their centred sum of squares, sum (x - mean)^2
 
@@ -82,6 +82,9 @@ class DeferredBatchNorm(_BatchNorm):
     """
 
     batch_dependent = False  # handled: see pipeline_rt.guards.batch_dependent
+    running_mean: Tensor  # always tracked (track_running_stats=True)
+    running_var: Tensor
+    num_batches_tracked: Tensor
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, *, chunks: int, device: Optional[torch.device] = None,
@@ -122,17 +125,17 @@ class DeferredBatchNorm(_BatchNorm):
         if p is None:
             p = Pending(1, n_b, mean_b, m2_b)
         else:
-            n = p.count + n_b
+            n = p.elements + n_b
             delta = mean_b - p.mean
             p = Pending(p.forwards + 1, n, p.mean + delta * (n_b / n),
-                        p.m2 + m2_b + delta.square() * (p.count * n_b / n))
+                        p.m2 + m2_b + delta.square() * (p.elements * n_b / n))
         if p.forwards < self.chunks:
             self.pending = p
             return
         self.pending = None
         self.num_batches_tracked.add_(1)
         f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        var = p.m2 / (p.count - 1)
+        var = p.m2 / (p.elements - 1)
         self.running_mean.copy_((1 - f) * self.running_mean + f * p.mean.to(self.running_mean.dtype))
         self.running_var.copy_((1 - f) * self.running_var + f * var.to(self.running_var.dtype))
 
@@ -148,12 +151,13 @@ def convert_deferred_batch_norm(module: nn.Module, chunks: int) -> nn.Module:
     ``module`` itself is a batch norm).
     """
     if isinstance(module, _CONVERTIBLE) and module.track_running_stats:
+        mean, var, tracked = module.running_mean, module.running_var, module.num_batches_tracked
+        assert mean is not None and var is not None and tracked is not None  # track_running_stats
         new = DeferredBatchNorm(module.num_features, module.eps, module.momentum, module.affine, chunks=chunks,
-                                device=module.running_mean.device, dtype=module.running_mean.dtype)
+                                device=mean.device, dtype=mean.dtype)
         if module.affine:
             new.weight, new.bias = module.weight, module.bias
-        new.running_mean, new.running_var = module.running_mean, module.running_var
-        new.num_batches_tracked = module.num_batches_tracked
+        new.running_mean, new.running_var, new.num_batches_tracked = mean, var, tracked
         new.train(module.training)
         return new
     for name, child in list(module.named_children()):
@@ -166,7 +170,7 @@ def convert_deferred_batch_norm(module: nn.Module, chunks: int) -> nn.Module:
 def pending_stats(module: nn.Module) -> Dict[str, Pending]:
     """The partial minibatch of every :class:`DeferredBatchNorm` in ``module`` that has
     one, by module path (``""`` for ``module`` itself); copies, for a checkpoint."""
-    return {name: Pending(p.forwards, p.count, p.mean.clone(), p.m2.clone())
+    return {name: Pending(p.forwards, p.elements, p.mean.clone(), p.m2.clone())
             for name, m in module.named_modules() if isinstance(m, DeferredBatchNorm)
             for p in [m.pending] if p is not None}
 
@@ -183,4 +187,4 @@ def load_pending_stats(module: nn.Module, state: Dict[str, Pending]) -> None:
     for name, m in found.items():
         p = state.get(name)
         m.pending = None if p is None else Pending(
-            p.forwards, p.count, p.mean.to(m.running_mean.device), p.m2.to(m.running_mean.device))
+            p.forwards, p.elements, p.mean.to(m.running_mean.device), p.m2.to(m.running_mean.device))
