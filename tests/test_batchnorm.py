@@ -203,3 +203,18 @@ def test_through_the_pipeline_running_stats_equal_single_device(method):
     for x, _ in batches:
         ref(x)
     _assert_same_stats(pipe.stages[0][0], ref)
+
+
+def test_every_schedule_forwards_a_minibatchs_micro_batches_consecutively():
+    """The ordering DeferredBatchNorm's counting relies on, for every method's shape: at each
+    stage the forwards come in (minibatch, micro-batch) order, so forwards k*chunks+1 ..
+    (k+1)*chunks are exactly minibatch k's."""
+    from pipeline_rt.methods import METHODS
+    from pipeline_rt.schedule import F, build
+    for shape in sorted({m.shape for m in METHODS.values()}):
+        for stages in (1, 2, 3, 4):
+            for chunks in (1, 2, 3, 5):
+                sched = build(shape, stages, 6, chunks)
+                for k in range(stages):
+                    units = [a.unit for a in sched.compute(k) if a.kind == F]
+                    assert units == [(j, m) for j in range(6) for m in range(chunks)], (shape, stages, chunks, k)
