@@ -28,6 +28,7 @@ __all__ = ["batch_dependent", "check_batch_dependent", "loss_reduction", "micro_
 
 REDUCTIONS = ("mean", "sum")
 _EXACT_WITH_ONE_CHUNK = ("sync", "1f1b-flush")
+_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _is_batch_dependent(m: nn.Module) -> bool:
@@ -65,13 +66,13 @@ def batch_dependent(module: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 def _chunks_fix(method_name: str) -> str:
     if method_name in _EXACT_WITH_ONE_CHUNK:
-        return (f"chunks=1: method {method_name!r} then equals single-device training exactly, "
+        return (f"pass chunks=1: method {method_name!r} then equals single-device training exactly, "
                 f"but only one stage works at a time (no pipelining)")
     method = METHODS.get(method_name)
     if method is not None and method.chunks == 1:
-        return f"chunks=1 (the default of method {method_name!r})"
-    return (f"chunks=1: note that for method {method_name!r} this makes every micro-batch its own "
-            f"update (no gradient accumulation), which changes the method")
+        return f"pass chunks=1 (the default of method {method_name!r})"
+    return (f"pass chunks=1 (for method {method_name!r} this makes every micro-batch its own "
+            f"update, without gradient accumulation, which changes the method)")
 
 
 def check_batch_dependent(modules: Sequence[Optional[nn.Module]], chunks: int, method_name: str) -> None:
@@ -97,23 +98,26 @@ def check_batch_dependent(modules: Sequence[Optional[nn.Module]], chunks: int, m
                     f"pipeline_rt.batchnorm.convert_deferred_batch_norm(stage, {chunks}) or set m.chunks = {chunks}")
     if chunks <= 1:
         return
-    for k, module in enumerate(modules):
-        found = [] if module is None else batch_dependent(module)
-        if not found:
-            continue
-        listed = ", ".join(f"{_where(name)} ({type(m).__name__})" for name, m in found)
-        fixes = [_chunks_fix(method_name)]
-        if any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and m.track_running_stats
-               for _, m in found):
-            fixes.append(f"stages[{k}] = pipeline_rt.batchnorm.convert_deferred_batch_norm(stages[{k}], {chunks}) "
-                         f"for its BatchNorm1d/2d/3d: running statistics exactly those of single-device training, "
-                         f"training-mode normalisation per micro-batch")
-        fixes.append("set `batch_dependent = False` on each such module to accept its per-micro-batch behaviour")
-        raise ValueError(
-            f"stage {k} holds batch-dependent modules: {listed}. Method {method_name!r} splits each minibatch "
-            f"into {chunks} micro-batches, so in training mode they would normalise over (or update running "
-            f"statistics from) each micro-batch instead of the whole minibatch, silently differing from "
-            f"single-device training. Fixes: " + "; or ".join(fixes) + ". See docs/batch_dependent.rst.")
+    found = {k: batch_dependent(module) for k, module in enumerate(modules) if module is not None}
+    found = {k: f for k, f in found.items() if f}
+    if not found:
+        return
+    listed = "; ".join(f"stage {k} holds " + ", ".join(f"{_where(name)} ({type(m).__name__})" for name, m in f)
+                       for k, f in found.items())
+    fixes = [_chunks_fix(method_name)]
+    convertible = [k for k, f in found.items()
+                   if any(isinstance(m, _CONVERTIBLE) and m.track_running_stats for _, m in f)]
+    if convertible:
+        target = f"stages[{convertible[0]}]" if len(convertible) == 1 else "each of stages " + str(convertible)
+        fixes.append(f"convert the BatchNorm1d/2d/3d of {target}: stages[k] = "
+                     f"pipeline_rt.batchnorm.convert_deferred_batch_norm(stages[k], {chunks}) (running statistics "
+                     f"exactly those of single-device training, training-mode normalisation per micro-batch)")
+    fixes.append("set `batch_dependent = False` on each such module to accept its per-micro-batch behaviour")
+    raise ValueError(
+        f"batch-dependent modules: {listed}. Method {method_name!r} splits each minibatch into {chunks} "
+        f"micro-batches, so in training mode they would normalise over (or update running statistics from) "
+        f"each micro-batch instead of the whole minibatch, silently differing from single-device training. "
+        f"Fixes: " + "; or ".join(fixes) + ". See docs/batch_dependent.rst.")
 
 
 def _where(name: str) -> str:

@@ -60,12 +60,23 @@ def test_check_batch_dependent_names_module_stage_and_fixes():
     with pytest.raises(ValueError) as e:
         check_batch_dependent(_stages(), 4, "sync")
     msg = str(e.value)
-    for part in ("stage 1 holds batch-dependent modules", "module '1.0' (BatchNorm1d)", "'sync'",
+    for part in ("batch-dependent modules: stage 1 holds module '1.0' (BatchNorm1d).", "'sync'",
                  "4 micro-batches", "chunks=1", "equals single-device training exactly",
-                 "pipeline_rt.batchnorm.convert_deferred_batch_norm(stages[1], 4)",
+                 "convert the BatchNorm1d/2d/3d of stages[1]: stages[k] = "
+                 "pipeline_rt.batchnorm.convert_deferred_batch_norm(stages[k], 4)",
                  "batch_dependent = False", "docs/batch_dependent.rst"):
         assert part in msg, (part, msg)
     assert "stage 0" not in msg
+
+
+def test_check_batch_dependent_names_every_stage():
+    stages = _stages() + [nn.Sequential(nn.Linear(2, 2), RowMixer()), nn.BatchNorm1d(2)]
+    with pytest.raises(ValueError) as e:
+        check_batch_dependent(stages, 2, "1f1b-flush")
+    msg = str(e.value)
+    assert ("stage 1 holds module '1.0' (BatchNorm1d); stage 2 holds module '1' (RowMixer); "
+            "stage 3 holds the stage module itself (BatchNorm1d).") in msg
+    assert "convert the BatchNorm1d/2d/3d of each of stages [1, 3]" in msg
 
 
 def test_check_batch_dependent_fix_depends_on_method_and_module():
