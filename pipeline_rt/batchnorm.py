@@ -113,7 +113,7 @@ class DeferredBatchNorm(_BatchNorm):
         return out
 
     def _accumulate(self, x: Tensor) -> None:
-        """Merge this micro-batch's per-channel (count, mean, M2) into :attr:`pending`;
+        """Merge this micro-batch's per-channel (elements, mean, M2) into :attr:`pending`;
         commit after the ``chunks``-th."""
         acc = torch.promote_types(torch.promote_types(x.dtype, torch.float32), self.running_mean.dtype)
         x = x.to(acc)
@@ -134,7 +134,8 @@ class DeferredBatchNorm(_BatchNorm):
             return
         self.pending = None
         self.num_batches_tracked.add_(1)
-        f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        # momentum None: f = 1 / num_batches_tracked, kept on the device (no host sync)
+        f = self.num_batches_tracked.to(p.mean.dtype).reciprocal() if self.momentum is None else self.momentum
         var = p.m2 / (p.elements - 1)
         self.running_mean.copy_((1 - f) * self.running_mean + f * p.mean.to(self.running_mean.dtype))
         self.running_var.copy_((1 - f) * self.running_var + f * var.to(self.running_var.dtype))
