@@ -112,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             for opt in args.optimizers.split(","):
                 by = results.setdefault((task, depth, opt), {})
                 for m in methods:
-                    r = run_one(task, m, opt, probe.lr[opt], depth, [args.device] * depth, epochs, args.seed,
+                    r = run_one(probe, m, opt, probe.lr[opt], depth, [args.device] * depth, epochs, args.seed,
                                 args.minibatches)
                     by[m] = r
                     print(f"{task:8s} depth {depth} {opt:6s} {m:11s} eval loss {r.eval_loss:.3f} "

@@ -6,19 +6,22 @@ the seven methods (``sync``, ``1f1b-flush``, ``async``, ``pipedream``, ``2bw``,
 ``loss_curves.png``, ``results.md`` and ``results.csv`` into ``./runs/compare-<time>``.
 
 Every run starts from the same initial weights and sees the same minibatches in the same
-order (the task is rebuilt from its seed), so the columns differ only by method.
+order (the task is built once from ``--seed`` and copied for every run, which is also seeded),
+so the columns differ only by method.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import math
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -26,9 +29,9 @@ from torch import nn
 from pipeline_rt import Pipeline
 from pipeline_rt.methods import METHODS, get_method
 
-from .tasks import TASKS, Task, evaluate, get_task
+from .tasks import TASKS, EntryPointError, Task, entry_parts, evaluate, get_task
 
-__all__ = ["main", "compare", "RunResult", "OPTIMIZERS", "METHOD_NAMES"]
+__all__ = ["main", "compare", "load_task", "run_one", "RunResult", "OPTIMIZERS", "METHOD_NAMES"]
 
 #: the methods of the docs' method table (:doc:`methods`), run by default; ``--methods`` accepts any name in ``METHODS``
 METHOD_NAMES = ("sync", "1f1b-flush", "async", "pipedream", "2bw", "spectrain", "pipeoptim")
@@ -77,14 +80,15 @@ def _devices(spec: str, depth: int) -> List[str]:
     return devs
 
 
-def run_one(task_name: str, method: str, optimizer: str, lr: float, depth: int, devices: List[str],
+def run_one(task: Task, method: str, optimizer: str, lr: float, depth: int, devices: List[str],
             epochs: int, seed: int = 0, minibatches: Optional[int] = None) -> RunResult:
-    """Build the task from its seed, train it with one method and optimizer, measure.
+    """Train a copy of ``task``'s model with one method and optimizer, measure.
 
+    The task is not changed, so every run on it starts from the same weights; the run seeds
+    torch from ``seed`` (dropout and other randomness in training repeat across methods).
     ``minibatches`` keeps only the first that many minibatches of each epoch.
     """
-    task = get_task(task_name, depth=depth, seed=seed)
-    stages = task.split(depth)
+    stages = copy.deepcopy(task.split(depth))
     for st, dev in zip(stages, devices):
         st.to(dev)
     make = OPTIMIZERS[optimizer]
@@ -92,6 +96,7 @@ def run_one(task_name: str, method: str, optimizer: str, lr: float, depth: int, 
     pipe = Pipeline(stages, devices, lambda ps: make(list(ps), lr), task.loss_fn, method=method,
                     track_error=predicts)
     batches = list(task.batches)[:minibatches] * epochs
+    torch.manual_seed(seed)
     t0 = time.perf_counter()
     losses = [float(x) for x in pipe.train(batches)]
     elapsed = time.perf_counter() - t0
@@ -106,6 +111,9 @@ def run_one(task_name: str, method: str, optimizer: str, lr: float, depth: int, 
     return RunResult(method, optimizer, lr, losses, final, ev_loss, ev_metric,
                      1000 * elapsed / len(batches), mb, errors)
 
+
+#: columns of the printed table and notes (the full table goes to results.md)
+WIDTH = 100
 
 #: printed under the table: what its time column includes
 TIMING_NOTE = ("ms/minibatch: wall time of train() here. For the predicting methods it includes measuring the "
@@ -122,13 +130,36 @@ def _per_stage(xs: Sequence[Optional[float]], spec: str) -> str:
 
 
 def table_rows(results: Sequence[RunResult], metric_name: str) -> List[List[str]]:
-    """Header plus one row per run (strings), in the order of ``results``."""
+    """Header plus one row per run (strings), in the order of ``results``: every column,
+    per stage ones included (``results.md`` and ``results.csv``)."""
     rows = [["optimizer", "method", "lr", "train loss", "eval loss", metric_name, "ms/minibatch",
              "weight MB per stage", "pred. error per stage"]]
     for r in results:
         rows.append([r.optimizer, r.method, f"{r.lr:g}", _fmt(r.final_loss), _fmt(r.eval_loss), _fmt(r.metric),
                      _fmt(r.ms_per_minibatch, ".1f"), _per_stage(r.weight_mb, ".2f"),
                      _per_stage(r.pred_error, ".2f")])
+    return rows
+
+
+def _mean(xs: Sequence[Optional[float]]) -> Optional[float]:
+    known = [x for x in xs if x is not None]
+    return sum(known) / len(known) if known else None
+
+
+def _short(x: Optional[float]) -> str:
+    """Three significant digits, at most two decimals (``0.52``, ``12.3``, ``12346``)."""
+    return _fmt(x, ".2f" if x is None or abs(x) < 10 else ".1f" if abs(x) < 100 else ".0f")
+
+
+def terminal_rows(results: Sequence[RunResult], metric_name: str) -> List[List[str]]:
+    """The printed table: :func:`table_rows` with the per-stage columns summed (weight MB of
+    all stages) or averaged (prediction error over the stages that predict), so that it fits in
+    :data:`WIDTH` columns at any depth."""
+    rows = [["opt", "method", "lr", "train loss", "eval loss", metric_name, "ms/mb", "weight MB", "pred. err"]]
+    for r in results:
+        rows.append([r.optimizer, r.method, f"{r.lr:g}", _fmt(r.final_loss), _fmt(r.eval_loss), _fmt(r.metric),
+                     _short(r.ms_per_minibatch), _short(sum(r.weight_mb) if r.weight_mb else None),
+                     _fmt(_mean(r.pred_error), ".2f")])
     return rows
 
 
@@ -158,37 +189,65 @@ def _smooth(xs: Sequence[float], k: int) -> List[float]:
     return out
 
 
-def plot(results: Sequence[RunResult], path: Path, title: str) -> None:
-    """Training-loss curves, one panel per optimizer, one line per method (PNG)."""
+#: colour and line style per method in the plot (others: matplotlib's colour cycle, solid)
+STYLES = {"sync": ("k", "-"), "1f1b-flush": ("0.55", "--"), "async": ("tab:orange", ":"),
+          "pipedream": ("tab:red", "-"), "2bw": ("tab:purple", "-."), "spectrain": ("tab:green", "--"),
+          "pipeoptim": ("tab:blue", "-"), "pipeoptim-cal": ("tab:cyan", "--"),
+          "pipeoptim-rollout": ("tab:pink", "-."), "pipeoptim-calroll": ("tab:brown", "-")}
+
+
+def figure(results: Sequence[RunResult], title: str, metric_name: str) -> Any:
+    """The comparison figure: per optimizer, a column of two panels: the training-loss curves
+    (one line per method) and the held-out metric per method (the held-out loss where the task
+    has no metric; the panel is left out without held-out data). Returns the matplotlib figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     opts = list(dict.fromkeys(r.optimizer for r in results))
-    fig, axes = plt.subplots(1, len(opts), figsize=(4.2 * len(opts), 3.4), squeeze=False, sharey=True)
-    styles = {"sync": ("k", "-"), "1f1b-flush": ("0.55", "--"), "async": ("tab:orange", ":"),
-              "pipedream": ("tab:red", "-"), "2bw": ("tab:purple", "-."), "spectrain": ("tab:green", "--"),
-              "pipeoptim": ("tab:blue", "-"), "pipeoptim-cal": ("tab:cyan", "--")}
-    for ax, opt in zip(axes[0], opts):
-        for r in results:
-            if r.optimizer != opt:
-                continue
-            color, ls = styles.get(r.method, (None, "-"))
+    methods = list(dict.fromkeys(r.method for r in results))
+    use_metric = any(r.metric is not None for r in results)
+    held = use_metric or any(r.eval_loss is not None for r in results)
+    fig, axes = plt.subplots(2 if held else 1, len(opts), figsize=(max(6.4, 4.2 * len(opts)), 6.4 if held else 3.8),
+                             squeeze=False, sharey="row", layout="constrained")
+    colors = {m: STYLES.get(m, (f"C{i % 10}", "-")) for i, m in enumerate(methods)}
+    for j, opt in enumerate(opts):
+        mine = [r for r in results if r.optimizer == opt]
+        ax = axes[0][j]
+        for r in mine:
+            color, ls = colors[r.method]
             k = max(1, len(r.losses) // 25)
             ax.plot(_smooth(r.losses, k), label=r.method, color=color, linestyle=ls, linewidth=1.4)
-        ax.set_title(f"{opt}")
+        ax.set_title(opt)
         ax.set_xlabel("minibatch")
         ax.grid(alpha=0.3)
+        if held:
+            bars = axes[1][j]
+            values = [(r.metric if use_metric else r.eval_loss) for r in mine]
+            bars.bar(range(len(mine)), [v if v is not None else 0.0 for v in values],
+                     color=[colors[r.method][0] for r in mine])
+            bars.set_xticks(range(len(mine)), [r.method for r in mine], rotation=45, ha="right", fontsize=8)
+            bars.grid(alpha=0.3, axis="y")
     axes[0][0].set_ylabel("training loss (moving average)")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    if held:
+        axes[1][0].set_ylabel(f"held-out {metric_name if use_metric else 'loss'}")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=8)
+    fig.suptitle("\n".join(textwrap.wrap(title, width=int(11 * fig.get_figwidth()))), fontsize=10)
+    return fig
+
+
+def plot(results: Sequence[RunResult], path: Path, title: str, metric_name: str = "metric") -> None:
+    """:func:`figure`, saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results, title, metric_name)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _run_all(task: str, depth: int, methods: Sequence[str], optimizers: Sequence[str], epochs: int,
-             lr: Optional[float], devs: List[str], seed: int, progress: bool, probe: Task,
+def _run_all(task: Task, depth: int, methods: Sequence[str], optimizers: Sequence[str], epochs: int,
+             lr: Optional[float], devs: List[str], seed: int, progress: bool,
              minibatches: Optional[int]) -> List[RunResult]:
     from tqdm import tqdm
 
@@ -197,25 +256,47 @@ def _run_all(task: str, depth: int, methods: Sequence[str], optimizers: Sequence
     bar = tqdm(jobs, desc="compare", unit="run", disable=not progress, file=sys.stderr)
     for o, m in bar:
         bar.set_postfix_str(f"{o} {m}")
-        rate = lr if lr is not None else probe.lr.get(o, 1e-3)
+        rate = lr if lr is not None else task.lr.get(o, 1e-3)
         results.append(run_one(task, m, o, rate, depth, devs, epochs, seed, minibatches))
     bar.close()
     return results
 
 
-def compare(task: str = "teacher", depth: int = 8, methods: Sequence[str] = METHOD_NAMES,
+#: pipeline depth when neither ``--depth`` nor a list of stages gives one
+DEFAULT_DEPTH = 8
+
+
+def load_task(name: str, depth: Optional[int] = None, seed: int = 0) -> Tuple[Task, int]:
+    """The task ``name`` (built-in, or an entry point ``module:function``) built from ``seed``,
+    and the pipeline depth: ``depth``, else the number of stages an entry point returned, else
+    :data:`DEFAULT_DEPTH`. Raises :class:`EntryPointError` when they cannot agree."""
+    task = get_task(name, depth=depth or DEFAULT_DEPTH, seed=seed)
+    if task.stages is not None:
+        if depth not in (None, len(task.stages)):
+            raise EntryPointError(f"--depth {depth}, but {name} returned {len(task.stages)} stages; drop --depth "
+                                  f"(a list of stages sets the depth) or return {depth} stages")
+        return task, len(task.stages)
+    depth = depth or DEFAULT_DEPTH
+    if depth > len(task.model):
+        raise EntryPointError(f"--depth {depth}, but the nn.Sequential of {name} has {len(task.model)} children "
+                              f"(stages are cut between children); give --depth {len(task.model)} or less")
+    return task, depth
+
+
+def compare(task: str = "teacher", depth: Optional[int] = None, methods: Sequence[str] = METHOD_NAMES,
             optimizers: Sequence[str] = tuple(OPTIMIZERS), epochs: Optional[int] = None,
             lr: Optional[float] = None, devices: str = "cpu", out: Optional[Path] = None,
             seed: int = 0, progress: bool = True, threads: Optional[int] = None,
             minibatches: Optional[int] = None) -> List[RunResult]:
-    """Run every (optimizer, method) pair and write the table and plot into ``out``.
+    """Run every (optimizer, method) pair on one build of ``task`` (see :func:`load_task` for
+    ``depth``) and write the table, the plot and the losses into ``out``.
 
     ``threads`` sets ``torch.set_num_threads`` for the run (default: 1 when every stage is
     on the CPU: the built-in models are small, and one process runs the stages one after
     another, so intra-op threads only add overhead and contention); the previous setting
     is restored on return. ``minibatches`` keeps the first that many of each epoch.
     """
-    probe = get_task(task, depth=depth, seed=seed)
+    probe, depth = load_task(task, depth, seed)
     epochs = epochs or probe.epochs
     devs = _devices(devices, depth)
     out = Path(out) if out else Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
@@ -226,26 +307,28 @@ def compare(task: str = "teacher", depth: int = 8, methods: Sequence[str] = METH
     if threads:
         torch.set_num_threads(threads)
     try:
-        results = _run_all(task, depth, methods, optimizers, epochs, lr, devs, seed, progress, probe, minibatches)
+        results = _run_all(probe, depth, methods, optimizers, epochs, lr, devs, seed, progress, minibatches)
     finally:
         torch.set_num_threads(old_threads)
-    rows = table_rows(results, probe.metric_name if probe.metric else "metric")
-    (out / "results.md").write_text(
+    metric_name = probe.metric_name if probe.metric else "metric"
+    rows = table_rows(results, metric_name)
+    written = [out / "results.md", out / "results.csv", out / "losses.csv", out / "loss_curves.png"]
+    written[0].write_text(
         f"# pipeoptim compare: task {task}, depth {depth}, {epochs} epoch(s) of "
         f"{len(probe.batches[:minibatches])} minibatches, "
-        f"devices {devices}\n\n" + markdown(rows) + "\n\n" + TIMING_NOTE + "\n", encoding="utf-8")
-    with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
+        f"devices {devices}, seed {seed}\n\n" + markdown(rows) + "\n\n" + TIMING_NOTE + "\n", encoding="utf-8")
+    with open(written[1], "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows(rows)
-    with open(out / "losses.csv", "w", newline="", encoding="utf-8") as f:
+    with open(written[2], "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["optimizer", "method", "minibatch", "loss"])
         for r in results:
             w.writerows([r.optimizer, r.method, i, f"{x:.6g}"] for i, x in enumerate(r.losses))
-    plot(results, out / "loss_curves.png",
-         f"task {task}, {depth} stages, {epochs} epoch(s); same data and initial weights for every method")
-    print(plain(rows))
-    print("\n" + TIMING_NOTE)
-    print(f"\nwrote {out / 'loss_curves.png'}, {out / 'results.md'}, {out / 'results.csv'}")
+    plot(results, written[3], f"task {task}, {depth} stages, {epochs} epoch(s), seed {seed}; same data and "
+         f"initial weights for every method", metric_name)
+    print(plain(terminal_rows(results, metric_name)))
+    print("\n" + textwrap.fill(TIMING_NOTE + " Per-stage columns: results.md.", WIDTH))
+    print("\nwrote:\n" + "\n".join(f"  {p}" for p in written))
     return results
 
 
@@ -259,25 +342,50 @@ def _csv_list(choices: Sequence[str]) -> Callable[[str], List[str]]:
     return parse
 
 
+DESCRIPTION = ("Train one task with every pipeline method and optimizer, side by side: a table, "
+               "loss curves and the held-out metric.")
+EPILOG = ("Every run starts from the same initial weights and data (built once from --seed). "
+          "Outputs: results.md, results.csv, losses.csv and loss_curves.png in --out.")
+
+
+def _positive(s: str) -> int:
+    n = int(s)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return n
+
+
+def _entry(spec: str) -> str:
+    try:
+        entry_parts(spec)
+    except EntryPointError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--entry ")) from None
+    return spec
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``pipeoptim`` argument parser."""
-    p = argparse.ArgumentParser(prog="pipeoptim", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="pipeoptim", description=DESCRIPTION)
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("compare", help="train a task with every method and optimizer; table + plot")
-    c.add_argument("--task", default="teacher", help=f"built-in task ({', '.join(TASKS)}) [teacher]")
-    c.add_argument("--entry", metavar="MODULE:FUNCTION",
-                   help="your own task: a function returning (model_or_stages, batches[, loss_fn])")
-    c.add_argument("--depth", type=int, default=8, help="pipeline stages [8]")
+    c = sub.add_parser("compare", help="train a task with every method and optimizer; table + plot",
+                       description=DESCRIPTION, epilog=EPILOG)
+    which = c.add_mutually_exclusive_group()
+    which.add_argument("--task", choices=sorted(TASKS), help="built-in task [teacher]")
+    which.add_argument("--entry", metavar="MODULE:FUNCTION", type=_entry,
+                       help="your own task: a function in MODULE (in the current folder or on PYTHONPATH) "
+                            "returning (model, batches[, loss_fn[, eval_batches]]) or a dict with those keys")
+    c.add_argument("--depth", type=_positive, default=None,
+                   help=f"pipeline stages [{DEFAULT_DEPTH}; a list of stages from --entry sets it]")
     c.add_argument("--methods", type=_csv_list(tuple(METHODS)), default=list(METHOD_NAMES),
                    help=f"comma-separated, from {', '.join(METHODS)} [the first seven]")
     c.add_argument("--optimizers", type=_csv_list(tuple(OPTIMIZERS)), default=list(OPTIMIZERS),
                    help="comma-separated optimizers [sgd,adam,adamw]")
-    c.add_argument("--epochs", type=int, default=None, help="epochs [the task's default]")
-    c.add_argument("--minibatches", type=int, default=None, help="use only the first N minibatches of each epoch")
+    c.add_argument("--epochs", type=_positive, default=None, help="epochs [the task's default]")
+    c.add_argument("--minibatches", type=_positive, default=None, help="use only the first N minibatches of each epoch")
     c.add_argument("--lr", type=float, default=None, help="learning rate for every optimizer [the task's per optimizer]")
     c.add_argument("--devices", default="cpu", help="one device for all stages, or one per stage, comma-separated [cpu]")
     c.add_argument("--out", type=Path, default=None, help="output folder [runs/compare-<time>]")
-    c.add_argument("--seed", type=int, default=0, help="seed of data and initial weights [0]")
+    c.add_argument("--seed", type=int, default=0, help="seed of data, initial weights and training (every task, --entry included) [0]")
     c.add_argument("--threads", type=int, default=None, help="torch intra-op threads [1 on CPU]")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -287,10 +395,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point (``pipeoptim`` and ``python -m pipeoptim_compare``)."""
     args = build_parser().parse_args(argv)
     if args.command == "compare":
-        compare(task=args.entry or args.task, depth=args.depth, methods=args.methods,
-                optimizers=args.optimizers, epochs=args.epochs, lr=args.lr, devices=args.devices,
-                out=args.out, seed=args.seed, progress=not args.no_progress,
-                threads=args.threads, minibatches=args.minibatches)
+        try:
+            compare(task=args.entry or args.task or "teacher", depth=args.depth, methods=args.methods,
+                    optimizers=args.optimizers, epochs=args.epochs, lr=args.lr, devices=args.devices,
+                    out=args.out, seed=args.seed, progress=not args.no_progress,
+                    threads=args.threads, minibatches=args.minibatches)
+        except EntryPointError as e:
+            print(f"pipeoptim compare: error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -18,16 +18,21 @@ Built-in tasks (see :data:`TASKS`):
 
 Users register their own with :func:`register_task`, or point the command line at an entry
 point ``module:function`` (see :func:`from_entry_point`) that returns
-``(model_or_stages, batches)`` or ``(model_or_stages, batches, loss_fn)``.
+``(model_or_stages, batches[, loss_fn[, eval_batches]])`` or a dict with those keys.
 """
 from __future__ import annotations
 
 import importlib
 import math
+import os
+import random
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -35,11 +40,13 @@ from torch import Tensor, nn
 from pipeline_rt.partition import split_by_balance
 
 __all__ = [
-    "Task", "TASKS", "register_task", "get_task", "from_entry_point", "evaluate",
+    "Task", "TASKS", "register_task", "get_task", "from_entry_point", "EntryPointError", "evaluate",
     "corpus_text", "CharTransformerBlock", "render_shapes", "SHAPES",
 ]
 
 Batch = Tuple[Tensor, Tensor]
+#: held-out data: one ``(inputs, targets)`` pair (evaluated in chunks) or a list of minibatches
+EvalData = Union[Batch, List[Batch]]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 DATA = Path(__file__).with_name("data")
@@ -54,7 +61,7 @@ class Task:
         model: the full model; its children are the units that stages are made of.
         batches: one epoch of training minibatches ``(input, target)``.
         loss_fn: ``loss_fn(output, target) -> scalar tensor``.
-        eval_data: held-out ``(input, target)`` or ``None``.
+        eval_data: held-out ``(inputs, targets)``, a list of such minibatches, or ``None``.
         metric: ``metric(output, target) -> float`` on held-out data (e.g. accuracy), or ``None``.
         metric_name: how to label the metric in tables.
         lr: default learning rate per optimizer name (``"sgd"``, ``"adam"``, ``"adamw"``).
@@ -67,7 +74,7 @@ class Task:
     model: nn.Sequential
     batches: List[Batch]
     loss_fn: LossFn
-    eval_data: Optional[Batch] = None
+    eval_data: Optional[EvalData] = None
     metric: Optional[Callable[[Tensor, Tensor], float]] = None
     metric_name: str = "accuracy"
     lr: Dict[str, float] = field(default_factory=lambda: {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3})
@@ -109,7 +116,7 @@ def register_task(name: str) -> Callable[[TaskFn], TaskFn]:
 def get_task(name: str, depth: int = 8, seed: int = 0, **options: Any) -> Task:
     """Build a registered task (or an entry point ``module:function``)."""
     if ":" in name:
-        return from_entry_point(name, depth=depth, seed=seed)
+        return from_entry_point(name, seed=seed)
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)} or give module:function")
     return TASKS[name](depth=depth, seed=seed, **options)
@@ -402,59 +409,159 @@ def denoise_task(depth: int = 8, seed: int = 0, *, blocks: int = 8, channels: in
 # ----------------------------------------------------------------------------- user tasks
 
 
-def from_entry_point(spec: str, depth: Optional[int] = None, seed: int = 0) -> Task:
-    """A task from a user function ``"package.module:function"``.
+class EntryPointError(ValueError):
+    """A ``--entry module:function`` that cannot be loaded or returns the wrong thing; the
+    message names the problem and the fix (``pipeoptim`` prints it without a traceback)."""
 
-    The function is called with no arguments and returns ``(model, batches)`` or
-    ``(model, batches, loss_fn)``:
+
+#: what an entry point returns, as a tuple in this order or as a dict with these keys
+ENTRY_FIELDS = ("model", "batches", "loss_fn", "eval_batches")
+ENTRY_FORM = ("(model, batches[, loss_fn[, eval_batches]]) or a dict with the keys model, batches and "
+              "optionally loss_fn, eval_batches, metric")
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's, Python's and NumPy's global generators inside; restore them after."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def entry_parts(spec: str) -> Tuple[str, str]:
+    """``(module, function)`` of an entry point ``"module:function"``; :class:`EntryPointError` otherwise."""
+    mod_name, _, fn_name = spec.partition(":")
+    if not mod_name or not fn_name:
+        raise EntryPointError(f"--entry must look like 'module:function' (e.g. mytask:build), got {spec!r}")
+    return mod_name, fn_name
+
+
+def _load_entry(spec: str) -> Callable[[], Any]:
+    mod_name, fn_name = entry_parts(spec)
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)  # as `python -m` does: a module in the current folder is found
+    try:
+        module = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (mod_name == e.name or mod_name.startswith(e.name + ".")):
+            raise EntryPointError(
+                f"--entry {spec}: no module {mod_name!r} in the current folder ({cwd}) or on PYTHONPATH; "
+                f"run from the folder that holds {mod_name.replace('.', '/')}.py or add that folder to "
+                f"PYTHONPATH") from None
+        raise EntryPointError(f"--entry {spec}: importing {mod_name!r} failed: {e}") from None
+    finally:
+        sys.path.remove(cwd)
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                       and getattr(v, "__module__", None) == module.__name__)
+        what = "is not a function" if fn is not None else "does not exist"
+        raise EntryPointError(f"--entry {spec}: {mod_name}.{fn_name} {what}; functions defined in "
+                              f"{module.__file__}: {', '.join(found) or 'none'}")
+    return fn
+
+
+def _entry_fields(spec: str, out: Any) -> Dict[str, Any]:
+    if isinstance(out, dict):
+        unknown = set(out) - set(ENTRY_FIELDS) - {"metric"}
+        if unknown or not {"model", "batches"} <= set(out):
+            problem = (f"unknown keys {sorted(unknown)}" if unknown
+                       else f"missing keys {sorted({'model', 'batches'} - set(out))}")
+            raise EntryPointError(f"--entry {spec} returned a dict with {problem}; return {ENTRY_FORM}")
+        return dict(out)
+    if isinstance(out, tuple) and 2 <= len(out) <= len(ENTRY_FIELDS):
+        return dict(zip(ENTRY_FIELDS, out))
+    got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
+    raise EntryPointError(f"--entry {spec} returned {got}; return {ENTRY_FORM}")
+
+
+def _batch_list(spec: str, key: str, batches: Any) -> List[Batch]:
+    try:
+        out = list(batches)
+    except TypeError:
+        raise EntryPointError(f"--entry {spec}: {key} must be an iterable of (input, target) pairs, got "
+                              f"{type(batches).__name__}") from None
+    bad = next((b for b in out if not (isinstance(b, (tuple, list)) and len(b) == 2)), None)
+    if not out or bad is not None:
+        got = "nothing" if not out else f"an item of type {type(bad).__name__}"
+        raise EntryPointError(f"--entry {spec}: {key} must hold (input, target) pairs, got {got}")
+    return [(b[0], b[1]) for b in out]
+
+
+def from_entry_point(spec: str, seed: int = 0) -> Task:
+    """A task from a user function ``"package.module:function"`` (found in the current folder
+    or on ``PYTHONPATH``).
+
+    The function is called with no arguments, with torch's, Python's and NumPy's global
+    generators seeded from ``seed`` (and restored afterwards), so that initial weights and
+    data drawn from them follow ``--seed``. It returns ``(model, batches)``, ``(model, batches, loss_fn)``,
+    ``(model, batches, loss_fn, eval_batches)`` or a dict with those keys (``model`` and
+    ``batches`` required) and optionally ``metric``:
 
     * ``model``: an ``nn.Sequential`` (cut into ``depth`` stages by child count) or a list
       of stage modules (the depth is then their number);
     * ``batches``: an iterable of ``(input, target)`` minibatches (one epoch);
-    * ``loss_fn``: ``loss_fn(output, target)``; default cross-entropy.
+    * ``loss_fn``: ``loss_fn(output, target)``; default cross-entropy;
+    * ``eval_batches``: held-out ``(input, target)`` minibatches: their loss (and ``metric``)
+      is reported after training;
+    * ``metric``: ``metric(output, target) -> float`` on held-out minibatches (e.g. accuracy).
 
-    No held-out metric is computed for entry points.
+    Raises :class:`EntryPointError` naming the mistake: no such module or function, or a
+    return value of the wrong form.
     """
-    mod_name, _, fn_name = spec.partition(":")
-    if not mod_name or not fn_name:
-        raise ValueError(f"entry point must look like 'module:function', got {spec!r}")
-    fn = getattr(importlib.import_module(mod_name), fn_name)
-    out = fn()
-    if not isinstance(out, tuple) or len(out) not in (2, 3):
-        raise TypeError(f"{spec} must return (model, batches) or (model, batches, loss_fn), got {type(out).__name__}")
-    model, batches = out[0], list(out[1])
-    loss_fn: LossFn = out[2] if len(out) == 3 else F.cross_entropy
+    fn = _load_entry(spec)
+    with _seeded(seed):
+        fields = _entry_fields(spec, fn())
+    model = fields["model"]
     stages: Optional[List[nn.Module]] = None
-    if isinstance(model, (list, tuple)):
+    if isinstance(model, (list, tuple)) and model and all(isinstance(m, nn.Module) for m in model):
         stages = list(model)
         model = nn.Sequential(*stages)
     elif not isinstance(model, nn.Sequential):
-        raise TypeError(f"{spec} must return an nn.Sequential or a list of stage modules, got {type(model).__name__}")
-    if not batches:
-        raise ValueError(f"{spec} returned no batches")
-    return Task(spec, model, batches, loss_fn, stages=stages)
+        raise EntryPointError(f"--entry {spec}: model must be an nn.Sequential (cut into --depth stages) or a "
+                              f"list of stage modules, got {type(model).__name__}")
+    batches = _batch_list(spec, "batches", fields["batches"])
+    eval_batches = fields.get("eval_batches")
+    held = _batch_list(spec, "eval_batches", eval_batches) if eval_batches is not None else None
+    metric = fields.get("metric")
+    name = getattr(metric, "__name__", "")
+    return Task(spec, model, batches, fields.get("loss_fn") or F.cross_entropy, held, metric,
+                metric_name=name if name.isidentifier() else "metric", stages=stages)
 
 
-def evaluate(stages: Sequence[nn.Module], data: Batch, loss_fn: LossFn,
+def evaluate(stages: Sequence[nn.Module], data: EvalData, loss_fn: LossFn,
              metric: Optional[Callable[[Tensor, Tensor], float]] = None,
              devices: Optional[Sequence[Union[str, torch.device]]] = None,
              batch_size: int = 512) -> Tuple[float, Optional[float]]:
-    """Held-out ``(loss, metric)`` of the stages run in sequence (each on its device)."""
-    x_all, y_all = data
+    """Held-out ``(loss, metric)`` of the stages run in sequence (each on its device), means
+    weighted by rows. ``data`` is one ``(inputs, targets)`` pair, run in chunks of
+    ``batch_size`` rows, or a list of such minibatches."""
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
+        x_all, y_all = data
+        chunks: List[Batch] = [(x_all[i:i + batch_size], y_all[i:i + batch_size])
+                               for i in range(0, len(x_all), batch_size)]
+    else:
+        chunks = list(data)
     total, count, outs = 0.0, 0, []
     was = [m.training for m in stages]
     for m in stages:
         m.eval()
     try:
         with torch.no_grad():
-            for i in range(0, len(x_all), batch_size):
-                h: Any = x_all[i:i + batch_size]
+            for x, y in chunks:
+                h: Any = x
                 for k, m in enumerate(stages):
-                    dev = torch.device(devices[k]) if devices is not None else None
-                    if dev is not None:
-                        h = h.to(dev)
+                    if devices is not None:
+                        h = h.to(torch.device(devices[k]))
                     h = m(h)
-                y = y_all[i:i + batch_size].to(h.device)
+                y = y.to(h.device)
                 total += float(loss_fn(h, y)) * len(y)
                 count += len(y)
                 if metric is not None:

@@ -1,6 +1,6 @@
 """Shared helpers of the predictor tests (calibrated, roll-out, calibrated roll-out).
 
-Imported by the test modules; ``float64`` is an autouse fixture there.
+Imported by the test modules, which run in float64 (the ``float64`` fixture of conftest.py).
 """
 from __future__ import annotations
 
@@ -18,11 +18,10 @@ SGDM: Callable = lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)  # noqa: 
 
 
 @pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
+def float64(float64):
+    """conftest's ``float64``, autouse in a module that imports this name (the older form of
+    ``pytestmark = pytest.mark.usefixtures("float64")``, still used by test_rules_no_grad)."""
     yield
-    torch.set_default_dtype(old)
 
 
 def params(seed: int = 0) -> List[nn.Parameter]:

@@ -8,7 +8,9 @@ from torch import nn
 
 from lookahead_opt import PredictiveOptimizer
 from lookahead_opt.calibrated import CalibratedPredictor
-from predictor_support import data, fixed_scale, float64, observe_steps, params, pipe, step  # noqa: F401
+from predictor_support import data, fixed_scale, observe_steps, params, pipe, step  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 

@@ -10,8 +10,10 @@ from torch import nn
 
 from lookahead_opt import PredictiveOptimizer
 from lookahead_opt.calibrated import CalibratedPredictor
-from predictor_support import (data, fixed_scale, float64, grads, observe_steps, params, pipe,  # noqa: F401
+from predictor_support import (data, fixed_scale, grads, observe_steps, params, pipe,  # noqa: F401
                                step, true_future)
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 OPTIMIZERS = {
     "sgdm": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,49 @@ from pipeoptim_compare import cli
 from pipeoptim_compare.tasks import TASKS, Task, register_task
 
 PNG = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["--no-progress", "--optimizers", "sgd"]
+#: methods with one micro-batch per minibatch: their first loss is the initial model's, bit for bit
+UNSPLIT = "async,pipedream,spectrain,pipeoptim"
+
+#: an entry point that draws its weights, data and dropout from torch's global generator, unseeded
+ENTRY = """
+    import torch
+    from torch import nn
+
+    def _data(n):
+        x = torch.randn(n, 4)
+        return [(x[i:i + 8], (x[i:i + 8, 0] > 0).long()) for i in range(0, n, 8)]
+
+    def build():
+        return nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 2)), _data(48)
+
+    def staged():
+        return [nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Linear(8, 8), nn.Linear(8, 2)], _data(32)
+
+    def held_out():
+        return build()[0], _data(32), nn.functional.cross_entropy, _data(16)
+
+    def accuracy(out, y):
+        return float((out.argmax(-1) == y).float().mean())
+
+    def as_dict():
+        return {"model": build()[0], "batches": _data(32), "eval_batches": _data(16), "metric": accuracy}
+
+    def returns_int():
+        return 3
+
+    def five():
+        return 1, 2, 3, 4, 5
+
+    def no_batches():
+        return {"model": build()[0]}
+
+    def not_sequential():
+        return nn.Linear(4, 2), _data(8)
+
+    value = 3
+"""
 
 
 @pytest.fixture
@@ -34,6 +77,12 @@ def tiny_task():
     TASKS.pop("_cli_tiny")
 
 
+@pytest.fixture
+def entry(user_module):
+    user_module("cli_user_mod", ENTRY)
+    return "cli_user_mod"
+
+
 def _check_outputs(out: Path, methods, optimizers):
     assert (out / "loss_curves.png").read_bytes()[:8] == PNG
     md = (out / "results.md").read_text()
@@ -46,15 +95,17 @@ def _check_outputs(out: Path, methods, optimizers):
     assert len(losses) > 1
 
 
-def test_compare_tiny(tiny_task, tmp_path, capsys):
+def test_compare_tiny_lists_every_file_written(tiny_task, tmp_path, capsys):
     out = tmp_path / "run"
     rc = cli.main(["compare", "--task", tiny_task, "--depth", "2", "--methods", "sync,pipedream,pipeoptim",
                    "--optimizers", "sgd,adam", "--epochs", "1", "--out", str(out), "--no-progress"])
     assert rc == 0
     _check_outputs(out, ["sync", "pipedream", "pipeoptim"], ["sgd", "adam"])
     printed = capsys.readouterr().out
-    assert "pred. error per stage" in printed and "pipeoptim" in printed
-    assert cli.TIMING_NOTE in printed and cli.TIMING_NOTE in (out / "results.md").read_text()
+    assert "pred. err" in printed and "pipeoptim" in printed
+    assert cli.TIMING_NOTE in (out / "results.md").read_text()
+    listed = printed.split("wrote:\n")[1].split()
+    assert sorted(listed) == sorted(str(p) for p in out.iterdir())
 
 
 def test_compare_results(tiny_task, tmp_path):
@@ -76,21 +127,108 @@ def test_compare_default_task_small(tmp_path):
     _check_outputs(tmp_path, ["sync", "pipeoptim"], ["adamw"])
 
 
-def test_compare_entry_point(tmp_path, monkeypatch):
-    (tmp_path / "cli_user_mod.py").write_text(textwrap.dedent("""
-        import torch
-        from torch import nn
+def test_entry_same_initial_weights_data_and_dropout_for_every_method(entry, tmp_path):
+    res = cli.compare(task=f"{entry}:build", depth=2, methods=UNSPLIT.split(","), optimizers=["sgd"],
+                      out=tmp_path, progress=False)
+    first = {r.method: r.losses[0] for r in res}
+    assert len(set(first.values())) == 1, first
+    _check_outputs(tmp_path, UNSPLIT.split(","), ["sgd"])
 
-        def build():
-            torch.manual_seed(0)
-            x = torch.randn(32, 4)
-            return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1)), [(x[i:i+8], x[i:i+8, :1]) for i in range(0, 32, 8)], nn.functional.mse_loss
-    """))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    out = tmp_path / "out"
-    cli.main(["compare", "--entry", "cli_user_mod:build", "--depth", "2", "--methods", "async,pipeoptim",
-              "--optimizers", "sgd", "--out", str(out), "--no-progress"])
-    _check_outputs(out, ["async", "pipeoptim"], ["sgd"])
+
+def test_entry_follows_the_seed(entry, tmp_path):
+    def losses(seed):
+        return cli.compare(task=f"{entry}:build", depth=2, methods=["pipeoptim"], optimizers=["sgd"],
+                           out=tmp_path, progress=False, seed=seed)[0].losses
+    assert losses(0) == losses(0)
+    assert losses(1) != losses(0)
+
+
+@pytest.mark.parametrize("fn,metric", [("held_out", None), ("as_dict", "accuracy")])
+def test_entry_held_out_data(entry, tmp_path, fn, metric):
+    (r,) = cli.compare(task=f"{entry}:{fn}", depth=2, methods=["pipedream"], optimizers=["sgd"], out=tmp_path,
+                       progress=False)
+    assert r.eval_loss is not None and r.eval_loss > 0
+    assert (r.metric is None) == (metric is None)
+    if metric:
+        assert 0 <= r.metric <= 1 and f"| {metric} |" in (tmp_path / "results.md").read_text()
+
+
+def test_entry_list_of_stages_sets_the_depth(entry, tmp_path, capsys):
+    (r,) = cli.compare(task=f"{entry}:staged", methods=["pipedream"], optimizers=["sgd"], out=tmp_path,
+                       progress=False)
+    assert len(r.weight_mb) == 3 and "depth 3" in (tmp_path / "results.md").read_text()
+    assert cli.main(["compare", "--entry", f"{entry}:staged", "--depth", "2", "--out", str(tmp_path)] + QUIET) == 2
+    assert "--depth 2, but cli_user_mod:staged returned 3 stages" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("no_such_mod_xyz:build", "no module 'no_such_mod_xyz' in the current folder"),
+    ("cli_user_mod:nope", "cli_user_mod.nope does not exist; functions defined in"),
+    ("cli_user_mod:value", "cli_user_mod.value is not a function"),
+    ("cli_user_mod:returns_int", "returned int; return (model, batches"),
+    ("cli_user_mod:five", "returned a tuple of 5"),
+    ("cli_user_mod:no_batches", "missing keys ['batches']"),
+    ("cli_user_mod:not_sequential", "model must be an nn.Sequential"),
+    ("cli_user_mod:build", "--depth 9, but the nn.Sequential of cli_user_mod:build has 4 children"),
+])
+def test_entry_mistakes_are_one_clear_line(entry, tmp_path, capsys, spec, message):
+    depth = ["--depth", "9"] if spec.endswith(":build") else []
+    assert cli.main(["compare", "--entry", spec, "--out", str(tmp_path)] + depth + QUIET) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pipeoptim compare: error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_entry_in_the_current_folder_without_pythonpath(entry, tmp_path):
+    """As a user runs it: from the folder holding the module, which is not on PYTHONPATH; a
+    mistake prints one line, no traceback."""
+    env = dict(os.environ)
+    assert str(tmp_path) not in env.get("PYTHONPATH", "")
+    run = [sys.executable, "-m", "pipeoptim_compare", "compare", "--methods", "pipedream", "--out", "o"] + QUIET
+    ok = subprocess.run(run + ["--entry", f"{entry}:staged"], cwd=tmp_path, env=env, capture_output=True,
+                        text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run(run + ["--entry", f"{entry}:returns_int"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "returned int" in bad.stderr
+
+
+def _result(method: str, depth: int) -> cli.RunResult:
+    return cli.RunResult(method, "adamw", 0.0003, [1.0], 12.3456, 1234.5678, 0.98765, 12345.6,
+                         [1234.56] * depth, [0.123] * (depth - 1) + [None])
+
+
+def test_printed_table_fits_100_columns_at_any_depth(tiny_task, tmp_path, capsys):
+    longest = max(cli.METHODS, key=len)
+    rows = cli.terminal_rows([_result(longest, 64), _result("sync", 64)], "next-char acc")
+    assert max(map(len, cli.plain(rows).splitlines())) <= cli.WIDTH
+    cli.main(["compare", "--task", tiny_task, "--depth", "7", "--methods", f"sync,{longest}", "--epochs", "1",
+              "--out", str(tmp_path)] + QUIET)
+    printed = capsys.readouterr().out
+    assert max(map(len, printed.splitlines())) <= cli.WIDTH
+    md = (tmp_path / "results.md").read_text()
+    assert "weight MB per stage" in md and "pred. error per stage" in md  # the wide columns stay there
+
+
+@pytest.mark.parametrize("n_opt", [1, 3])
+def test_plot_readable_for_any_number_of_optimizers(n_opt):
+    results = [cli.RunResult(m, o, 0.1, [2.0, 1.5, 1.0], 1.0, 0.9, 0.5 + i / 10, 1.0)
+               for o in ["sgd", "adam", "adamw"][:n_opt] for i, m in enumerate(cli.METHODS)]
+    title = ("task my_project.experiments.tasks:build_model, 8 stages, 1 epoch(s), seed 0; same data and "
+             "initial weights for every method")
+    fig = cli.figure(results, title, "accuracy")
+    fig.canvas.draw()
+    frame = fig.bbox
+    box = fig._suptitle.get_window_extent()
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1, "title cut"
+    assert "".join(fig._suptitle.get_text().split()) == "".join(title.split())
+    losses, bars = fig.axes[:n_opt], fig.axes[n_opt:2 * n_opt]
+    assert all(len(ax.lines) == len(cli.METHODS) for ax in losses)
+    assert all(len(ax.patches) == len(cli.METHODS) for ax in bars)
+    assert bars[0].get_ylabel() == "held-out accuracy"
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == list(cli.METHODS)
+    colors = [line.get_color() for line in losses[0].lines]
+    assert len(set(map(str, colors))) == len(colors), "two methods share a colour"
 
 
 def test_bad_arguments(capsys):
@@ -99,11 +237,28 @@ def test_bad_arguments(capsys):
     assert "nope" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["compare", "--optimizers", "lbfgs"])
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--depth", "0"])
+    assert "positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--task", "teacher", "--entry", "m:f"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--entry", "cli_user_mod"])
+    assert "argument --entry: must look like 'module:function'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="one per stage"):
         cli._devices("cpu,cpu,cpu", 2)
 
 
+def test_help_is_plain_text(capsys):
+    for argv in (["--help"], ["compare", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        text = capsys.readouterr().out
+        assert "--" in text and "``" not in text and ":func:" not in text and ":mod:" not in text
+
+
 def test_python_m_entry_point():
-    r = subprocess.run([sys.executable, "-m", "pipeoptim_compare", "compare", "--help"], capture_output=True, text=True,
-                       cwd=Path(__file__).resolve().parents[1], timeout=120)
+    r = subprocess.run([sys.executable, "-m", "pipeoptim_compare", "compare", "--help"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0 and "--entry" in r.stdout and "--depth" in r.stdout

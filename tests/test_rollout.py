@@ -9,7 +9,9 @@ from torch import nn
 
 from lookahead_opt import PredictiveOptimizer
 from lookahead_opt.rollout import RolloutPredictor
-from predictor_support import data, float64, grads, params, pipe, step, true_future  # noqa: F401
+from predictor_support import data, grads, params, pipe, step, true_future  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import math
-import textwrap
 
 import pytest
 import torch
 from torch import nn
 
 from pipeline_rt import Pipeline
-from pipeoptim_compare.tasks import (SHAPES, TASKS, Task, corpus_text, evaluate, from_entry_point, get_task, psnr,
-                               register_task, render_shapes)
+from pipeoptim_compare.tasks import (SHAPES, TASKS, EntryPointError, Task, corpus_text, evaluate,
+                                     from_entry_point, get_task, psnr, register_task, render_shapes)
 
 SMALL = {"teacher": {"train_size": 256, "eval_size": 64}, "charlm": {"num_batches": 4},
          "denoise": {"train_size": 128, "eval_size": 64}}
@@ -134,13 +133,8 @@ def test_register_task():
         TASKS.pop("_tiny_test")
 
 
-def _write_module(tmp_path, monkeypatch, name, body):
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
-    monkeypatch.syspath_prepend(str(tmp_path))
-
-
-def test_entry_point_sequential_and_stages(tmp_path, monkeypatch):
-    _write_module(tmp_path, monkeypatch, "user_task_mod", """
+def test_entry_point_sequential_and_stages(user_module):
+    user_module("user_task_mod", """
         import torch
         from torch import nn
 
@@ -160,10 +154,41 @@ def test_entry_point_sequential_and_stages(tmp_path, monkeypatch):
     assert len(t2.split(2)) == 2 and t2.loss_fn is nn.functional.mse_loss and len(t2.batches) == 1
     with pytest.raises(ValueError, match="fixed stages"):
         t2.split(3)
-    with pytest.raises(TypeError, match="must return"):
+    with pytest.raises(EntryPointError, match="returned int"):
         from_entry_point("user_task_mod:bad")
-    with pytest.raises(ValueError, match="module:function"):
+    with pytest.raises(EntryPointError, match="module:function"):
         from_entry_point("user_task_mod")
+
+
+def test_entry_point_is_seeded_and_leaves_the_global_rng_alone(user_module):
+    user_module("user_seed_mod", """
+        import random
+        import numpy as np
+        import torch
+        from torch import nn
+
+        def build():
+            x = torch.randn(8, 3) + random.random() + float(np.random.rand())
+            return nn.Sequential(nn.Linear(3, 2)), [(x, x[:, 0].long())]
+    """)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a, b = from_entry_point("user_seed_mod:build", seed=5), from_entry_point("user_seed_mod:build", seed=5)
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(a.batches[0][0], b.batches[0][0])
+    assert torch.equal(a.model[0].weight, b.model[0].weight)
+    c = from_entry_point("user_seed_mod:build", seed=6)
+    assert not torch.equal(a.batches[0][0], c.batches[0][0])
+
+
+def test_evaluate_a_list_of_minibatches_as_one_pair():
+    task = get_task("teacher", depth=2, **SMALL["teacher"])
+    x, y = task.eval_data
+    stages = task.split(2)
+    whole = evaluate(stages, (x, y), task.loss_fn, task.metric, batch_size=16)
+    parts = evaluate(stages, [(x[:40], y[:40]), (x[40:], y[40:])], task.loss_fn, task.metric)
+    assert whole == pytest.approx(parts, rel=1e-6)
 
 
 def test_building_a_task_leaves_the_global_rng_alone():
