@@ -9,17 +9,17 @@ against) on several devices of one process, or across processes.
                     torch.nn.functional.cross_entropy, method="pipeoptim")
     losses = pipe.train(batches)
 """
-from .executor import Executor, MicroBatch, Plan
-from .local import LocalExecutor
+from .checkpoint import CheckpointError
+from .executor import Info
+from .feed import DataMismatch
 from .methods import METHODS, Method, get_method
 from .partition import balance_by_size, balance_by_time, split_by_balance, split_by_size, split_by_time
 from .pipeline import Pipeline
-from .schedule import Schedule, ScheduleError, build, simulate, validate, versions
-from .stage import Stage, StageError
+from .schedule import ScheduleError
+from .stage import StageError
 
 __all__ = [
-    "Pipeline", "METHODS", "Method", "get_method",
+    "Pipeline", "Info", "METHODS", "Method", "get_method",
     "split_by_balance", "split_by_size", "split_by_time", "balance_by_size", "balance_by_time",
-    "Schedule", "ScheduleError", "build", "simulate", "validate", "versions",
-    "Stage", "StageError", "Executor", "LocalExecutor", "MicroBatch", "Plan",
+    "StageError", "ScheduleError", "CheckpointError", "DataMismatch",
 ]

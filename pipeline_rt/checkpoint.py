@@ -1,116 +1,66 @@
-"""Checkpoints in the middle of a pipelined run, and exact resume (both executors).
+"""Checkpoints of a streaming run, and exact resume (every executor).
 
-Where. A run is the global order of its plan's actions (:attr:`Plan.order`). The checkpoint
-after minibatch ``j`` is taken at the first position after the last ``STEP`` of minibatch
-``j`` (the latest over the stages) at which the last stage has forwarded all or none of the
-micro-batches of every minibatch (so no minibatch's loss is split between two ranges). With
-one micro-batch per minibatch that is right after the ``STEP``. All executors and ranks cut
-the same order at the same position, so the saved states form one consistent cut.
+Where. The checkpoint after minibatch ``j`` is a cut of every stage right after its own
+STEP of minibatch ``j`` (taken after minibatches ``every-1, 2*every-1, ...`` and, so that a
+finished run can be extended, after the last one). The cut is consistent: every message a
+stage received before its cut was sent before the sender's; the messages sent before the
+sender's cut and received after the receiver's (activations of the micro-batches between
+the two stages' forward counts) are saved by the sender, from the outputs it still holds.
+Each stage is cut by the process that runs it, whenever it gets there, so the local and the
+distributed executors cut alike and nobody waits for anybody.
 
-What. Per stage (one file each, written by the process that runs it): the module, the
-optimizer with the predictor's state, the ``STEP`` count, stashed weight versions, the
-accumulated gradients, the tensors in transit to the stage or received and not yet used,
-and the process's RNG state. Plus ``meta.pt``: the position, the losses so far, and what
-the run was (method, stages, minibatches, chunks), checked at resume.
+What. Per stage (``stage{k}.pt``, written by its process): the module, the optimizer with
+the predictor's state, the learning-rate scheduler, the STEP count, stashed weight versions,
+the accumulated gradients, a :class:`~pipeline_rt.stage.Replay` per micro-batch in flight,
+the stage's RNG stream, its place in the schedule (:class:`~pipeline_rt.schedule.Cursor`),
+what it knows about the minibatches ahead and about a requested stop. ``transit{k}.pt``: the
+activations in flight to stage ``k``. Where a stage reads the data: how many minibatches
+its feed consumed and their fingerprint. ``meta.pt`` (by the last stage): what the run was
+(method, shape, stages, chunks), the minibatch, whether it was the end of the data, and the
+losses so far.
 
-In-flight micro-batches. Async 1F1B keeps up to ``N-1-k`` micro-batches in flight at stage
-``k``; their autograd graphs cannot be saved. Which ones are in flight at each planned
-checkpoint is known from the schedule before the run, so their forwards are told to keep a
-:class:`~pipeline_rt.stage.Replay` (the inputs, a copy of the weights the forward ran on:
-live, stashed or predicted, and the RNG state at the forward; see :attr:`Stage.retain`).
-Resuming re-runs exactly those forwards with those weights and RNG state, which rebuilds the
-same graphs with the same redirected saved weights, and then continues from the position:
-the remaining losses and the final weights are identical to an uninterrupted run's.
-Memory: one weight copy per retained micro-batch, only for those in flight at a checkpoint.
+In-flight micro-batches. An autograd graph cannot be saved. At stage ``k``'s cut after
+minibatch ``j`` the micro-batches in flight are at most the ``N-1`` after minibatch ``j``'s,
+so the forwards of those (and only those, near each checkpoint) keep a
+:class:`~pipeline_rt.stage.Replay` (:attr:`Stage.retain`); resuming re-runs them with the
+same weights and RNG state, rebuilding the same graphs: the remaining losses and the final
+weights are identical to an uninterrupted run's.
 
-Layout: ``checkpoint_dir/mb000004/{meta.pt, stage0.pt, ...}`` (named by the minibatches
-done); a checkpoint counts once every file is there (each is written atomically), and
-:func:`latest` picks the newest complete one.
+Resume. ``resume_from`` (a checkpoint folder, or a ``checkpoint_dir``: its latest complete
+checkpoint) continues the run. ``batches`` is the same iterable as the run's: the consumed
+minibatches are read again, checked against the fingerprint and dropped
+(``skip_consumed=True``), or the iterable is already positioned after them
+(``skip_consumed=False``: e.g. a sampler fast-forwarded by the user; nothing can be checked).
+After the end of a run's data, a resume with more data or more epochs extends the run.
+
+Layout: ``checkpoint_dir/mb000004/{meta.pt, stage0.pt, transit1.pt, ...}`` (named by the
+minibatches done); a checkpoint counts once every file is there (each is written
+atomically), and :func:`latest` picks the newest complete one. Every process must see the
+same ``checkpoint_dir`` (a shared file system across machines).
 """
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Protocol, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
 
 import torch
-from torch import Tensor
 
-from .executor import Plan
-from .schedule import B, F, STEP
-from .stage import Stage
+from .executor import ENDED, EXISTS, STOPPED, LossLog, Run
+from .schedule import RECV_F, Cursor
 
-__all__ = ["positions", "in_flight", "save", "latest", "train", "Transit", "CheckpointError"]
+if TYPE_CHECKING:
+    from .executor import Executor
 
-Unit = Tuple[int, int]
-Key = Tuple[str, int, Unit]
-Tensors = Tuple[Optional[Tensor], ...]
+__all__ = ["Checkpointer", "CheckpointError", "latest", "resume"]
+
 PathLike = Union[str, "os.PathLike[str]"]
-FORMAT = 1
+FORMAT = 2
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or from a different run."""
-
-
-class Transit(Protocol):
-    """What an executor gives a checkpoint: the tensors between its stages."""
-
-    def run(self, plan: Plan, start: int = 0, stop: Optional[int] = None) -> Tensor: ...
-
-    def transit(self) -> Dict[Key, Tensors]:
-        """``{(kind, receiving stage, unit): tensors}`` in transit or received and unused,
-        for this process's stages, at the end of the last range run."""
-
-    def resume(self, plan: Plan, transit: Dict[Key, Tensors]) -> None:
-        """Continue ``plan`` with a ``run(plan, start=position)``, these tensors in transit."""
-
-
-def positions(plan: Plan, every: int) -> List[int]:
-    """The checkpoint positions after minibatches ``every-1, 2*every-1, ...`` (see above)."""
-    if not isinstance(every, int) or every < 1:
-        raise ValueError(f"checkpoint_every must be a positive int (minibatches), got {every!r}")
-    sched, order = plan.schedule, plan.order
-    last_step: Dict[int, int] = {}
-    steps = [0] * sched.num_stages
-    forwarded = [0] * sched.num_minibatches
-    clean = []  # positions where no minibatch is partly forwarded at the last stage
-    partial = 0
-    for i, a in enumerate(order):
-        if a.kind == STEP:
-            last_step[steps[a.stage]] = i
-            steps[a.stage] += 1
-        elif a.kind == F and a.stage == sched.num_stages - 1:
-            forwarded[a.mb] += 1
-            partial += 1 if forwarded[a.mb] == 1 else 0
-            partial -= 1 if forwarded[a.mb] == sched.chunks else 0
-        clean.append(partial == 0)
-    out = []
-    for j in range(every - 1, sched.num_minibatches, every):
-        p = last_step[j] + 1
-        while p < len(order) and not clean[p - 1]:
-            p += 1
-        out.append(p)
-    return out
-
-
-def in_flight(plan: Plan, position: int) -> List[Set[Unit]]:
-    """Per stage, the micro-batches forwarded before ``position`` and backwarded after it."""
-    out: List[Set[Unit]] = [set() for _ in range(plan.schedule.num_stages)]
-    for a in plan.order[:position]:
-        if a.kind == F:
-            out[a.stage].add(a.unit)
-        elif a.kind == B:
-            out[a.stage].discard(a.unit)
-    return out
-
-
-def _describe(plan: Plan, stages: Sequence[Optional[Stage]]) -> Dict[str, Any]:
-    sched = plan.schedule
-    method = next(s for s in stages if s is not None).method.name
-    return {"format": FORMAT, "method": method, "shape": sched.shape, "num_stages": sched.num_stages,
-            "num_minibatches": sched.num_minibatches, "chunks": sched.chunks, "actions": len(plan.order)}
 
 
 def _write(obj: Any, path: Path) -> None:
@@ -119,31 +69,72 @@ def _write(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save(directory: PathLike, plan: Plan, position: int, stages: Sequence[Optional[Stage]],
-         transit: Dict[Key, Tensors], losses: Tensor) -> Path:
-    """Write this process's stages (and, where the last stage runs, ``meta.pt``) for
-    ``position``; returns the checkpoint's folder."""
-    done = sum(1 for a in plan.order[:position] if a.kind == STEP and a.stage == 0)
-    folder = Path(directory) / f"mb{done:06d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for stage in stages:
-        if stage is None:
-            continue
-        mine = {key: tuple(None if t is None else t.detach() for t in ts)
-                for key, ts in transit.items() if key[1] == stage.index}
-        _write({"position": position, "stage": stage.state_dict(), "transit": mine,
-                "rng": stage.rng_state()}, folder / f"stage{stage.index}.pt")
-    if stages[-1] is not None:
-        _write({**_describe(plan, stages), "position": position, "losses": losses.detach().cpu()},
-               folder / "meta.pt")
-    return folder
+def _folder(directory: PathLike, j: int) -> Path:
+    return Path(directory) / f"mb{j + 1:06d}"
+
+
+class Checkpointer:
+    """Takes the checkpoint cuts of a run (see the module docstring).
+
+    Args:
+        directory: where the checkpoints go.
+        every: minibatches between checkpoints (``None``: only at the end of the data).
+        describe: what the run is (method, shape, stages, chunks), checked at resume.
+    """
+
+    def __init__(self, directory: PathLike, every: Optional[int], describe: Dict[str, Any]) -> None:
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+            raise ValueError(f"checkpoint_every must be a positive int (minibatches), got {every!r}")
+        self.directory, self.every, self.describe = Path(directory), every, describe
+        self.num_stages, self.chunks = describe["num_stages"], describe["chunks"]
+
+    def retain(self, unit: Tuple[int, int]) -> bool:
+        """Whether ``unit``'s forward may be in flight at a cut: one of the ``N-1`` units
+        after a checkpointed minibatch's last one."""
+        if self.every is None:
+            return False
+        span = self.every * self.chunks
+        flat = unit[0] * self.chunks + unit[1]
+        i = flat // span
+        return i >= 1 and flat - i * span < self.num_stages - 1
+
+    def after_step(self, ex: "Executor", run: Run, k: int, j: int) -> None:
+        """Stage ``k`` has just run its STEP of minibatch ``j``: cut it here if due."""
+        st = run.views[k]
+        final = st.known.get(j + 1, EXISTS) != EXISTS
+        if not (final or (self.every is not None and (j + 1) % self.every == 0)):
+            return
+        stage = ex.stages[k]
+        assert stage is not None
+        folder = _folder(self.directory, j)
+        folder.mkdir(parents=True, exist_ok=True)
+        n, c = self.num_stages, self.chunks
+        if k < n - 1:
+            transit = {}
+            for flat in range(st.peer_nf[j], st.cursor.nf):
+                u = (flat // c, flat % c)
+                flag = st.known.get(u[0] + 1) if u[1] == c - 1 else None
+                transit[u] = (tuple(None if t is None else t.detach() for t in stage.outputs_of(u)), flag)
+            _write(transit, folder / f"transit{k + 1}.pt")
+        saved: Dict[str, Any] = {"minibatch": j, "stage": stage.state_dict(), "known": dict(st.known),
+                                 "stop_at": st.stop_at,
+                                 "cursor": (st.cursor.nf, st.cursor.nb, j + 1)}  # this STEP counted
+        roles = [i for i in run.views if i in (0, n - 1)]
+        if run.feed is not None and roles and k == max(roles):
+            count = st.cursor.nf // c
+            saved["feed"] = {"count": count, "fingerprint": run.feed.fingerprint(count)}
+        _write(saved, folder / f"stage{k}.pt")
+        if k == n - 1:
+            _write({**self.describe, "format": FORMAT, "minibatch": j, "final": final,
+                    "losses": run.losses.upto(j + 1)}, folder / "meta.pt")
 
 
 def _complete(folder: Path) -> bool:
     if not (folder / "meta.pt").is_file():
         return False
     n = torch.load(folder / "meta.pt", weights_only=False)["num_stages"]
-    return all((folder / f"stage{k}.pt").is_file() for k in range(n))
+    return all((folder / f"stage{k}.pt").is_file() for k in range(n)) and \
+        all((folder / f"transit{k}.pt").is_file() for k in range(1, n))
 
 
 def latest(path: PathLike) -> Path:
@@ -155,60 +146,56 @@ def latest(path: PathLike) -> Path:
                    key=lambda p: p.name)
     if not found:
         raise CheckpointError(f"no complete checkpoint in {path} (a checkpoint is complete once meta.pt and "
-                              f"every stage's file are there)")
+                              f"every stage's files are there)")
     return found[-1]
 
 
-def _restore(path: PathLike, plan: Plan, stages: Sequence[Optional[Stage]], executor: Transit) -> Tuple[int, Tensor]:
-    """Load a checkpoint into this process's stages and executor: (position, losses)."""
+def resume(path: PathLike, ex: "Executor", run: Run, describe: Dict[str, Any], *, skip_consumed: bool = True) -> int:
+    """Load the checkpoint at ``path`` into this process's stages, ``run`` and ``ex``;
+    returns the minibatches done."""
     folder = latest(path)
     meta = torch.load(folder / "meta.pt", weights_only=False)
-    want = _describe(plan, stages)
-    diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+    diff = {key: (meta.get(key), v) for key, v in describe.items() if meta.get(key) != v}
+    if meta.get("format") != FORMAT:
+        diff["format"] = (meta.get("format"), FORMAT)
     if diff:
         raise CheckpointError(f"checkpoint {folder} is from a different run; (saved, now): {diff}. Resume with the "
-                              f"same method, stages, chunks and the same list of batches as the run that saved it")
-    transit: Dict[Key, Tensors] = {}
-    rng: Optional[Tuple[Stage, Any]] = None
-    for stage in stages:
-        if stage is None:
-            continue
-        saved = torch.load(folder / f"stage{stage.index}.pt", weights_only=False)
-        if saved["position"] != meta["position"]:
-            raise CheckpointError(f"{folder}: stage {stage.index}'s file is from another position")
-        k = stage.index
-        stage.load_state_dict(saved["stage"], lambda u, k=k: plan.s(k, u))
-        transit.update(saved["transit"])
-        rng = (stage, saved["rng"]) if rng is None else rng
-    rng[0].set_rng_state(rng[1])  # one process: its first stage's file has its RNG state
-    executor.resume(plan, transit)
-    return meta["position"], meta["losses"].to(torch.float64)
-
-
-def train(executor: Transit, plan: Plan, stages: Sequence[Optional[Stage]], *,
-          checkpoint_every: Optional[int] = None, checkpoint_dir: Optional[PathLike] = None,
-          resume_from: Optional[PathLike] = None) -> Tensor:
-    """Run ``plan`` to the end, checkpointing every ``checkpoint_every`` minibatches into
-    ``checkpoint_dir`` and/or resuming from ``resume_from`` first; returns the float64
-    per-minibatch losses of the whole run (those before the checkpoint from the checkpoint)."""
-    if (checkpoint_every is None) != (checkpoint_dir is None):
-        raise ValueError("give checkpoint_every and checkpoint_dir together")
-    start, losses = 0, torch.zeros(plan.schedule.num_minibatches, dtype=torch.float64)
-    if resume_from is not None:
-        start, losses = _restore(resume_from, plan, stages, executor)
-    cuts = [p for p in positions(plan, checkpoint_every) if p > start] if checkpoint_every else []
-    mine = [s for s in stages if s is not None]
-    for p in cuts:
-        for stage, units in zip(stages, in_flight(plan, p)):
-            if stage is not None:
-                stage.retain |= units
-    try:
-        for stop in sorted(set(cuts) | {len(plan.order)}):
-            losses += executor.run(plan, start, stop).detach().to("cpu", torch.float64)
-            if stop in cuts:
-                save(checkpoint_dir, plan, stop, stages, executor.transit(), losses)
-            start = stop
-    finally:
-        for stage in mine:
-            stage.retain.clear()
-    return losses
+                              f"same method, stages and chunks as the run that saved it")
+    j, n = meta["minibatch"], describe["num_stages"]
+    feed_state = None
+    for k, view in run.views.items():
+        saved = torch.load(folder / f"stage{k}.pt", weights_only=False)
+        stage = ex.stages[k]
+        assert stage is not None
+        stage.load_state_dict(saved["stage"])
+        view.actions.cursor = Cursor(*saved["cursor"])
+        view.known, view.stop_at = dict(saved["known"]), saved["stop_at"]
+        if k > 0:
+            for u, (tensors, flag) in torch.load(folder / f"transit{k}.pt", weights_only=False).items():
+                ex._put(k, u, tensors)
+                run.ready.append((RECV_F, k, u[0], u[1]))
+                if flag is not None:
+                    view.known[u[0] + 1] = flag
+        feed_state = saved.get("feed", feed_state)
+        if k == n - 1:
+            run.losses = LossLog(meta["losses"])
+    if feed_state is not None:
+        assert run.feed is not None
+        run.feed.skip(feed_state["count"], feed_state["fingerprint"], positioned=not skip_consumed,
+                      inputs_from=run.views[0].cursor.nf if 0 in run.views else 0)
+    first = run.views.get(0)
+    if meta["final"]:  # extend a finished run: what ended it is decided anew
+        for k, view in run.views.items():
+            view.known = {i: v for i, v in view.known.items() if v not in (ENDED, STOPPED)}
+            view.stop_at = None
+            view.known[j + 1] = EXISTS if k > 0 else run.decide(j + 1, view)
+        if first is not None and first.known[j + 1] != EXISTS:
+            raise CheckpointError(f"checkpoint {folder} is the end of its run ({j + 1} minibatches) and batches has "
+                                  f"nothing after them; to extend the run give more batches or epochs")
+    elif first is not None and run.feed is not None:
+        for i, v in first.known.items():
+            if v == ENDED and run.feed.has(i):
+                raise CheckpointError(f"checkpoint {folder} was taken when the data ended after {i} minibatches, but "
+                                      f"batches has more; resume with the same batches (a run is extended from its "
+                                      f"final checkpoint)")
+    return j + 1

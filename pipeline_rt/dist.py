@@ -1,9 +1,13 @@
 """The distributed executor: one stage per process, launched by ``torchrun``.
 
-Rank ``k`` builds and runs stage ``k`` only. Every rank walks the same global order
-(:attr:`Plan.order`) and runs its own stage's actions; every send and receive is one of
-the plan's ``SEND_*``/``RECV_*`` actions, so both ends of a transfer meet in the same order
-by construction. Transfers go through :mod:`pipeline_rt.p2p` (gloo on CPUs, NCCL on GPUs).
+Rank ``k`` builds and runs stage ``k`` only: it walks its own stage's actions of the
+:class:`~pipeline_rt.schedule.LazySchedule`, produced as it goes; every send and receive
+is one of the schedule's ``SEND_*``/``RECV_*`` actions, so both ends of a transfer meet in
+the same order by construction. Transfers go through :mod:`pipeline_rt.p2p` (gloo on CPUs,
+NCCL on GPUs). It is the transport of :class:`~pipeline_rt.executor.Executor`, which owns
+the loop and F/B/STEP: every message carries two more integers (the control of
+:mod:`pipeline_rt.executor`: whether the next minibatch exists, a stop, a forward count),
+read on the host once per minibatch per boundary.
 
 Failures. Every wait has a deadline (``timeout`` seconds, default ``$PIPELINE_RT_TIMEOUT``
 or 300). When a peer dies (its connection drops) or stalls past the deadline, the rank
@@ -11,25 +15,30 @@ raises :class:`PipelineCommError` naming its stage, the action, the peer and the
 table with the failing action marked; the exception ends the process with a non-zero status,
 which makes ``torchrun`` stop the others.
 
-Losses. The last rank adds every micro-batch's weighted loss into its per-minibatch tensor;
-at the end of :meth:`DistExecutor.run` it is broadcast, so every rank returns the same
-tensor (float64).
+Data. Only the first rank reads the inputs and only the last the targets of ``batches``;
+the end of the data travels from the first rank with the activations, so no rank waits
+for a minibatch that does not come, and the last rank checks that its own data ends there
+too (:class:`~pipeline_rt.feed.DataMismatch` otherwise).
+
+Losses. The last rank keeps the per-minibatch losses; at the end of a run they are
+broadcast, so every rank returns the same floats.
 """
 from __future__ import annotations
 
 import os
 import re
 from datetime import timedelta
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .executor import Executor, Plan, add_loss
+from .executor import Evaluation, Executor, Run, eval_mode
+from .feed import as_pair, rows, to_device
 from .p2p import Channel, CommError, ShapeMismatch, Tensors, Transport
-from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, Schedule
-from .stage import Stage, as_leaf
+from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, LazySchedule
+from .stage import Stage, as_leaf, as_tuple
 
 __all__ = ["DistExecutor", "PipelineCommError", "init_distributed", "rank_device", "DEFAULT_TIMEOUT"]
 
@@ -87,13 +96,14 @@ def init_distributed(device: torch.device, timeout: float) -> None:
 
 
 class DistExecutor(Executor):
-    """Runs this rank's stage of every plan, exchanging tensors with its neighbours.
+    """Runs this rank's stage, exchanging tensors with its neighbours.
 
     Args:
         build_stage: ``build_stage(k) -> Stage``; called for this rank's ``k`` only.
         devices: one device per stage (the world size must equal their number); this
             rank's is ``devices[rank]`` (``"cuda"`` without an index means
             ``cuda:$LOCAL_RANK``).
+        schedule: the :class:`~pipeline_rt.schedule.LazySchedule` to run.
         timeout: seconds any transfer may wait (default ``$PIPELINE_RT_TIMEOUT`` or 300).
         group: the process group (default: the default group, created from torchrun's
             environment if not yet initialised).
@@ -103,7 +113,7 @@ class DistExecutor(Executor):
         rank: this process's rank (= its stage).
     """
 
-    def __init__(self, build_stage: Callable[[int], Stage], devices: Sequence[Device], *,
+    def __init__(self, build_stage: Callable[[int], Stage], devices: Sequence[Device], schedule: LazySchedule, *,
                  timeout: Optional[float] = None, group: Optional[dist.ProcessGroup] = None) -> None:
         self.timeout = default_timeout() if timeout is None else float(timeout)
         if group is None:
@@ -114,161 +124,211 @@ class DistExecutor(Executor):
         if world != len(devices):
             raise ValueError(f"{len(devices)} stages need {len(devices)} processes (one stage per rank), "
                              f"but the world size is {world}; launch with --nproc-per-node/--nnodes to match")
-        self.num_stages = world
         self.device = rank_device(devices[self.rank])
         stage = build_stage(self.rank)
         if stage.index != self.rank:
             raise ValueError(f"rank {self.rank} was given stage {stage.index}")
         self.stage = stage
-        self.stages: List[Optional[Stage]] = [stage if k == self.rank else None for k in range(world)]
+        super().__init__([stage if k == self.rank else None for k in range(world)], schedule)
         self.transport = Transport(self.device, self.timeout, group)
         k = self.rank
         self._to = {SEND_F: self._channel(k + 1, f"activations of stage {k}"),
                     SEND_B: self._channel(k - 1, f"input gradients of stage {k}")}
         self._from = {RECV_F: self._channel(k - 1, f"activations of stage {k - 1}"),
                       RECV_B: self._channel(k + 1, f"input gradients of stage {k + 1}")}
-        #: messages received (or carried over a checkpoint) and not yet used
-        self.inbox: Dict[Key, Tensors] = {}
-        self._outbox: Dict[Key, Tensors] = {}
-        self._losses: Optional[Tensor] = None
+        #: messages received (or put back from a checkpoint) and not yet used
+        self.inbox: Dict[Tuple[str, Tuple[int, int]], Tensors] = {}
+        self._outbox: Dict[Tuple[str, Tuple[int, int]], Tensors] = {}
 
     def _channel(self, peer: int, name: str) -> Optional[Channel]:
         if not 0 <= peer < self.num_stages:
             return None
-        return Channel(self.transport, dist.get_global_rank(self.group, peer) if self.group else peer, name)
+        return Channel(self.transport, self._global(peer), name)
+
+    def _global(self, peer: int) -> int:
+        return dist.get_global_rank(self.group, peer) if self.group else peer
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, plan: Plan, start: int = 0, stop: Optional[int] = None) -> Tensor:
-        """Run this rank's actions in ``plan.order[start:stop]``; see :meth:`Executor.run`.
+    def _actions(self, run: Run) -> Iterator[Action]:
+        return iter(run.views[self.rank].actions)
 
-        A range that ends mid-run also receives the messages sent inside it for actions
-        after it (they stay in :attr:`inbox`), so the next range or a checkpoint has them.
-        Returns, on every rank, the float64 losses added by the range's actions.
-        """
-        sched = plan.schedule
-        if sched.num_stages != self.num_stages:
-            raise ValueError(f"plan has {sched.num_stages} stages but the world size is {self.num_stages}")
-        if start == 0:
+    def _end(self, run: Run, ok: bool) -> List[float]:
+        if not ok:
             self.inbox.clear()
             self._outbox.clear()
-        self._losses = None
-        stop = len(plan.order) if stop is None else stop
-        handlers = {F: self._forward, B: self._backward, STEP: self._step, SEND_F: self._send,
-                    SEND_B: self._send, RECV_F: self._recv, RECV_B: self._recv}
-        for a in plan.order[start:stop]:
-            if a.stage == self.rank:
-                handlers[a.kind](plan, a)
-        for a in carried(plan, stop, self.rank):
-            self._recv(plan, a)
-        self._guard(sched, None, None, self.transport.flush)
-        return self._gather_losses(sched)
+            return []
+        self._guard(None, None, self.transport.flush)
+        last = self.num_stages - 1
+        values = run.losses.upto(run.views[last].cursor.steps) if self.rank == last else []
+        count = torch.tensor([len(values)], dtype=torch.int64, device=self.device)
+        self._broadcast(count, last, "broadcast of the loss count from the last stage")
+        losses = torch.tensor(values, dtype=torch.float64, device=self.device) if self.rank == last else \
+            torch.empty(int(count.item()), dtype=torch.float64, device=self.device)
+        self._broadcast(losses, last, "broadcast of the losses from the last stage")
+        return losses.tolist()
 
-    # ------------------------------------------------------------------ checkpoints
+    def _broadcast(self, t: Tensor, src: int, what: str) -> None:
+        def post() -> None:
+            self.transport.wait(dist.broadcast(t, self._global(src), group=self.group, async_op=True), what)
+        self._guard(None, src, post)
 
-    def transit(self) -> Dict[Key, Tensors]:
-        """The messages received and not yet used at the end of the last range (those sent
-        before its end for actions after it included); see :mod:`pipeline_rt.checkpoint`."""
-        if self._outbox:
-            raise RuntimeError(f"stage {self.rank}: {sorted(self._outbox)} produced but not sent at the end of the range")
-        return dict(self.inbox)
+    def _total_norm(self, run: Run, k: int, norms: Tensor) -> Tensor:
+        """The norm over every rank's per-tensor norms, concatenated in stage order (as the
+        local executor concatenates them)."""
+        self._guard(None, None, self.transport.flush)  # NCCL: held sends must not wait behind the collective
+        norms = norms.to(self.device, torch.float64 if norms.numel() == 0 else norms.dtype)
+        sizes = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.num_stages)]
+        mine = torch.tensor([norms.numel()], dtype=torch.int64, device=self.device)
 
-    def resume(self, plan: Plan, transit: Dict[Key, Tensors]) -> None:
-        """Continue ``plan`` from a checkpoint: ``transit`` becomes the inbox."""
-        self._outbox.clear()
-        self.inbox = {key: tuple(as_leaf(t) for t in ts) if key[0] == F else ts for key, ts in transit.items()}
+        def gather(out: List[Tensor], t: Tensor, what: str) -> None:
+            def post() -> None:
+                self.transport.wait(dist.all_gather(out, t, group=self.group, async_op=True), what)
+            self._guard(None, None, post)
 
-    # ------------------------------------------------------------------ actions
+        gather(sizes, mine, "all-gather of the gradient-norm counts (global clipping)")
+        width = max(int(s.item()) for s in sizes)
+        padded = torch.zeros(width, dtype=norms.dtype, device=self.device)
+        padded[:norms.numel()] = norms
+        parts = [torch.empty_like(padded) for _ in range(self.num_stages)]
+        gather(parts, padded, "all-gather of the gradient norms (global clipping)")
+        return torch.linalg.vector_norm(torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)]))
 
-    def _forward(self, plan: Plan, a: Action) -> None:
-        u, micro, stage = a.unit, plan.micro[a.unit], self.stage
-        if stage.index == 0:
-            inputs = tuple(t.to(self.device) for t in micro.inputs)
-        else:
-            inputs = self.inbox.pop((F, stage.index, u))
-        target = _to(micro.target, self.device) if stage.is_last else None
-        outs = stage.forward(u, inputs, plan.s(stage.index, u), target=target, weight=micro.weight)
-        if stage.is_last:
-            self._losses = add_loss(self._losses, outs[0].detach(), a.mb, plan.schedule.num_minibatches)
-        else:
-            self._outbox[(F, stage.index + 1, u)] = tuple(t.detach() for t in outs)
+    # ------------------------------------------------------------------ transport
 
-    def _backward(self, plan: Plan, a: Action) -> None:
-        k = self.rank
-        grads = None if self.stage.is_last else self.inbox.pop((B, k, a.unit))
-        grads_in = self.stage.backward(a.unit, grads)
-        if k > 0:
-            self._outbox[(B, k - 1, a.unit)] = grads_in
+    def _input(self, k: int, unit: Tuple[int, int], tensors: Tensors) -> Tensors:
+        return tuple(None if t is None else t.to(self.device) for t in tensors)
 
-    def _step(self, plan: Plan, a: Action) -> None:
-        self.stage.step()
+    def _target(self, k: int, unit: Tuple[int, int], target: Any) -> Any:
+        return to_device(target, self.device)
 
-    def _send(self, plan: Plan, a: Action) -> None:
-        kind, dst = (F, a.stage + 1) if a.kind == SEND_F else (B, a.stage - 1)
-        tensors = self._outbox.pop((kind, dst, a.unit))
+    def _produced(self, kind: str, k: int, unit: Tuple[int, int], tensors: Tensors) -> None:
+        self._outbox[(kind, unit)] = tuple(None if t is None else t.detach() for t in tensors)
+
+    def _send(self, a: Action, control: Optional[Tuple[int, int]]) -> None:
+        kind = F if a.kind == SEND_F else B
+        dst = a.stage + 1 if kind == F else a.stage - 1
+        ctl = torch.tensor(control or (0, 0), dtype=torch.int64, device=self.device)
+        tensors = self._outbox.pop((kind, (a.mb, a.micro))) + (ctl,)
         channel = self._to[a.kind]
+        assert channel is not None
         try:
-            self._guard(plan.schedule, a, dst, lambda: channel.send(tensors, f"{a.kind} {a}"))
+            self._guard(a, dst, lambda: channel.send(tensors, f"{a.kind} {a}"))
         except ShapeMismatch as e:
-            raise ShapeMismatch(f"stage {self.rank}, {a.kind} of micro-batch {a.unit}: {e}") from e
+            raise ShapeMismatch(f"stage {self.rank}, {a.kind} of micro-batch {(a.mb, a.micro)}: {e}") from e
 
-    def _recv(self, plan: Plan, a: Action) -> None:
+    def _recv(self, a: Action, control: bool) -> Optional[Tuple[int, int]]:
         kind, src = (F, a.stage - 1) if a.kind == RECV_F else (B, a.stage + 1)
-        key = (kind, a.stage, a.unit)
-        if key in self.inbox:  # carried over from the previous range or a checkpoint
-            return
-        msg = self._guard(plan.schedule, a, src, lambda: self._from[a.kind].recv(f"{a.kind} {a}"))
-        self.inbox[key] = tuple(as_leaf(t) for t in msg) if kind == F else msg
+        key = (kind, (a.mb, a.micro))
+        if key in self.inbox:  # put back from a checkpoint (its control is restored with it)
+            return None
+        channel = self._from[a.kind]
+        assert channel is not None
+        msg = self._guard(a, src, lambda: channel.recv(f"{a.kind} {a}"))
+        tensors, ctl = msg[:-1], msg[-1]
+        self.inbox[key] = tuple(as_leaf(t) for t in tensors) if kind == F else tensors
+        if not control:
+            return None
+        values = ctl.tolist()
+        return int(values[0]), int(values[1])
+
+    def _take(self, kind: str, k: int, unit: Tuple[int, int]) -> Tensors:
+        return self.inbox.pop((kind, unit))
+
+    def _put(self, k: int, unit: Tuple[int, int], tensors: Tensors) -> None:
+        self.inbox[(F, unit)] = tuple(as_leaf(None if t is None else t.to(self.device)) for t in tensors)
+
+    # ------------------------------------------------------------------ evaluation and inference
+
+    def _links(self, what: str) -> Tuple[Optional[Channel], Optional[Channel]]:
+        """Channels to the previous and the next rank for a forward-only pass."""
+        k = self.rank
+        return self._channel(k - 1, f"{what} of stage {k - 1}"), self._channel(k + 1, f"{what} of stage {k}")
+
+    def _chain(self, links: Tuple[Optional[Channel], Optional[Channel]], inputs: Optional[Tensors], more: bool,
+               what: str) -> Tuple[bool, Any]:
+        """One forward through the ranks: receive from the previous rank (unless first),
+        forward, send to the next (unless last). Every message carries its header (the
+        shapes may change), after a flag ``more`` (0: the end)."""
+        k = self.rank
+        prev, nxt = links
+
+        def recv() -> Tensors:
+            assert prev is not None
+            prev.meta = None
+            return self._guard(None, k - 1, lambda: prev.recv(what))
+
+        def send(ts: Tensors) -> None:
+            assert nxt is not None
+            nxt.meta = None
+            self._guard(None, k + 1, lambda: nxt.send(ts, what))
+
+        if prev is not None:
+            flag = recv()[0]
+            assert flag is not None
+            more = bool(flag.item())
+        if nxt is not None:
+            send((torch.tensor([int(more)], dtype=torch.int64, device=self.device),))
+        if not more:
+            return False, None
+        if prev is not None:
+            inputs = recv()
+        assert inputs is not None
+        out = self.stage.module(*inputs)
+        if nxt is not None:
+            send(tuple(None if t is None else t.detach() for t in as_tuple(out, f"stage {k}'s output")))
+        return True, out
+
+    def infer(self, inputs: Any) -> Any:
+        with torch.no_grad():
+            mine = tuple(None if t is None else t.to(self.device) for t in as_tuple(inputs, "the input")) \
+                if self.rank == 0 else None
+            _, out = self._chain(self._links("inference activations"), mine, True, "inference activations")
+            self._guard(None, None, self.transport.flush)
+        return out if self.rank == self.num_stages - 1 else None
+
+    def evaluate(self, batches: Iterable[Tuple[Any, Any]], loss_fn: Callable[[Any, Any], Tensor],
+                 metric: Optional[Callable[[Any, Any], Tensor]]) -> Dict[str, Optional[float]]:
+        k, last = self.rank, self.num_stages - 1
+        acc = Evaluation(loss_fn, metric)
+        it = iter(batches) if k in (0, last) else None
+        links = self._links("evaluation activations")
+        with eval_mode([self.stage.module]), torch.no_grad():
+            j = 0
+            while True:
+                pair = next(it, None) if it is not None else None
+                x, y = as_pair(j, pair) if pair is not None else (None, None)
+                mine = tuple(None if t is None else t.to(self.device) for t in as_tuple(x, f"minibatch {j}'s input")) \
+                    if k == 0 and pair is not None else None
+                more, out = self._chain(links, mine, pair is not None, "evaluation activations")
+                if k == last and k > 0 and more != (pair is not None):
+                    raise ValueError(f"stage {k}: evaluate() got {'fewer' if more else 'more'} minibatches on this rank "
+                                     f"than on the first stage's (after {j}); every rank must be given the same batches")
+                if not more:
+                    break
+                if k == last:
+                    acc.add(out, to_device(y, self.device), rows(x))
+                j += 1
+            self._guard(None, None, self.transport.flush)
+        totals = acc.totals(self.device)
+        self._broadcast(totals, last, "broadcast of the evaluation results from the last stage")
+        return acc.result(totals.cpu())
 
     # ------------------------------------------------------------------ helpers
 
-    def _guard(self, sched: Schedule, a: Optional[Action], peer: Optional[int], fn: Callable[[], Any]) -> Any:
+    def _guard(self, a: Optional[Action], peer: Optional[int], fn: Callable[[], Any]) -> Any:
         """Run a communication step; turn a failure into :class:`PipelineCommError`."""
         try:
             return fn()
         except CommError as e:
-            where = "the end-of-run exchange" if a is None else f"action {a.kind} {a} (micro-batch {a.unit})"
+            where = "the end-of-run exchange" if a is None else f"action {a.kind} {a} (micro-batch {(a.mb, a.micro)})"
             with_peer = "" if peer is None else f" with stage {peer} (rank {peer})"
+            table = self.schedule.window(mark=a) if a is not None else self.schedule.window()
             msg = (f"pipeline stage {self.rank} (rank {self.rank}) failed at {where}{with_peer} "
                    f"[timeout {self.timeout:g} s]: {e}\n"
                    f"A peer that died or stalls leaves this rank waiting; check the other ranks' logs.\n"
-                   f"schedule (>>X<< = the failing action):\n{_window(sched.table(mark=a))}")
+                   f"schedule (>>X<< = the failing action):\n{_window(table)}")
             raise PipelineCommError(msg, self.rank, a, peer) from e
-
-    def _gather_losses(self, sched: Schedule) -> Tensor:
-        losses = torch.zeros(sched.num_minibatches, dtype=torch.float64, device=self.device)
-        if self._losses is not None:
-            losses.copy_(self._losses)
-        last = dist.get_global_rank(self.group, self.num_stages - 1) if self.group else self.num_stages - 1
-
-        def broadcast() -> None:
-            work = dist.broadcast(losses, last, group=self.group, async_op=True)
-            self.transport.wait(work, "broadcast of the losses from the last stage")
-
-        self._guard(sched, None, self.num_stages - 1, broadcast)
-        return losses
-
-
-def carried(plan: Plan, stop: int, stage: int) -> List[Action]:
-    """``stage``'s receives after ``stop`` whose message is sent before ``stop``, in order:
-    the messages in transit across a split of the run at ``stop``."""
-    index = {a: i for i, a in enumerate(plan.order)}
-    out = []
-    for a in plan.order[stop:]:
-        if a.stage == stage and a.kind in (RECV_F, RECV_B):
-            send = Action(SEND_F, stage - 1, *a.unit) if a.kind == RECV_F else Action(SEND_B, stage + 1, *a.unit)
-            if index[send] < stop:
-                out.append(a)
-    return out
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    """A target (a tensor, a tuple/list of them, or anything else as is) on ``device``."""
-    if isinstance(x, Tensor):
-        return x.to(device)
-    if isinstance(x, (tuple, list)) and all(isinstance(t, Tensor) for t in x):
-        return type(x)(t.to(device) for t in x)
-    return x
 
 
 def _window(table: str, width: int = _TABLE_WIDTH) -> str:

@@ -1,73 +1,461 @@
-"""What an executor is given and what it returns (shared by the local and distributed ones).
+"""The executor core: one action loop and F/B/STEP for every executor.
 
-An executor interprets a lowered :class:`~pipeline_rt.schedule.Schedule`: it walks the
-actions in :meth:`Schedule.order` (the local executor: all of them; a distributed rank:
-its own stage's), moves tensors between stages, and calls :class:`~pipeline_rt.stage.Stage`
-for F, B and STEP. It has no method-specific branches: the weight-version policy lives in
-the stages, the prediction distance ``s`` comes from :func:`~pipeline_rt.schedule.versions`.
+An executor walks the actions of a :class:`~pipeline_rt.schedule.LazySchedule` (the local
+executor: every stage's, in the schedule's tick order; a distributed rank: its own stage's)
+and calls :class:`~pipeline_rt.stage.Stage` for F, B and STEP. Everything that is the same
+for every executor lives here: where a micro-batch's inputs and targets come from (the
+:class:`~pipeline_rt.feed.Feed`), the prediction distance (counted on the schedule), the
+losses, the callback, the end of the data and the checkpoint cuts. A subclass supplies the
+transport only: how the tensors of a ``SEND_*`` reach the matching ``RECV_*`` (and the few
+integers of control that ride with a minibatch's last micro-batch), on which stream a stage
+computes, and what happens at the start and the end of a run.
+
+Control. Whether minibatch ``j + 1`` exists is decided by the first stage when minibatch
+``j``'s last micro-batch enters it (the feed looks one minibatch ahead; a stop requested by
+the callback or ``max_steps`` count there) and travels with that micro-batch's activations,
+so every stage learns it before it could forward ``j + 1``. A stop requested by the callback
+of minibatch ``j`` (on the last stage) travels back with minibatch ``j``'s last gradient and
+takes effect at the first stage's next decision: the same minibatches are run whatever the
+executor. The gradient also carries the sender's forward count, which the checkpoint needs.
 """
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from collections import deque
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .schedule import Schedule, Versions
+from .feed import DataMismatch, Feed
+from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, Cursor, LazySchedule, StageActions
+from .stage import Stage
 
-__all__ = ["MicroBatch", "Plan", "Executor", "add_loss"]
+__all__ = ["Executor", "Run", "StageRun", "Info", "LossLog", "Evaluation", "eval_mode", "EXISTS", "ENDED", "STOPPED"]
 
 Unit = Tuple[int, int]
+Tensors = Tuple[Optional[Tensor], ...]
+#: what the first stage decided about a minibatch: it exists / the data ended / the run was stopped
+EXISTS, ENDED, STOPPED = 1, 0, 2
+_NO_CONTEXT = nullcontext()
 
 
 @dataclass
-class MicroBatch:
-    """One micro-batch: the first stage's inputs, the last stage's target, and its share
-    ``weight = micro-batch size / minibatch size`` of the minibatch's (mean) loss."""
+class Info:
+    """What the callback gets, once per minibatch, in order.
 
-    inputs: Tuple[Tensor, ...]
-    target: Any
-    weight: float = 1.0
+    Attributes:
+        step: the minibatch's index over the whole run (0-based, epochs included).
+        epoch: the epoch it belongs to.
+    """
+
+    step: int
+    epoch: int
+    _loss: Tensor = field(repr=False)
+
+    @property
+    def loss(self) -> float:
+        """The minibatch's loss (reading it waits for the device: one host sync)."""
+        return float(self._loss)
+
+
+class LossLog:
+    """Per-minibatch losses, summed on the device and read back a block at a time.
+
+    The last stage adds every micro-batch's weighted loss into a device buffer of ``block``
+    minibatches; a full buffer is copied to the host without waiting (pinned memory and an
+    event on CUDA) and read once the copy is done, so no host sync per minibatch.
+    """
+
+    def __init__(self, values: Sequence[float] = (), block: int = 1024) -> None:
+        self.values: List[float] = list(values)
+        self.block = block
+        self._base = len(self.values)
+        self._buf: Optional[Tensor] = None
+        self._pending: Deque[Tuple[Any, Tensor]] = deque()
+
+    def add(self, j: int, loss: Tensor) -> None:
+        """Add a micro-batch's loss into minibatch ``j``'s (call on the last stage's stream)."""
+        if loss.numel() != 1:
+            raise ValueError(f"loss_fn must return a scalar (reduce the loss), got shape {tuple(loss.shape)}")
+        if self._buf is None:
+            self._buf = torch.zeros(self.block, dtype=torch.float64, device=loss.device)
+        while j - self._base >= self.block:
+            self._retire()
+        self._buf[j - self._base] += loss.reshape(())
+
+    def current(self, j: int) -> Tensor:
+        """Minibatch ``j``'s loss so far, on the device (``j`` in the current block)."""
+        assert self._buf is not None
+        return self._buf[j - self._base]
+
+    def _retire(self) -> None:
+        buf = self._buf
+        assert buf is not None
+        if buf.device.type == "cuda":
+            host = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
+            host.copy_(buf, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending.append((event, host))
+            self._collect(wait=False)
+        else:
+            self.values.extend(buf.tolist())
+        self._buf = torch.zeros_like(buf)
+        self._base += self.block
+
+    def _collect(self, wait: bool) -> None:
+        while self._pending and (wait or self._pending[0][0].query()):
+            event, host = self._pending.popleft()
+            event.synchronize()
+            self.values.extend(host.tolist())
+
+    def upto(self, count: int) -> List[float]:
+        """The losses of minibatches ``0 .. count-1`` as floats (waits for the device)."""
+        self._collect(wait=True)
+        out = self.values[:count]
+        if len(out) < count and self._buf is not None:
+            out += self._buf[:count - self._base].tolist()
+        return out
+
+
+class StageRun:
+    """One stage's view of a run: where it is, what it knows about the minibatches ahead.
+
+    Attributes:
+        actions: the stage's :class:`StageActions` (its cursor is where it is).
+        known: minibatch -> EXISTS / ENDED / STOPPED, as decided by the first stage (only
+            the few minibatches around the stage's position).
+        stop_at: the earliest minibatch whose callback asked to stop, as far as this stage knows.
+        peer_nf: the next stage's forward count at its STEP of minibatch ``j`` (checkpoints).
+    """
+
+    def __init__(self, schedule: LazySchedule, k: int) -> None:
+        self.actions: StageActions = schedule.actions(k, self.exists)
+        self.known: Dict[int, int] = {}
+        self.stop_at: Optional[int] = None
+        self.peer_nf: Dict[int, int] = {}
+
+    @property
+    def cursor(self) -> Cursor:
+        return self.actions.cursor
+
+    def exists(self, j: int) -> bool:
+        try:
+            return self.known[j] == EXISTS
+        except KeyError:  # pragma: no cover - the control protocol guarantees the decision is known
+            raise RuntimeError(f"stage {self.actions.k} asked about minibatch {j} before the first stage decided it") \
+                from None
 
 
 @dataclass
-class Plan:
-    """A schedule together with the data it runs on."""
+class Run:
+    """One :meth:`Pipeline.train` call as the executor sees it.
 
-    schedule: Schedule
-    micro: Dict[Unit, MicroBatch]
+    Attributes:
+        feed: where this process's first-stage inputs and last-stage targets come from
+            (``None`` on a rank that runs neither).
+        views: this process's stages' :class:`StageRun`, by stage index.
+        max_steps: minibatches after which the first stage stops feeding.
+        callback: ``callback(Info) -> Optional[bool]`` on the last stage; ``False`` stops.
+        progress: a tqdm-like bar updated once per minibatch on the last stage, or None.
+        checkpoint: decides and writes the checkpoint cuts (:mod:`pipeline_rt.checkpoint`).
+        clip_global: clip the total gradient norm over all stages (flush methods).
+        losses: the per-minibatch losses (on the last stage).
+        ready: messages already in transit when the run starts (a resume), as
+            ``(kind of the receive, receiving stage, minibatch, micro)``.
+    """
 
-    def __post_init__(self) -> None:
-        self.versions: List[Dict[Unit, Versions]] = self.schedule.weight_versions
-        self.order = list(self.schedule.order())
+    feed: Optional[Feed]
+    views: Dict[int, StageRun]
+    max_steps: Optional[int] = None
+    callback: Optional[Callable[[Info], Optional[bool]]] = None
+    progress: Any = None
+    checkpoint: Any = None
+    clip_global: Optional[float] = None
+    losses: LossLog = field(default_factory=LossLog)
+    ready: List[Tuple[str, int, int, int]] = field(default_factory=list)
 
-    def s(self, stage: int, unit: Unit) -> int:
-        """``v_B - v_F`` of micro-batch ``unit`` at ``stage``, counted on the schedule."""
-        return self.versions[stage][unit].s
-
-
-def add_loss(losses: Optional[Tensor], loss: Tensor, minibatch: int, num_minibatches: int) -> Tensor:
-    """Add the last stage's (weighted, detached) micro-batch loss into the per-minibatch
-    losses, allocated on first use with the loss's dtype and device; returns them."""
-    if loss.numel() != 1:
-        raise ValueError(f"loss_fn must return a scalar (reduce the loss), got shape {tuple(loss.shape)}")
-    if losses is None:
-        losses = torch.zeros(num_minibatches, dtype=loss.dtype, device=loss.device)
-    losses[minibatch] += loss.reshape(())
-    return losses
+    def decide(self, j: int, first: StageRun) -> int:
+        """The first stage's decision about minibatch ``j``."""
+        if first.stop_at is not None or (self.max_steps is not None and j >= self.max_steps):
+            return STOPPED
+        assert self.feed is not None
+        return EXISTS if self.feed.has(j) else ENDED
 
 
 class Executor(abc.ABC):
-    """Runs a :class:`Plan`'s actions ``order[start:stop]``."""
+    """Runs this process's stages of a run: the action loop and F/B/STEP.
+
+    Attributes:
+        stages: one entry per stage, the :class:`Stage` where this process runs it, else None.
+        schedule: the :class:`LazySchedule` it runs.
+    """
+
+    def __init__(self, stages: Sequence[Optional[Stage]], schedule: LazySchedule) -> None:
+        self.stages = list(stages)
+        self.schedule = schedule
+        self.num_stages, self.chunks = schedule.num_stages, schedule.chunks
+        self._handlers: Dict[str, Callable[[Run, Action], None]] = {
+            F: self._forward, B: self._backward, STEP: self._step,
+            SEND_F: self._send_action, SEND_B: self._send_action, RECV_F: self._recv_action, RECV_B: self._recv_action}
+        self._deferred: List[int] = []
+
+    # ------------------------------------------------------------------ transport (subclasses)
 
     @abc.abstractmethod
-    def run(self, plan: Plan, start: int = 0, stop: Optional[int] = None) -> Tensor:
-        """Run the actions with global-order index in ``[start, stop)``.
+    def _actions(self, run: Run) -> Iterator[Action]:
+        """This process's actions, in the order to run them."""
 
-        Returns the per-minibatch losses (sum over its micro-batches of ``weight * loss``),
-        a float tensor of shape ``(num_minibatches,)``; entries of minibatches not finished
-        in the range are partial. The distributed executor returns the same tensor on
-        every rank.
-        """
+    @abc.abstractmethod
+    def _input(self, k: int, unit: Unit, tensors: Tensors) -> Tensors:
+        """A micro-batch's inputs, usable by stage ``k``'s forward (on its device and stream)."""
+
+    @abc.abstractmethod
+    def _target(self, k: int, unit: Unit, target: Any) -> Any:
+        """A micro-batch's target, usable by stage ``k``'s loss."""
+
+    @abc.abstractmethod
+    def _put(self, k: int, unit: Unit, tensors: Tensors) -> None:
+        """A checkpoint's activation of ``unit`` in flight to stage ``k`` (a resume)."""
+
+    @abc.abstractmethod
+    def _produced(self, kind: str, k: int, unit: Unit, tensors: Tensors) -> None:
+        """Stage ``k``'s outputs (``kind`` F) or input gradients (B) of ``unit``, for the next send."""
+
+    @abc.abstractmethod
+    def _send(self, a: Action, control: Optional[Tuple[int, int]]) -> None:
+        """Run a ``SEND_*`` action (with ``control`` for the minibatch's last micro-batch)."""
+
+    @abc.abstractmethod
+    def _recv(self, a: Action, control: bool) -> Optional[Tuple[int, int]]:
+        """Run a ``RECV_*`` action; returns the control integers when ``control``."""
+
+    @abc.abstractmethod
+    def _take(self, kind: str, k: int, unit: Unit) -> Tensors:
+        """The received tensors stage ``k``'s F or B of ``unit`` uses."""
+
+    def _on(self, k: int) -> ContextManager[Any]:
+        """The context stage ``k`` computes in (its stream)."""
+        return _NO_CONTEXT
+
+    def _after_backward(self, k: int, unit: Unit) -> None:
+        """Stage ``k`` is done with ``unit`` (the tensors it held may go)."""
+
+    def _begin(self, run: Run) -> None:
+        """Before the first action of a run."""
+
+    def _end(self, run: Run, ok: bool) -> List[float]:
+        """After the last action (``ok``) or an error: the run's losses as floats."""
+        return run.losses.upto(run.views[self.num_stages - 1].cursor.steps) if ok else []
+
+    @abc.abstractmethod
+    def _total_norm(self, run: Run, k: int, norms: Tensor) -> Tensor:
+        """The 2-norm over every stage's per-tensor gradient norms (global clipping), given
+        this process's, in stage order."""
+
+    @abc.abstractmethod
+    def evaluate(self, batches: Iterable[Tuple[Any, Any]], loss_fn: Callable[[Any, Any], Tensor],
+                 metric: Optional[Callable[[Any, Any], Tensor]]) -> Dict[str, Optional[float]]:
+        """See :meth:`Pipeline.evaluate`."""
+
+    @abc.abstractmethod
+    def infer(self, inputs: Any) -> Any:
+        """See :meth:`Pipeline.forward`."""
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self, run: Run) -> List[float]:
+        """Run the whole run; returns the per-minibatch losses (every process the same)."""
+        self._deferred = []
+        self._begin(run)
+        ok = False
+        try:
+            handlers = self._handlers
+            for a in self._actions(run):
+                handlers[a.kind](run, a)
+            ok = True
+        finally:
+            losses = self._end(run, ok)
+        return losses
+
+    # ------------------------------------------------------------------ actions
+
+    def _forward(self, run: Run, a: Action) -> None:
+        k, u = a.stage, (a.mb, a.micro)
+        st, stage = run.views[k], self.stages[k]
+        assert stage is not None
+        s = self.schedule.distance(k, st.cursor)
+        if a.micro == 0:
+            st.known.pop(a.mb, None)
+        inputs = self._input(k, u, run.feed.take_input(*u)) if k == 0 else self._take(F, k, u)  # type: ignore[union-attr]
+        last = stage.is_last
+        target, weight = None, 1.0
+        if last:
+            assert run.feed is not None
+            try:
+                target, weight = run.feed.take_target(*u)
+            except DataMismatch as e:
+                raise DataMismatch(f"stage {k}: {e}; every rank must be given the same batches (this rank's ran out "
+                                   f"before the first stage's)") from None
+            target = self._target(k, u, target)
+        with self._on(k):
+            outs = stage.forward(u, inputs, s, target=target, weight=weight)
+            if last:
+                run.losses.add(a.mb, outs[0].detach())
+        if not last:
+            self._produced(F, k, u, outs)
+        if a.micro == self.chunks - 1:
+            if last:
+                self._minibatch_done(run, st, a.mb)
+            if k == 0:
+                st.known[a.mb + 1] = run.decide(a.mb + 1, st)
+
+    def _minibatch_done(self, run: Run, st: StageRun, j: int) -> None:
+        if run.progress is not None:
+            run.progress.update(1)
+        if run.callback is not None:
+            assert run.feed is not None
+            if run.callback(Info(j, run.feed.epoch(j), run.losses.current(j))) is False and st.stop_at is None:
+                st.stop_at = j
+
+    def _backward(self, run: Run, a: Action) -> None:
+        k, u = a.stage, (a.mb, a.micro)
+        stage = self.stages[k]
+        assert stage is not None
+        grads = None if stage.is_last else self._take(B, k, u)
+        with self._on(k):
+            grads_in = stage.backward(u, grads)
+        self._after_backward(k, u)
+        if k > 0:
+            self._produced(B, k, u, grads_in)
+
+    def _step(self, run: Run, a: Action) -> None:
+        k = a.stage
+        j = run.views[k].cursor.steps
+        if run.clip_global is not None:
+            self._global_step(run, k, j)
+            return
+        stage = self.stages[k]
+        assert stage is not None
+        with self._on(k):
+            stage.step()
+        self._stepped(run, k, j)
+
+    def _global_step(self, run: Run, k: int, j: int) -> None:
+        """Clip by the norm over every stage's gradients, then step (flush methods only:
+        each stage's STEP waits for the last one, the first stage's, when nothing else
+        can run in between)."""
+        self._deferred.append(k)
+        mine = [i for i, s in enumerate(self.stages) if s is not None]
+        if len(self._deferred) < len(mine):
+            return
+        ks, self._deferred = sorted(self._deferred), []
+        norms = []
+        for i in ks:
+            grads = self.stages[i].grads()  # type: ignore[union-attr]
+            norms.append(torch.stack(torch._foreach_norm(grads)) if grads else None)
+        total = self._total_norm(run, k, _concat(norms))
+        for i, stage in ((i, self.stages[i]) for i in ks):
+            assert stage is not None
+            grads = stage.grads()
+            if grads:
+                coef = torch.clamp(run.clip_global / (total.to(grads[0].device) + 1e-6), max=1.0)
+                torch._foreach_mul_(grads, coef)
+            with self._on(i):
+                stage.step()
+            self._stepped(run, i, j)
+
+    def _stepped(self, run: Run, k: int, j: int) -> None:
+        if run.checkpoint is not None:
+            run.checkpoint.after_step(self, run, k, j)
+        run.views[k].peer_nf.pop(j, None)
+
+    # ------------------------------------------------------------------ transfers and control
+
+    def _send_action(self, run: Run, a: Action) -> None:
+        self._send(a, self._control_out(run, a))
+
+    def _recv_action(self, run: Run, a: Action) -> None:
+        control = self._recv(a, a.micro == self.chunks - 1)
+        if control is not None:
+            self._control_in(run, a, control)
+
+    def _control_out(self, run: Run, a: Action) -> Optional[Tuple[int, int]]:
+        if a.micro != self.chunks - 1:
+            return None
+        st = run.views[a.stage]
+        if a.kind == SEND_F:
+            return st.known[a.mb + 1], 0
+        return int(st.stop_at is not None and st.stop_at <= a.mb), st.cursor.nf
+
+    def _control_in(self, run: Run, a: Action, control: Tuple[int, int]) -> None:
+        st = run.views[a.stage]
+        if a.kind == RECV_F:
+            st.known[a.mb + 1] = control[0]
+            stage = self.stages[a.stage]
+            if control[0] == ENDED and stage is not None and stage.is_last and run.feed is not None \
+                    and run.feed.has(a.mb + 1):
+                raise DataMismatch(f"stage {a.stage}: the first stage's batches ended after {a.mb + 1} minibatches, but "
+                                   f"this rank's have more; every rank must be given the same batches")
+        else:
+            if control[0] and (st.stop_at is None or a.mb < st.stop_at):
+                st.stop_at = a.mb
+            st.peer_nf[a.mb] = control[1]
+
+
+class Evaluation:
+    """Rows-weighted sums of the loss and a metric over evaluation minibatches, on the device."""
+
+    def __init__(self, loss_fn: Callable[[Any, Any], Tensor], metric: Optional[Callable[[Any, Any], Tensor]]) -> None:
+        self.loss_fn, self.metric = loss_fn, metric
+        self.sums: Optional[Tensor] = None
+        self.rows = 0
+
+    def add(self, out: Any, target: Any, rows: int) -> None:
+        """One minibatch: ``rows * loss_fn(out, target)`` (and the metric's) into the sums."""
+        vals = [self.loss_fn(out, target)] + ([self.metric(out, target)] if self.metric is not None else [])
+        for v in vals:
+            if not isinstance(v, Tensor) or v.numel() != 1:
+                raise ValueError("evaluate(): loss_fn and metric must return a scalar tensor per minibatch, got "
+                                 f"{type(v).__name__}{'' if not isinstance(v, Tensor) else tuple(v.shape)}")
+        row = torch.stack([v.detach().reshape(()).to(torch.float64) for v in vals]) * rows
+        self.sums = row if self.sums is None else self.sums + row
+        self.rows += rows
+
+    def totals(self, device: torch.device) -> Tensor:
+        """``[rows, loss sum, metric sum]`` (float64, on ``device``)."""
+        out = torch.zeros(3, dtype=torch.float64, device=device)
+        out[0] = self.rows
+        if self.sums is not None:
+            out[1:1 + self.sums.numel()] = self.sums.to(device)
+        return out
+
+    def result(self, totals: Tensor) -> Dict[str, Optional[float]]:
+        rows, loss, metric = totals.tolist()
+        if rows == 0:
+            raise ValueError("evaluate() needs at least one (input, target) minibatch; got none")
+        return {"loss": loss / rows, "metric": metric / rows if self.metric is not None else None}
+
+
+@contextmanager
+def eval_mode(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Every submodule in eval mode inside the block, each one's mode restored after."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    for m, _ in modes:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _concat(norms: List[Optional[Tensor]]) -> Tensor:
+    parts = [n for n in norms if n is not None]
+    if not parts:
+        return torch.zeros(0, dtype=torch.float64)
+    device = parts[0].device
+    return torch.cat([n.to(device) for n in parts])

@@ -1,8 +1,10 @@
 """The local executor: every stage in this process, on CUDA streams (or CPU placeholders).
 
-:class:`LocalExecutor` walks :attr:`Plan.order` (one global, dependency-respecting order
-of every stage's actions) on the host, in a single thread, and enqueues each action's
-work on the right stream; nothing waits on the host inside the loop.
+:class:`LocalExecutor` walks the schedule's tick order of every stage's actions
+(:meth:`~pipeline_rt.schedule.LazySchedule.order`, produced as it goes) on the host, in a
+single thread, and enqueues each action's work on the right stream; nothing waits on the
+host inside the loop. It is the transport of :class:`~pipeline_rt.executor.Executor`, which
+owns the loop and F/B/STEP.
 
 Streams. Each stage has its own compute stream (stages sharing a device still overlap).
 Each device has two copy streams, one for activations and one for gradients. A transfer
@@ -21,8 +23,8 @@ action, never waited on). A received activation, a received gradient and a micro
 moved inputs and target are last used by the micro-batch's backward at that stage; a sent
 tensor by its copy.
 
-Losses. The last stage adds each micro-batch's weighted loss into a device tensor of
-per-minibatch losses, returned at the end; reading it is the caller's single host sync.
+Losses. The last stage adds each micro-batch's weighted loss into a device buffer of
+per-minibatch losses (:class:`~pipeline_rt.executor.LossLog`), read back a block at a time.
 
 Mixed pipelines. A CPU stage fed by a GPU stage has no stream to wait on: the host waits
 for the copy's event there (the only host synchronisation in the loop, and only then).
@@ -32,15 +34,16 @@ at once (no worker thread, no peer waiting on a message), so it cannot hang.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .executor import Executor, Plan, add_loss
-from .schedule import B, F, RECV_F, SEND_B, SEND_F, STEP, Action, Schedule
-from .stage import Stage, as_leaf
+from .executor import Evaluation, Executor, Run, eval_mode
+from .feed import as_pair, rows, to_device
+from .schedule import F, Action, LazySchedule
+from .stage import Stage, as_leaf, as_tuple
 from .streams import AnyEvent, AnyStream, CPUEvent, new_stream, record, use_streams, wait
 
 __all__ = ["LocalExecutor"]
@@ -48,7 +51,7 @@ __all__ = ["LocalExecutor"]
 Unit = Tuple[int, int]
 Device = Union[torch.device, str, int]
 Tensors = Tuple[Optional[Tensor], ...]
-_Key = Tuple[str, int, Unit]  # (kind "F"/"B", stage, unit): a parcel's key
+_Key = Tuple[str, int, Unit]  # (kind "F"/"B", receiving or producing stage, unit): a parcel's key
 
 
 @dataclass
@@ -57,21 +60,6 @@ class _Parcel:
 
     tensors: Tensors
     ready: AnyEvent
-
-
-@dataclass
-class _RunState:
-    """What one plan's run keeps between actions (and between ``run`` calls over it)."""
-
-    plan: Plan
-    losses: Optional[Tensor] = None
-    parcels: Dict[Tuple[str, int, Unit], _Parcel] = field(default_factory=dict)
-    produced: Dict[Tuple[str, int, Unit], _Parcel] = field(default_factory=dict)
-    held: Dict[Tuple[int, Unit], List[Tensor]] = field(default_factory=dict)
-
-
-#: one action of a compiled program: (handler, action, what the handler looks up)
-_Entry = Tuple[Callable[[_RunState, Action, Any], None], Action, Any]
 
 
 class _Lifetimes:
@@ -97,21 +85,24 @@ class _Lifetimes:
 
 
 class LocalExecutor(Executor):
-    """Runs all stages of a plan in this process, one compute stream per stage.
+    """Runs all stages in this process, one compute stream per stage.
 
     Args:
         stages: the :class:`Stage` objects, stage ``k`` at index ``k``, modules already on
             their devices.
         devices: one device per stage; several stages may share one (each still gets its
             own compute stream). Non-CUDA devices use no-op placeholder streams.
+        schedule: the :class:`~pipeline_rt.schedule.LazySchedule` to run.
     """
 
-    def __init__(self, stages: Sequence[Stage], devices: Sequence[Device]) -> None:
+    def __init__(self, stages: Sequence[Stage], devices: Sequence[Device], schedule: LazySchedule) -> None:
         if len(stages) != len(devices):
             raise ValueError(f"{len(stages)} stages but {len(devices)} devices; give one device per stage")
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
-        self.stages = list(stages)
+        if schedule.num_stages != len(stages):
+            raise ValueError(f"the schedule has {schedule.num_stages} stages, the executor {len(stages)}")
+        super().__init__(stages, schedule)
         self.devices = [torch.device(d) for d in devices]
         self.devices = [torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None
                         else d for d in self.devices]
@@ -122,131 +113,93 @@ class LocalExecutor(Executor):
             if d not in self.copy_f:
                 self.copy_f[d], self.copy_b[d] = new_stream(d), new_stream(d)
         self.lifetimes = _Lifetimes()
-        self._state: Optional[_RunState] = None
-        self._compiled: Optional[Tuple[Schedule, List[_Entry]]] = None
+        self._parcels: Dict[_Key, _Parcel] = {}
+        self._produced_: Dict[_Key, _Parcel] = {}
+        self._held: Dict[Tuple[int, Unit], List[Tensor]] = {}
+        self._control: Dict[_Key, Tuple[int, int]] = {}
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, plan: Plan, start: int = 0, stop: Optional[int] = None) -> Tensor:
-        """Run ``plan.order[start:stop]``; see :meth:`Executor.run`.
-
-        A run split over several calls (same plan, consecutive ranges) keeps its in-flight
-        tensors between them; ``start == 0`` starts afresh. Returns the losses added by the
-        actions in the range, on the last stage's device.
-        """
-        if plan.schedule.num_stages != len(self.stages):
-            raise ValueError(f"plan has {plan.schedule.num_stages} stages, executor {len(self.stages)}")
-        if start == 0 or self._state is None or self._state.plan is not plan:
-            self._state = _RunState(plan)
-        st = self._state
-        st.losses = None
-        program = self._program(plan)
+    def _actions(self, run: Run) -> Iterator[Action]:
         collect = self.lifetimes.collect
+        for a in self.schedule.order([run.views[k].actions for k in range(self.num_stages)], ready=run.ready):
+            yield a
+            collect()
+
+    def _begin(self, run: Run) -> None:
         self._join_current()  # compute streams see the weights/inputs made on current streams
-        try:
-            for handler, a, arg in program[start:stop]:
-                handler(st, a, arg)
-                collect()
-        finally:
-            self._join_back()  # also after an error: later work on the current streams stays ordered
-        if st.losses is None:
-            return torch.zeros(plan.schedule.num_minibatches, device=self.devices[-1])
-        return st.losses
 
-    def _program(self, plan: Plan) -> List[_Entry]:
-        """``plan.order`` as (handler, action, what the handler looks up: stage, unit, dict keys,
-        ``s``), built once per schedule (kept for the last one) and shared by its plans."""
-        if self._compiled is not None and self._compiled[0] is plan.schedule:
-            return self._compiled[1]
-        program: List[_Entry] = []
-        for a in plan.order:
-            k, u = a.stage, a.unit
-            if a.kind == F:
-                program.append((self._forward, a, (k, u, ("F", k, u), (k, u), plan.s(k, u))))
-            elif a.kind == B:
-                program.append((self._backward, a, (k, u, ("B", k, u), (k, u))))
-            elif a.kind == STEP:
-                program.append((self._step, a, k))
-            elif a.kind in (SEND_F, SEND_B):
-                kind = "F" if a.kind == SEND_F else "B"
-                dst = k + 1 if kind == "F" else k - 1
-                program.append((self._send, a, (kind, k, dst, (kind, k, u), (kind, dst, u), (dst, u))))
-            else:
-                kind = "F" if a.kind == RECV_F else "B"
-                program.append((self._receive, a, (kind, (kind, k, u))))
-        self._compiled = (plan.schedule, program)
-        return program
+    def _end(self, run: Run, ok: bool) -> List[float]:
+        self._join_back()  # also after an error: later work on the current streams stays ordered
+        if not ok:
+            self._parcels.clear()
+            self._produced_.clear()
+            self._held.clear()
+            self._control.clear()
+        return super()._end(run, ok)
 
-    # ------------------------------------------------------------------ checkpoints
+    def _on(self, k: int) -> Any:
+        return use_streams(self.compute[k])
 
-    def transit(self) -> Dict[Tuple[str, int, Unit], Tensors]:
-        """The tensors between stages at the end of the last range (in transit, or received
-        and not yet used), keyed ``(kind, receiving stage, unit)``; waits for their copies.
-        See :mod:`pipeline_rt.checkpoint`."""
-        st = self._state
-        if st is None:
-            return {}
-        if st.produced:
-            raise RuntimeError(f"{sorted(st.produced)} produced but not sent at the end of the range")
-        for parcel in st.parcels.values():
-            parcel.ready.synchronize()
-        return {key: parcel.tensors for key, parcel in st.parcels.items()}
+    def _total_norm(self, run: Run, k: int, norms: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(norms)
 
-    def resume(self, plan: Plan, transit: Dict[Tuple[str, int, Unit], Tensors]) -> None:
-        """Continue ``plan`` from a checkpoint with ``run(plan, start=position)``: the
-        tensors of :meth:`transit` are put back, on the receiving stages' devices."""
-        self._state = st = _RunState(plan)
-        for key, tensors in transit.items():
-            device = self.devices[key[1]]
-            moved = tuple(None if t is None else t.to(device) for t in tensors)
-            if key[0] == "F":
-                moved = tuple(as_leaf(t) for t in moved)
-            st.parcels[key] = _Parcel(moved, self._current_event(device))
+    # ------------------------------------------------------------------ evaluation and inference
 
-    # ------------------------------------------------------------------ actions
+    def infer(self, inputs: Any) -> Any:
+        with torch.no_grad():
+            x = inputs
+            for k, stage in enumerate(self.stages):
+                where = "the input" if k == 0 else f"stage {k - 1}'s output"
+                xs = tuple(None if t is None else t.to(self.devices[k]) for t in as_tuple(x, where))
+                x = stage.module(*xs)
+        return x
 
-    def _forward(self, st: _RunState, a: Action, arg: Tuple[int, Unit, _Key, Tuple[int, Unit], int]) -> None:
-        k, u, key, held_key, s = arg
-        stage, stream, micro = self.stages[k], self.compute[k], st.plan.micro[u]
-        held = st.held.get(held_key)
-        if held is None:
-            held = st.held[held_key] = []
-        if k == 0:
-            parcel = self._move_in(micro.inputs, self.devices[0])
-            held.extend(t for t in parcel.tensors if t is not None)
-            wait(stream, parcel.ready)
-            inputs = parcel.tensors
+    def evaluate(self, batches: Iterable[Tuple[Any, Any]], loss_fn: Callable[[Any, Any], Tensor],
+                 metric: Optional[Callable[[Any, Any], Tensor]]) -> Dict[str, Optional[float]]:
+        acc = Evaluation(loss_fn, metric)
+        with eval_mode([s.module for s in self.stages]), torch.no_grad():
+            for j, pair in enumerate(batches):
+                x, y = as_pair(j, pair)
+                out = self.infer(x)
+                acc.add(out, to_device(y, self.devices[-1]), rows(x))
+        return acc.result(acc.totals(torch.device("cpu")))
+
+    # ------------------------------------------------------------------ transport
+
+    def _input(self, k: int, unit: Unit, tensors: Tensors) -> Tensors:
+        parcel = self._move_in(tensors, self.devices[k])
+        self._hold(k, unit, parcel.tensors)
+        wait(self.compute[k], parcel.ready)
+        return parcel.tensors
+
+    def _target(self, k: int, unit: Unit, target: Any) -> Any:
+        if isinstance(target, Tensor):
+            tensors, rebuild = (target,), (lambda ts: ts[0])
+        elif isinstance(target, (tuple, list)) and target and all(isinstance(t, Tensor) for t in target):
+            tensors, rebuild = tuple(target), type(target)
         else:
-            inputs = st.parcels.pop(key).tensors
-        last = stage.is_last
-        target = self._move_target(micro.target, self.devices[k], held, stream) if last else None
-        with use_streams(stream):
-            outs = stage.forward(u, inputs, s, target=target, weight=micro.weight)
-            if last:
-                st.losses = add_loss(st.losses, outs[0].detach(), a.mb, st.plan.schedule.num_minibatches)
-                return
-        st.produced[key] = _Parcel(outs, record(stream))
+            return target
+        parcel = self._move_in(tensors, self.devices[k])
+        self._hold(k, unit, parcel.tensors)
+        wait(self.compute[k], parcel.ready)
+        return rebuild(parcel.tensors)
 
-    def _backward(self, st: _RunState, a: Action, arg: Tuple[int, Unit, _Key, Tuple[int, Unit]]) -> None:
-        k, u, key, held_key = arg
-        stream, stage = self.compute[k], self.stages[k]
-        grads = None if stage.is_last else st.parcels.pop(key).tensors
-        with use_streams(stream):
-            grads_in = stage.backward(u, grads)
-        done = record(stream)
-        self.lifetimes.keep(done, st.held.pop(held_key, ()))
-        if k > 0:
-            st.produced[key] = _Parcel(grads_in, done)
+    def _produced(self, kind: str, k: int, unit: Unit, tensors: Tensors) -> None:
+        self._produced_[(kind, k, unit)] = _Parcel(tensors, record(self.compute[k]))
 
-    def _step(self, st: _RunState, a: Action, k: int) -> None:
-        with use_streams(self.compute[k]):
-            self.stages[k].step()
+    def _after_backward(self, k: int, unit: Unit) -> None:
+        held = self._held.pop((k, unit), None)
+        if held:
+            self.lifetimes.keep(record(self.compute[k]), held)
 
-    def _send(self, st: _RunState, a: Action, arg: Tuple[str, int, int, _Key, _Key, Tuple[int, Unit]]) -> None:
+    def _send(self, a: Action, control: Optional[Tuple[int, int]]) -> None:
         """Move a produced activation (to stage k+1) or input gradient (to stage k-1)."""
-        kind, k, dst, src_key, dst_key, held_key = arg
+        kind = "F" if a.kind == "SEND_F" else "B"
+        k, u = a.stage, (a.mb, a.micro)
+        dst = k + 1 if kind == "F" else k - 1
         src_dev, dst_dev = self.devices[k], self.devices[dst]
-        parcel = st.produced.pop(src_key)
+        parcel = self._produced_.pop((kind, k, u))
         tensors = tuple([None if t is None else t.detach() for t in parcel.tensors])
         if src_dev != dst_dev:
             copy = self.copy_f if kind == "F" else self.copy_b
@@ -261,47 +214,53 @@ class LocalExecutor(Executor):
             parcel = _Parcel(moved, ready)
         else:
             parcel = _Parcel(tensors, parcel.ready)
-        held = st.held.get(held_key)
-        if held is None:
-            held = st.held[held_key] = []
-        held.extend([t for t in parcel.tensors if t is not None])
-        st.parcels[dst_key] = parcel
+        self._hold(dst, u, parcel.tensors)
+        self._parcels[(kind, dst, u)] = parcel
+        if control is not None:
+            self._control[(kind, dst, u)] = control
 
-    def _receive(self, st: _RunState, a: Action, arg: Tuple[str, _Key]) -> None:
+    def _recv(self, a: Action, control: bool) -> Optional[Tuple[int, int]]:
         """Order the parcel before the stage's compute; activations become leaf tensors."""
-        kind, key = arg
-        parcel = st.parcels[key]
+        kind = "F" if a.kind == "RECV_F" else "B"
+        key = (kind, a.stage, (a.mb, a.micro))
+        parcel = self._parcels[key]
         wait(self.compute[a.stage], parcel.ready)
-        if kind == "F":
-            st.parcels[key] = _Parcel(tuple([as_leaf(t) for t in parcel.tensors]), parcel.ready)
+        if kind == F:
+            self._parcels[key] = _Parcel(tuple([as_leaf(t) for t in parcel.tensors]), parcel.ready)
+        return self._control.pop(key, None) if control else None
+
+    def _take(self, kind: str, k: int, unit: Unit) -> Tensors:
+        return self._parcels.pop((kind, k, unit)).tensors
+
+    def _put(self, k: int, unit: Unit, tensors: Tensors) -> None:
+        """A checkpoint's activation in flight to stage ``k`` (a resume)."""
+        device = self.devices[k]
+        moved = tuple(None if t is None else t.to(device) for t in tensors)
+        self._parcels[("F", k, unit)] = _Parcel(moved, self._current_event(device))
 
     # ------------------------------------------------------------------ helpers
 
-    def _move_in(self, tensors: Sequence[Tensor], device: torch.device) -> _Parcel:
-        """The micro-batch's tensors on ``device``, copied on its activation copy stream."""
-        if all(t.device == device for t in tensors):
+    def _hold(self, k: int, unit: Unit, tensors: Sequence[Optional[Tensor]]) -> None:
+        held = self._held.get((k, unit))
+        if held is None:
+            held = self._held[(k, unit)] = []
+        held.extend([t for t in tensors if t is not None])
+
+    def _move_in(self, tensors: Sequence[Optional[Tensor]], device: torch.device) -> _Parcel:
+        """Tensors on ``device``, copied on its activation copy stream (kept until the
+        micro-batch's backward there)."""
+        if all(t is None or t.device == device for t in tensors):
             return _Parcel(tuple(tensors), self._current_event(device))
         stream = self.copy_f[device]
         for t in tensors:
-            if t.device != device:
+            if t is not None and t.device != device:
                 wait(stream, self._current_event(t.device))
         with use_streams(stream):
             # into host memory: a plain blocking copy (a CPU stage has no stream to order it on)
-            moved = tuple(t.to(device, non_blocking=device.type == "cuda") for t in tensors)
-        return _Parcel(moved, record(stream))
-
-    def _move_target(self, target: Any, device: torch.device, held: List[Tensor], stream: AnyStream) -> Any:
-        """The target (a tensor, a tuple/list of them, or anything else as is) on ``device``."""
-        if isinstance(target, Tensor):
-            tensors, rebuild = (target,), (lambda ts: ts[0])
-        elif isinstance(target, (tuple, list)) and target and all(isinstance(t, Tensor) for t in target):
-            tensors, rebuild = tuple(target), type(target)
-        else:
-            return target
-        parcel = self._move_in(tensors, device)
-        held.extend(parcel.tensors)
-        wait(stream, parcel.ready)
-        return rebuild(parcel.tensors)
+            moved = tuple(None if t is None else t.to(device, non_blocking=device.type == "cuda") for t in tensors)
+        done = record(stream)
+        self.lifetimes.keep(done, [t for t in tensors if t is not None])
+        return _Parcel(moved, done)
 
     @staticmethod
     def _current_event(device: torch.device) -> AnyEvent:

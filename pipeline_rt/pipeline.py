@@ -1,11 +1,13 @@
-"""`Pipeline`: the user-facing runtime (DESIGN.md §5).
+"""`Pipeline`: the user-facing runtime, a training loop over streamed data.
 
 .. code-block:: python
 
     pipe = Pipeline(split_by_balance(model, [2, 3]), ["cuda:0", "cuda:1"],
                     lambda ps: torch.optim.AdamW(ps, lr=1e-3), nn.functional.cross_entropy,
-                    method="pipeoptim")
-    losses = pipe.train(batches)       # one float per minibatch
+                    method="pipeoptim", lr_scheduler=lambda opt: CosineAnnealingLR(opt, 1000),
+                    clip_grad_norm=1.0)
+    losses = pipe.train(loader, epochs=3, callback=log, progress=True)   # one float per minibatch
+    print(pipe.evaluate(val_loader, metric=accuracy))
 
 Each minibatch ``(input, target)`` is split along dim 0 into ``chunks`` micro-batches of
 sizes differing by at most one; micro-batch ``m`` of ``n_m`` rows out of ``n`` contributes
@@ -13,8 +15,16 @@ sizes differing by at most one; micro-batch ``m`` of ``n_m`` rows out of ``n`` c
 its gradient are those of the whole minibatch, and ``sync``/``1f1b-flush`` reproduce
 single-device training.
 
-Every :meth:`Pipeline.train` call runs the method's full schedule over its batches and
-drains (all updates applied before it returns); the prediction distances restart with it.
+Streaming. :meth:`Pipeline.train` pulls minibatches from ``batches`` only when the schedule
+needs them (:mod:`pipeline_rt.feed`), runs the method's schedule as it is produced
+(:class:`~pipeline_rt.schedule.LazySchedule`), and drains once, when the data ends (or
+``max_steps`` is reached, or the callback stops it). Memory and per-step cost do not grow
+with the number of minibatches; the returned list of losses does (one float each).
+
+Host synchronisation. None per minibatch: losses stay on the device and are read back a
+block at a time; a ``callback`` that reads ``info.loss`` waits for that minibatch's loss
+(one sync per minibatch), one that does not costs nothing on the device. ``check_finite``
+syncs at every step.
 
 Errors. Shapes that do not chain fail at the first micro-batch's forward, before any
 update (:class:`~pipeline_rt.stage.StageError` names the stage and the input shapes). An
@@ -32,69 +42,57 @@ from torch import Tensor, nn
 from lookahead_opt import PredictiveOptimizer
 
 from . import checkpoint
-from .executor import Executor, MicroBatch, Plan
+from .executor import EXISTS, Executor, Info, Run, StageRun
+from .feed import Feed
 from .methods import Method, get_method
-from .schedule import Schedule, build
-from .stage import Stage, as_tuple
+from .schedule import LazySchedule
+from .stage import Stage, retain_none
 
-__all__ = ["Pipeline", "make_executor", "split_batch"]
+__all__ = ["Pipeline", "make_executor"]
 
 Device = Union[torch.device, str, int]
 StageSpec = Union[nn.Module, Callable[[], nn.Module]]
 BuildStage = Callable[[int], Stage]
 BACKENDS = ("local", "dist")
+CLIP_SCOPES = ("stage", "global")
 
 
-def make_executor(backend: str, build_stage: BuildStage, devices: Sequence[torch.device],
+def make_executor(backend: str, build_stage: BuildStage, devices: Sequence[torch.device], schedule: LazySchedule,
                   timeout: Optional[float] = None) -> Tuple[Executor, List[Optional[Stage]]]:
     """The executor of ``backend`` and the stages it runs (``None`` where another process
     runs that stage).
 
     ``"local"`` builds every stage and runs them in this process; ``"dist"`` hands
     ``build_stage`` to :class:`pipeline_rt.dist.DistExecutor`, which builds only its
-    rank's stage and exposes the list as ``.stages``.
+    rank's stage.
     """
     if backend == "local":
         from .local import LocalExecutor
         stages = [build_stage(k) for k in range(len(devices))]
-        return LocalExecutor(stages, devices), list(stages)
+        return LocalExecutor(stages, devices, schedule), list(stages)
     if backend == "dist":
         try:
             from .dist import DistExecutor
         except ImportError as e:
             raise RuntimeError(f"backend='dist' needs pipeline_rt.dist.DistExecutor, which failed to import: {e}") from e
-        ex = DistExecutor(build_stage, devices, timeout=timeout)
+        ex = DistExecutor(build_stage, devices, schedule, timeout=timeout)
         return ex, list(ex.stages)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
-def _rows(x: Any) -> int:
-    """Dim-0 size of a tensor or of the first of a tuple of tensors (0 for a scalar)."""
-    t = as_tuple(x)[0]
-    return t.shape[0] if t.dim() else 0
-
-
-def split_batch(x: Any, chunks: int) -> List[Any]:
-    """Split a tensor, or a tuple/list of tensors, into ``chunks`` pieces along dim 0."""
-    if isinstance(x, Tensor):
-        return list(torch.tensor_split(x, chunks))
-    parts = [torch.tensor_split(t, chunks) for t in as_tuple(x)]
-    return [tuple(p[i] for p in parts) for i in range(chunks)]
-
-
 class Pipeline:
-    """Trains ``stages`` as a pipeline with one of the methods of DESIGN.md §3.
+    """Trains ``stages`` as a pipeline with one of the methods of :mod:`pipeline_rt.methods`.
 
     Args:
         stages: the stage modules, in order (or zero-argument factories; with
             ``backend="dist"`` only the rank's own stage is built). Stage ``k``'s output
-            (a tensor or a tuple of tensors) is stage ``k+1``'s input; the last stage's
-            output and the target go to ``loss_fn``. Modules are moved to their device.
+            (a tensor or a tuple of tensors, ``None`` entries allowed) is stage ``k+1``'s
+            input; the last stage's output and the target go to ``loss_fn``. Modules are
+            moved to their device.
         devices: one device per stage; stages may share a device.
         optimizer: ``optimizer(params) -> torch.optim.Optimizer``, called once per stage
-            that has parameters;
-            each is wrapped in :class:`~lookahead_opt.PredictiveOptimizer` with the
-            method's prediction rule.
+            that has parameters; each is wrapped in
+            :class:`~lookahead_opt.PredictiveOptimizer` with the method's prediction rule.
         loss_fn: ``loss_fn(output, target) -> scalar tensor`` (mean-reduced for
             ``sync``/``1f1b-flush`` to equal single-device training).
         method: one of :data:`pipeline_rt.methods.METHODS`.
@@ -102,6 +100,14 @@ class Pipeline:
         backward: ``"predicted"`` with ``pipeoptim``: the backward reuses the forward's
             predicted weights (kept per micro-batch).
         backend: ``"local"`` (this process; CUDA streams) or ``"dist"`` (one stage per rank).
+        lr_scheduler: ``lr_scheduler(optimizer) -> LRScheduler``, called once per stage with
+            parameters; each stage's scheduler is stepped right after every STEP of that
+            stage (one per minibatch) and saved in checkpoints.
+        clip_grad_norm: clip gradients to this total 2-norm right before every STEP.
+        clip_grad_scope: ``"stage"`` (each stage clips its own gradients' norm; every method)
+            or ``"global"`` (the norm over all stages' gradients, as
+            :func:`torch.nn.utils.clip_grad_norm_` over the whole model; the flush methods
+            only, where all stages' gradients are complete at once).
         check_finite: raise ``FloatingPointError`` on a non-finite loss or gradient and
             check predicted weights (one host sync per check).
         track_error: record the prediction error at every backward with ``s > 0``
@@ -115,6 +121,8 @@ class Pipeline:
                  optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
                  loss_fn: Callable[[Any, Any], Tensor], method: Union[str, Method] = "pipeoptim", *,
                  chunks: Optional[int] = None, backward: Optional[str] = None, backend: str = "local",
+                 lr_scheduler: Optional[Callable[[torch.optim.Optimizer], Any]] = None,
+                 clip_grad_norm: Optional[float] = None, clip_grad_scope: str = "stage",
                  check_finite: bool = False, track_error: bool = False, strict: bool = False,
                  timeout: Optional[float] = None) -> None:
         stages, devices = list(stages), [torch.device(d) for d in devices]
@@ -125,10 +133,26 @@ class Pipeline:
         if not callable(optimizer):
             raise TypeError("optimizer must be a callable params -> torch optimizer, "
                             "e.g. lambda ps: torch.optim.SGD(ps, lr=0.1)")
+        if lr_scheduler is not None and not callable(lr_scheduler):
+            raise TypeError("lr_scheduler must be a callable optimizer -> LRScheduler, e.g. "
+                            "lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)")
+        if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
+            raise ValueError(f"clip_grad_norm must be a positive number, got {clip_grad_norm!r}")
+        if clip_grad_scope not in CLIP_SCOPES:
+            raise ValueError(f"clip_grad_scope must be one of {CLIP_SCOPES}, got {clip_grad_scope!r}")
         self.method = get_method(method, backward=backward, chunks=chunks)
+        if clip_grad_scope == "global" and self.method.shape == "async-1f1b":
+            raise ValueError(f"clip_grad_scope='global' needs all stages' gradients of a minibatch at once, which only "
+                             f"the flush methods (sync, 1f1b-flush) have; method {self.method.name!r} updates stages "
+                             f"at different times: use clip_grad_scope='stage'")
         self.num_stages = len(stages)
         self.chunks = self.method.num_chunks(self.num_stages)
         self.devices = devices
+        self.loss_fn = loss_fn
+        self._clip_global = float(clip_grad_norm) if clip_grad_norm is not None and clip_grad_scope == "global" \
+            else None
+        stage_clip = None if clip_grad_norm is None or clip_grad_scope == "global" else float(clip_grad_norm)
+        self._schedule = LazySchedule(self.method.shape, self.num_stages, self.chunks)
 
         def build_stage(k: int) -> Stage:
             spec = stages[k]
@@ -139,70 +163,104 @@ class Pipeline:
             params = list(module.parameters())
             opt = PredictiveOptimizer(optimizer(params), rule=self.method.rule, strict=strict,
                                       check_finite=check_finite) if params else None
-            return Stage(k, self.num_stages, module, opt, self.method, loss_fn,
-                         check_finite=check_finite, track_error=track_error)
+            return Stage(k, self.num_stages, module, opt, self.method, loss_fn, check_finite=check_finite,
+                         track_error=track_error, lr_scheduler=lr_scheduler, clip_grad_norm=stage_clip)
 
-        self.executor, self._stages = make_executor(backend, build_stage, devices, timeout)
-        self._schedules: Dict[int, Schedule] = {}
-        self._last: Optional[Schedule] = None
+        self.executor, self._stages = make_executor(backend, build_stage, devices, self._schedule, timeout)
 
     # ------------------------------------------------------------------ training
 
-    def train(self, batches: Iterable[Tuple[Any, Any]], *, checkpoint_every: Optional[int] = None,
-              checkpoint_dir: Optional[checkpoint.PathLike] = None,
-              resume_from: Optional[checkpoint.PathLike] = None) -> List[float]:
-        """Run the method's schedule over ``batches`` (``(input, target)`` pairs), drain,
-        and return the per-minibatch losses as floats (one host sync, at the end).
+    def train(self, batches: Iterable[Tuple[Any, Any]], *, epochs: int = 1, max_steps: Optional[int] = None,
+              callback: Optional[Callable[[Info], Optional[bool]]] = None, progress: bool = False,
+              checkpoint_every: Optional[int] = None, checkpoint_dir: Optional[checkpoint.PathLike] = None,
+              resume_from: Optional[checkpoint.PathLike] = None, skip_consumed: bool = True) -> List[float]:
+        """Train on ``batches`` (``(input, target)`` pairs, pulled just in time), drain at the
+        end, and return the per-minibatch losses as floats.
 
-        Checkpoints (see :mod:`pipeline_rt.checkpoint`): with ``checkpoint_every=K`` and
-        ``checkpoint_dir``, the run is saved after minibatches ``K, 2K, ...`` (folders
-        ``mb00000K``). ``resume_from`` (a checkpoint folder, or a ``checkpoint_dir``: its
-        latest complete checkpoint) continues that run; give the same ``batches``. The
-        losses returned (all of them) and the final weights are identical to an
-        uninterrupted run's.
+        Args:
+            batches: any iterable: a list, a generator, a ``DataLoader``, an infinite
+                iterator (with ``max_steps``). With ``backend="dist"`` every rank passes the
+                same data; only the first stage's rank uses the inputs and only the last's
+                the targets (others may pass anything, e.g. ``None``).
+            epochs: passes over ``batches`` back to back, without draining between them
+                (the same as one run over the concatenation).
+            max_steps: stop after this many minibatches (counted from the run's start).
+            callback: ``callback(info)`` on the host once per minibatch, in order, when its
+                loss is known (:class:`~pipeline_rt.executor.Info`: ``step``, ``epoch``,
+                ``loss``); returning ``False`` stops feeding: the minibatches already fed
+                finish (their losses included). With ``backend="dist"`` it runs on the last
+                stage's rank.
+            progress: show a tqdm bar (on the last stage's process).
+            checkpoint_every, checkpoint_dir: checkpoint after every ``checkpoint_every``
+                minibatches and at the end, into folders ``checkpoint_dir/mb00000K`` (a
+                ``checkpoint_dir`` alone: at the end only); see :mod:`pipeline_rt.checkpoint`.
+            resume_from: a checkpoint folder (or a ``checkpoint_dir``: its latest complete
+                checkpoint) to continue from: give the same ``batches``; the losses returned
+                (all of them) and the final weights are identical to an uninterrupted run's.
+                From the final checkpoint of a run, more data or epochs extend it.
+            skip_consumed: on resume, read and drop the minibatches the checkpoint consumed
+                (checked against its fingerprint); ``False``: ``batches`` is already
+                positioned after them.
         """
-        plan = self.plan(batches)
+        if max_steps is not None and (not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1):
+            raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
+        if checkpoint_every is not None and checkpoint_dir is None:
+            raise ValueError("checkpoint_every needs checkpoint_dir (where the checkpoints go)")
+        n = self.num_stages
+        mine = {k: s for k, s in enumerate(self._stages) if s is not None}
+        feed = None
+        if 0 in mine or n - 1 in mine:
+            feed = Feed(batches, self.chunks, epochs=epochs)
+        run = Run(feed, {k: StageRun(self._schedule, k) for k in mine}, max_steps=max_steps, callback=callback,
+                  clip_global=self._clip_global)
+        saver = None
+        if checkpoint_dir is not None:
+            saver = checkpoint.Checkpointer(checkpoint_dir, checkpoint_every, self._describe())
+            for s in mine.values():
+                s.retain = saver.retain
+        run.checkpoint = saver
+        done = 0
         try:
-            if checkpoint_every is None and checkpoint_dir is None and resume_from is None:
-                losses = self.executor.run(plan)
+            if resume_from is not None:
+                done = checkpoint.resume(resume_from, self.executor, run, self._describe(), skip_consumed=skip_consumed)
             else:
-                losses = checkpoint.train(self.executor, plan, self._stages, checkpoint_every=checkpoint_every,
-                                          checkpoint_dir=checkpoint_dir, resume_from=resume_from)
+                for k, view in run.views.items():
+                    view.known[0] = run.decide(0, view) if k == 0 else EXISTS
+                if 0 in run.views and run.views[0].known[0] != EXISTS:
+                    raise ValueError("train() needs at least one (input, target) minibatch; got no minibatches")
+            if progress and n - 1 in mine:
+                run.progress = _progress_bar(batches, epochs, max_steps, done)
+            return self.executor.train(run)
         except BaseException:
-            for s in self._stages:
-                if s is not None:
-                    s.clear()
+            for s in mine.values():
+                s.clear()
             raise
-        return [float(x) for x in losses.tolist()]
+        finally:
+            if run.progress is not None:
+                run.progress.close()
+            for s in mine.values():
+                s.retain = retain_none
 
-    def plan(self, batches: Iterable[Tuple[Any, Any]]) -> Plan:
-        """The :class:`Plan` :meth:`train` runs: the schedule and the split micro-batches."""
-        batches = list(batches)
-        if not batches:
-            raise ValueError("train() needs at least one (input, target) minibatch; got an empty batch list")
-        micro: Dict[Tuple[int, int], MicroBatch] = {}
-        for j, pair in enumerate(batches):
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-                raise TypeError(f"minibatch {j} must be an (input, target) pair, got {type(pair).__name__}")
-            x, y = pair
-            n = _rows(x)
-            for name, v in (("input", x), ("target", y)):
-                sizes = {_rows(t) for t in as_tuple(v)}
-                if sizes != {n}:
-                    raise ValueError(f"minibatch {j}: every {name} tensor must have {n} rows (dim 0), got {sorted(sizes)}")
-            if n < self.chunks:
-                raise ValueError(f"minibatch {j} has {n} rows, fewer than the {self.chunks} micro-batches "
-                                 f"method {self.method.name!r} splits it into; pass chunks= or larger batches")
-            xs, ys = split_batch(x, self.chunks), split_batch(y, self.chunks)
-            for m, (xm, ym) in enumerate(zip(xs, ys)):
-                micro[(j, m)] = MicroBatch(as_tuple(xm), ym, _rows(xm) / n)
-        self._last = self._schedule(len(batches))
-        return Plan(self._last, micro)
+    def _describe(self) -> Dict[str, Any]:
+        return {"method": self.method.name, "shape": self.method.shape, "num_stages": self.num_stages,
+                "chunks": self.chunks}
 
-    def _schedule(self, num_minibatches: int) -> Schedule:
-        if num_minibatches not in self._schedules:
-            self._schedules[num_minibatches] = build(self.method.shape, self.num_stages, num_minibatches, self.chunks)
-        return self._schedules[num_minibatches]
+    # ------------------------------------------------------------------ evaluation and inference
+
+    def evaluate(self, batches: Iterable[Tuple[Any, Any]],
+                 metric: Optional[Callable[[Any, Any], Tensor]] = None) -> Dict[str, Optional[float]]:
+        """Forward only, on the live weights, modules in eval mode (their modes are restored
+        after): the rows-weighted means over ``batches`` of ``loss_fn`` and of
+        ``metric(output, target)`` (a scalar per minibatch, e.g. accuracy), as
+        ``{"loss": ..., "metric": ...}`` (``metric`` None without one). With
+        ``backend="dist"`` every rank returns the same values."""
+        return self.executor.evaluate(batches, self.loss_fn, metric)
+
+    def forward(self, inputs: Any) -> Any:
+        """Inference: the last stage's output for ``inputs`` (forward only, live weights, the
+        modules' modes as they are, no autograd). With ``backend="dist"`` the output is
+        returned on the last stage's rank and ``None`` on the others."""
+        return self.executor.infer(inputs)
 
     # ------------------------------------------------------------------ inspection
 
@@ -217,10 +275,10 @@ class Pipeline:
         return list(self._stages)
 
     @property
-    def schedule(self) -> Schedule:
-        """The schedule of the last :meth:`train` (before any, one over ``N + 1`` minibatches);
-        ``print(pipe.schedule)`` shows the stage x time table."""
-        return self._last if self._last is not None else self._schedule(self.num_stages + 1)
+    def schedule(self) -> LazySchedule:
+        """The method's schedule, produced lazily as a run goes; ``print(pipe.schedule)``
+        shows the stage x time table of a window of it."""
+        return self._schedule
 
     @property
     def peak_versions(self) -> List[Optional[int]]:
@@ -245,3 +303,14 @@ class Pipeline:
             else:
                 out.append(torch.stack(s.errors).tolist() if s.errors else [])
         return out
+
+
+def _progress_bar(batches: Any, epochs: int, max_steps: Optional[int], done: int) -> Any:
+    from tqdm.auto import tqdm
+    try:
+        total: Optional[int] = len(batches) * epochs
+    except TypeError:
+        total = None
+    if max_steps is not None:
+        total = max_steps if total is None else min(total, max_steps)
+    return tqdm(total=total, initial=done, unit="minibatch", dynamic_ncols=True)

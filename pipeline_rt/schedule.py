@@ -13,15 +13,22 @@ A schedule is, for every stage, the list of actions it runs, in order:
 machine (one tick per compute action, transfers free) and fails on a deadlock;
 :func:`versions` derives, by counting STEPs, the weight version each forward and backward
 sees and the prediction distance ``s = v_B - v_F``. Nothing here touches a tensor.
+
+Those build a whole run. A training run streams: :class:`LazySchedule` produces the same
+actions on demand, one stage at a time, from a :class:`Cursor` (units forwarded, units
+backwarded, STEPs done) and a question ``exists(j)`` (is there a minibatch ``j``?) asked
+only when the stage is about to forward minibatch ``j``'s first micro-batch. Every shape is a
+warm-up, a periodic steady state and a drain that starts when ``exists`` says no; the cost
+of an action does not depend on the length of the run, and nothing grows with it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 __all__ = [
     "Action", "Schedule", "SHAPES", "build", "simulate", "versions", "Simulation",
-    "ScheduleError",
+    "ScheduleError", "Cursor", "LazySchedule", "StageActions", "next_compute", "lower",
 ]
 
 F, B, STEP = "F", "B", "STEP"
@@ -241,15 +248,17 @@ class Simulation:
     peak_in_flight: List[int]
     num_stages: int
 
-    def table(self, mark: Optional[Action] = None) -> str:
-        """Stage x tick table; ``mark`` (any action) is highlighted where it runs."""
+    def table(self, mark: Optional[Action] = None, offset: int = 0) -> str:
+        """Stage x tick table; ``mark`` (any action) is highlighted where it runs;
+        ``offset`` is added to every minibatch index shown (a window of a longer run)."""
         where = None
         if mark is not None:
             for t, row in enumerate(self.ticks):
                 for k, a in enumerate(row):
                     if a is not None and _same(a, mark):
                         where = (t, k)
-        cells = [[("" if a is None else str(a)) for a in row] for row in self.ticks]
+        cells = [[("" if a is None else str(a._replace(mb=a.mb + offset) if a.mb >= 0 else a)) for a in row]
+                 for row in self.ticks]
         if where is not None:
             cells[where[0]][where[1]] = f">>{cells[where[0]][where[1]]}<<"
         width = max([len(c) for row in cells for c in row] + [4])
@@ -357,3 +366,235 @@ def versions(sched: Schedule) -> List[Dict[Tuple[int, int], Versions]]:
                 table[a.unit] = Versions(fwd[a.unit], steps)
         out.append(table)
     return out
+
+
+# ----------------------------------------------------------------------------- lazy
+
+
+@dataclass
+class Cursor:
+    """Where a stage is in its compute actions: ``nf`` units forwarded, ``nb`` units
+    backwarded, ``steps`` STEPs done (units counted flat: ``u = j * chunks + m``)."""
+
+    nf: int = 0
+    nb: int = 0
+    steps: int = 0
+
+    def advance(self, a: Action) -> None:
+        """Count compute action ``a`` as done."""
+        if a.kind == F:
+            self.nf += 1
+        elif a.kind == B:
+            self.nb += 1
+        elif a.kind == STEP:
+            self.steps += 1
+
+
+def next_compute(shape: str, k: int, n: int, chunks: int, c: Cursor,
+                 exists: Callable[[int], bool]) -> Optional[Action]:
+    """Stage ``k``'s next compute action from cursor ``c`` (``None``: the stage is done).
+
+    The rules of the three shapes (``w = N-1-k``; ``j = nb // chunks``, the minibatch of the
+    next backward):
+
+    * a STEP follows the backward of a minibatch's last micro-batch (``steps < nb // chunks``);
+    * ``async-1f1b`` forwards while ``nf <= nb + w`` (warm-up ``w``, then one forward per
+      backward), ``1f1b-flush`` does the same within minibatch ``j`` only, ``gpipe``
+      forwards all of minibatch ``j`` first;
+    * otherwise it backwards unit ``nb`` (``gpipe``: minibatch ``j``'s micro-batches in
+      reverse) while some forwarded unit waits; a forward of a new minibatch ``j'`` happens
+      only if ``exists(j')``, so the drain starts where the data ends.
+    """
+    if c.steps < c.nb // chunks:
+        return Action(STEP, k)
+    j = c.nb // chunks
+    if shape == "async-1f1b":
+        can_forward = c.nf <= c.nb + n - 1 - k
+    elif shape == "1f1b-flush":
+        can_forward = c.nf < (j + 1) * chunks and c.nf <= c.nb + n - 1 - k
+    else:
+        can_forward = c.nf < (j + 1) * chunks
+    if can_forward and (c.nf % chunks or exists(c.nf // chunks)):
+        return Action(F, k, c.nf // chunks, c.nf % chunks)
+    if c.nb < c.nf:
+        m = chunks - 1 - c.nb % chunks if shape == "gpipe" else c.nb % chunks
+        return Action(B, k, j, m)
+    return None
+
+
+def lower(a: Action, n: int) -> Tuple[Action, ...]:
+    """Compute action ``a`` with its transfers: receive right before use, send right after."""
+    k = a.stage
+    if a.kind == F:
+        return ((Action(RECV_F, k, a.mb, a.micro),) if k > 0 else ()) + (a,) + (
+            (Action(SEND_F, k, a.mb, a.micro),) if k < n - 1 else ())
+    if a.kind == B:
+        return ((Action(RECV_B, k, a.mb, a.micro),) if k < n - 1 else ()) + (a,) + (
+            (Action(SEND_B, k, a.mb, a.micro),) if k > 0 else ())
+    return (a,)
+
+
+class StageActions:
+    """Stage ``k``'s lowered actions, produced one at a time from its :class:`Cursor`.
+
+    :meth:`peek` shows the next action (asking ``exists`` only when the next compute action
+    could be a new minibatch's forward), :meth:`pop` counts it as done.
+    """
+
+    def __init__(self, sched: "LazySchedule", k: int, exists: Callable[[int], bool],
+                 cursor: Optional[Cursor] = None) -> None:
+        self.sched, self.k, self.exists = sched, k, exists
+        self._pending: Tuple[Action, ...] = ()
+        self._i = 0
+        self.cursor = Cursor() if cursor is None else cursor
+
+    @property
+    def cursor(self) -> Cursor:
+        """Where the stage is (between compute actions when set)."""
+        return self._cursor
+
+    @cursor.setter
+    def cursor(self, c: Cursor) -> None:
+        self._cursor, self._pending, self._i = c, (), 0
+
+    def peek(self) -> Optional[Action]:
+        if self._i == len(self._pending):
+            s = self.sched
+            a = next_compute(s.shape, self.k, s.num_stages, s.chunks, self.cursor, self.exists)
+            if a is None:
+                return None
+            self._pending, self._i = lower(a, s.num_stages), 0
+        return self._pending[self._i]
+
+    def pop(self) -> Action:
+        a = self._pending[self._i]
+        self._i += 1
+        if a.kind in COMPUTE:
+            self._cursor.advance(a)
+        return a
+
+    def __iter__(self) -> Iterator[Action]:
+        while True:
+            a = self.peek()
+            if a is None:
+                return
+            yield a
+            self.pop()
+
+
+class LazySchedule:
+    """A schedule of any length, produced on demand (see the module docstring).
+
+    Args:
+        shape, num_stages, chunks: as for :func:`build`.
+
+    Construction validates and simulates the lazily produced schedule of a bounded prefix
+    (runs of 1, 2 and ``N + 2`` minibatches: warm-up, the steady state's period of one
+    minibatch, and the drain) with :func:`validate` and :func:`simulate`;
+    ``tests/test_schedule.py`` proves that this one equals :func:`build`'s for lengths
+    1..40. ``print()`` shows the table of an ``N + 2``-minibatch window.
+    """
+
+    def __init__(self, shape: str, num_stages: int, chunks: int = 1) -> None:
+        if shape not in SHAPES:
+            raise ScheduleError(f"unknown schedule shape {shape!r}; choose one of {SHAPES}")
+        for name, v in (("num_stages", num_stages), ("chunks", chunks)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ScheduleError(f"{name} must be a positive int, got {v!r}")
+        self.shape, self.num_stages, self.chunks = shape, num_stages, chunks
+        self._ahead: Dict[Tuple[int, int, int, int, int], int] = {}
+        for length in sorted({1, 2, num_stages + 2}):
+            sched = self.finite(length)
+            validate(sched)
+            sched.simulation  # noqa: B018  (raises on deadlock)
+
+    def actions(self, k: int, exists: Callable[[int], bool], cursor: Optional[Cursor] = None) -> StageActions:
+        """Stage ``k``'s lowered actions from ``cursor`` (default: the start)."""
+        return StageActions(self, k, exists, cursor)
+
+    def distance(self, k: int, c: Cursor) -> int:
+        """``s = v_B - v_F`` of the unit stage ``k`` is about to forward from cursor ``c``:
+        the STEPs it will run before that unit's backward, counted on its own continuation.
+
+        The continuation is taken with every minibatch present; where the data ends makes no
+        difference (a drain only leaves out forwards, never moves a backward or a STEP relative
+        to the backwards before it). The count depends on ``c`` only through
+        ``(nf - nb, nf % chunks, nb % chunks, nb // chunks - steps)``, so it is memoised on that.
+        """
+        key = (k, c.nf - c.nb, c.nf % self.chunks, c.nb % self.chunks, c.nb // self.chunks - c.steps)
+        s = self._ahead.get(key)
+        if s is None:
+            unit = (c.nf // self.chunks, c.nf % self.chunks)
+            ahead = Cursor(c.nf, c.nb, c.steps)
+            s = 0
+            while True:
+                a = next_compute(self.shape, k, self.num_stages, self.chunks, ahead, lambda j: True)
+                if a is None:  # pragma: no cover - an infinite run always reaches the backward
+                    raise ScheduleError(f"stage {k}: no backward of {unit} after {c}")
+                if a.kind == B and a.unit == unit:
+                    break
+                s += a.kind == STEP
+                ahead.advance(a)
+            self._ahead[key] = s
+        return s
+
+    def order(self, stages: Sequence[StageActions], ready: Sequence[Tuple[str, int, int, int]] = ()) -> Iterator[Action]:
+        """Every stage's actions in one dependency-respecting order, tick by tick: in each
+        tick every stage runs its transfers and at most one compute action, a receive
+        waiting for its send (the ideal machine of :func:`simulate`). Each action is
+        yielded before it is counted as done, so ``exists`` is asked only after the
+        actions before it have run. ``ready``: messages already in transit, as ``(RECV_F or
+        RECV_B, receiving stage, minibatch, micro)``. Raises :class:`ScheduleError` on a deadlock."""
+        ready = set(ready)  # the receives whose message is sent and not yet received
+        while True:
+            progressed = alive = False
+            for it in stages:
+                computed = False
+                while True:
+                    a = it.peek()
+                    if a is None:
+                        break
+                    alive = True
+                    kind = a.kind
+                    if kind == RECV_F or kind == RECV_B:
+                        key = (kind, a.stage, a.mb, a.micro)
+                        if key not in ready:
+                            break
+                        ready.discard(key)
+                    elif kind == SEND_F:
+                        ready.add((RECV_F, a.stage + 1, a.mb, a.micro))
+                    elif kind == SEND_B:
+                        ready.add((RECV_B, a.stage - 1, a.mb, a.micro))
+                    elif computed:
+                        break
+                    else:
+                        computed = True
+                    yield a
+                    it.pop()
+                    progressed = True
+            if not alive:
+                return
+            if not progressed:
+                stuck = [(it.k, it.peek()) for it in stages if it.peek() is not None]
+                raise ScheduleError("schedule deadlocks; waiting: " + ", ".join(f"stage {k} {a}" for k, a in stuck))
+
+    def finite(self, num_minibatches: int) -> Schedule:
+        """The lazily produced schedule of a run of ``num_minibatches``, as a :class:`Schedule`."""
+        exists = (lambda j: j < num_minibatches)
+        acts = [list(self.actions(k, exists)) for k in range(self.num_stages)]
+        return Schedule(self.shape, self.num_stages, num_minibatches, self.chunks, acts)
+
+    def window(self, mark: Optional[Action] = None) -> str:
+        """The stage x tick table of an ``N + 2``-minibatch run; a ``mark`` of a later
+        minibatch is shown at the same place of the steady state (minibatch indices shifted)."""
+        n = self.num_stages
+        offset = 0
+        if mark is not None and mark.mb > n:
+            offset = mark.mb - n
+            mark = mark._replace(mb=n)
+        return self.finite(n + 2).simulation.table(mark, offset)
+
+    def __str__(self) -> str:
+        return (f"{self.shape} schedule: {self.num_stages} stages, x {self.chunks} micro-batches per minibatch "
+                f"(a window of {self.num_stages + 2} minibatches; the steady state repeats until the data ends, "
+                f"then the pipeline drains)\n" + self.window())

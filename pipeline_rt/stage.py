@@ -20,18 +20,29 @@ the backward must use:
 Gradients reach the parameters themselves (they are the autograd leaves whatever their
 ``.data`` holds), so micro-batches accumulate and ``STEP`` applies the sum.
 
+Randomness. Each stage draws random numbers (dropout) from its own stream: the process's
+RNG state when the stage first runs a forward, then carried from forward to forward (the
+process's own RNG is left as it was). So the stages of one process do not depend on the
+order in which the executor interleaves them, and the local executor draws exactly what
+one process per stage (``backend="dist"``, every rank seeded alike) draws.
+
 Checkpoints. An autograd graph cannot be saved, so a micro-batch in flight at a checkpoint
-is re-run at resume: the forwards of the units in :attr:`Stage.retain` (chosen from the
+is re-run at resume: the forwards of the units :attr:`Stage.retain` selects (chosen from the
 schedule, see :mod:`pipeline_rt.checkpoint`) keep a :class:`Replay` (inputs, a copy of the
-weights they ran on, the RNG state, the version), and :meth:`Stage.load_state_dict` re-runs
-them, so their backwards see the same graph and the same redirected weights.
+weights they ran on, the stage's RNG state, the version, the prediction distance), and
+:meth:`Stage.load_state_dict` re-runs them, so their backwards see the same graph and the
+same redirected weights.
+
+Hooks. ``clip_grad_norm`` clips the stage's gradients (total 2-norm, as
+:func:`torch.nn.utils.clip_grad_norm_`) right before its STEP; ``lr_scheduler`` is stepped
+right after every STEP.
 """
 from __future__ import annotations
 
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +54,7 @@ from lookahead_opt.rollout import RolloutPredictor
 
 from .methods import Method
 
-__all__ = ["Stage", "StageError", "Replay", "as_tuple", "as_leaf"]
+__all__ = ["Stage", "StageError", "Replay", "as_tuple", "as_leaf", "retain_none"]
 
 _NO_CONTEXT = nullcontext()
 
@@ -54,13 +65,17 @@ class StageError(RuntimeError):
     """An error inside a stage, naming the stage, the action and the shapes involved."""
 
 
-def as_tuple(x: Any) -> Tuple[Tensor, ...]:
-    """A stage's inputs/outputs as a tuple of tensors."""
+def as_tuple(x: Any, where: str = "a stage's output") -> Tuple[Optional[Tensor], ...]:
+    """What passes between stages as a tuple: a tensor, or a tuple/list of tensors and
+    ``None`` entries (a ``None`` passes through to the next stage unchanged)."""
     if isinstance(x, Tensor):
         return (x,)
-    if isinstance(x, (tuple, list)) and all(isinstance(t, Tensor) for t in x):
+    if isinstance(x, (tuple, list)) and x and all(t is None or isinstance(t, Tensor) for t in x):
         return tuple(x)
-    raise TypeError(f"stage outputs must be a Tensor or a tuple of Tensors, got {type(x).__name__}")
+    got = type(x).__name__ if not isinstance(x, (tuple, list)) else \
+        f"a {type(x).__name__} of ({', '.join(type(t).__name__ for t in x)})"
+    raise TypeError(f"{where} must be a Tensor or a tuple of Tensors (None entries allowed), got {got}; "
+                    f"return e.g. `h` or `(h, mask)`, and pass other values as tensors")
 
 
 def as_leaf(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -102,7 +117,8 @@ class Replay:
     weights: List[Tensor]      # a copy of the weights the forward ran on (live or predicted)
     version: int               # the STEPs done at the forward
     predicted: bool
-    rng: Tuple[Tensor, Optional[Tensor]]  # CPU and (on CUDA) device RNG states at the forward
+    rng: Tuple[Tensor, Optional[Tensor]]  # the stage's CPU and (on CUDA) device RNG states at the forward
+    s: int = 0                 # the forward's v_B - v_F
     target: Any = None
     weight: float = 1.0
     calib: Optional[tuple] = None  # pipeoptim-cal: (start weights, prediction, scales) for observe()
@@ -121,11 +137,14 @@ class Stage:
         loss_fn: ``loss_fn(output, target)``; used by the last stage only.
         check_finite: check the loss and the gradients at every step (one host sync each).
         track_error: measure the prediction error at every backward (see :attr:`errors`).
+        lr_scheduler: ``lr_scheduler(optimizer) -> LRScheduler``, stepped after every STEP.
+        clip_grad_norm: clip the stage's gradients to this total 2-norm before every STEP.
     """
 
     def __init__(self, index: int, num_stages: int, module: nn.Module, optimizer: Optional[PredictiveOptimizer],
                  method: Method, loss_fn: Optional[Callable[[Any, Any], Tensor]] = None, *,
-                 check_finite: bool = False, track_error: bool = False) -> None:
+                 check_finite: bool = False, track_error: bool = False,
+                 lr_scheduler: Optional[Callable[[Any], Any]] = None, clip_grad_norm: Optional[float] = None) -> None:
         self.index, self.num_stages = index, num_stages
         self.module, self.optimizer, self.method, self.loss_fn = module, optimizer, method, loss_fn
         self.check_finite, self.track_error = check_finite, track_error
@@ -140,8 +159,11 @@ class Stage:
         self.peak_in_flight = 0
         self.peak_versions = 1
         self._buffer_used = False  # the predictor's reusable buffer exists
-        #: units whose forward keeps a :class:`Replay` (in flight at a planned checkpoint)
-        self.retain: Set[Unit] = set()
+        #: which units' forwards keep a :class:`Replay` (in flight at a planned checkpoint)
+        self.retain: Callable[[Unit], bool] = retain_none
+        self.scheduler = None if lr_scheduler is None or optimizer is None else lr_scheduler(optimizer)
+        self.clip_grad_norm = clip_grad_norm
+        self._rng: Optional[Tuple[Tensor, Optional[Tensor]]] = None  # the stage's own RNG stream
         self._replays: Dict[Unit, Replay] = {}
         #: what swaps predicted weights in: the optimizer, or its calibrated predictor
         self.predictor = optimizer
@@ -174,17 +196,19 @@ class Stage:
         if replay is not None:
             predicted = replay.predicted
         rec = _Record(inputs=inputs, version=self.version if replay is None else replay.version, predicted=predicted)
-        keep = replay is None and unit in self.retain
+        keep = replay is None and self.retain(unit)
         # a replay has no start weights; a stage without parameters has nothing to predict
         track = self.track_error and s > 0 and replay is None and bool(self.params)
         calib = m.calibrate and predicted and replay is None
         if track or calib:
             rec.start_weights = [p.detach().clone() for p in self.params]
-        rng = self.rng_state() if keep else None
+        if self._rng is None:
+            self._rng = self.rng_state()
+        rng = self._rng if keep else None
         # the backward uses the weights the forward saved unless a swap or a step comes between
         # them or its policy is a prediction: only then are the saved weights redirected
         same = replay is None and not predicted and s == 0 and m.backward != "predict"
-        with self._weights_for(distance, predicted, replay), \
+        with self._weights_for(distance, predicted, replay), self._own_rng(replay), \
                 (_NO_CONTEXT if same else redirect(self.params, self._resolver(rec))):
             try:
                 out = self.module(*inputs)
@@ -207,9 +231,9 @@ class Stage:
         if replay is not None and replay.calib is not None:
             rec.calib = replay.calib
         if keep:
-            self._replays[unit] = Replay(unit, inputs, snap, rec.version, predicted, rng, target, weight,
+            self._replays[unit] = Replay(unit, inputs, snap, rec.version, predicted, rng, s, target, weight,
                                          rec.calib)
-        outs = as_tuple(out)
+        outs = as_tuple(out, f"stage {self.index}'s output")
         if self.is_last:
             rec.loss = outs[0]
             if self.check_finite and not bool(torch.isfinite(rec.loss).all()):
@@ -245,15 +269,16 @@ class Stage:
         if self.is_last:
             torch.autograd.backward(rec.loss)
         else:
-            pairs = [(o, g) for o, g in zip(rec.outputs, grads) if o.requires_grad and g is not None]
+            pairs = [(o, g) for o, g in zip(rec.outputs, grads) if o is not None and o.requires_grad and g is not None]
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         if m.backward == "forward" and not rec.predicted:
             self._release(rec.version)
-        return tuple(x.grad if x.requires_grad else None for x in rec.inputs)
+        return tuple(x.grad if x is not None and x.requires_grad else None for x in rec.inputs)
 
     def step(self) -> None:
-        """One optimizer update (then the gradients are cleared)."""
+        """One optimizer update: clip (``clip_grad_norm``), step, clear the gradients, step
+        the learning-rate scheduler."""
         if self._refs.get(self.version):
             # an in-flight micro-batch still needs the version this step overwrites
             self._stash[self.version] = [p.detach().clone() for p in self.params]
@@ -261,9 +286,17 @@ class Stage:
         if self.check_finite:
             self._check_grads()
         if self.optimizer is not None:
+            if self.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.scheduler is not None:
+                self.scheduler.step()
         self.version += 1
+
+    def grads(self) -> List[Tensor]:
+        """The accumulated gradients of the stage's parameters (those that have one)."""
+        return [p.grad for p in self.params if p.grad is not None]
 
     def clear(self) -> None:
         """Drop everything in flight (after an interrupted run): the micro-batches' records,
@@ -274,6 +307,10 @@ class Stage:
         self._refs.clear()
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
+
+    def outputs_of(self, unit: Unit) -> Tuple[Optional[Tensor], ...]:
+        """The outputs of an in-flight micro-batch (not the last stage)."""
+        return self._records[unit].outputs
 
     def loss_of(self, unit: Unit) -> Tensor:
         """The (weighted) loss tensor of an in-flight micro-batch at the last stage."""
@@ -298,26 +335,28 @@ class Stage:
             "replays": [self._replays[u] for u in self._records],
             # the calibrated scales' statistics / the roll-out's last gradients
             "predictor": None if self.predictor is self.optimizer else self.predictor.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "rng": self._rng,
         }
 
-    def load_state_dict(self, state: Dict[str, Any], s: Callable[[Unit], int]) -> None:
-        """Restore :meth:`state_dict` and re-run the in-flight forwards (``s(unit)`` gives
-        their prediction distance); the RNG is left as it was. Module buffers that the
-        forwards update (e.g. running statistics) end as saved."""
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` and re-run the in-flight forwards. Module buffers
+        that the forwards update (e.g. running statistics) end as saved."""
         self.clear()
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         if state.get("predictor") is not None:
             self.predictor.load_state_dict(state["predictor"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.version = state["version"]
         self._stash = {v: list(ws) for v, ws in state["stash"].items()}
         for p, g in zip(self.params, state["grads"]):
             p.grad = g
         for r in state["replays"]:
-            with torch.random.fork_rng(devices=_cuda_devices(self.params)):
-                self.set_rng_state(r.rng)
-                self._forward(r.unit, r.inputs, s(r.unit), r.target, r.weight, r)
+            self._forward(r.unit, r.inputs, r.s, r.target, r.weight, r)
             self._replays[r.unit] = r
+        self._rng = state["rng"]
         self.module.load_state_dict(state["module"])
 
     # ------------------------------------------------------------------ helpers
@@ -333,6 +372,19 @@ class Stage:
         cuda = _cuda_devices(self.params)
         if cuda and state[1] is not None:
             torch.cuda.set_rng_state(state[1], cuda[0])
+
+    @contextmanager
+    def _own_rng(self, replay: Optional[Replay]) -> Iterator[None]:
+        """The stage's RNG stream is the process's inside the block (a replay's saved state
+        for a replay); the process's own state is put back after."""
+        process = self.rng_state()
+        self.set_rng_state(self._rng if replay is None else replay.rng)
+        try:
+            yield
+        finally:
+            if replay is None:
+                self._rng = self.rng_state()
+            self.set_rng_state(process)
 
     def _weights_for(self, distance: int, predicted: bool, replay: Optional[Replay]) -> ContextManager[None]:
         """The parameters hold the forward's weights inside the block: a replay's, a
@@ -390,8 +442,13 @@ class Stage:
                     f"{self.version}; lower the learning rate or check the inputs")
 
 
+def retain_none(unit: Unit) -> bool:
+    """The default :attr:`Stage.retain`: no forward keeps a replay."""
+    return False
+
+
 def _cuda_devices(params: Sequence[Tensor]) -> List[torch.device]:
-    """The (first) CUDA device the parameters are on, as a list for ``fork_rng``."""
+    """The (first) CUDA device the parameters are on (whose RNG the stage's stream includes)."""
     return sorted({p.device for p in params if p.device.type == "cuda"}, key=str)[:1]
 
 

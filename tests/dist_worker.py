@@ -92,7 +92,7 @@ def batches(count: int = MINIBATCHES, ragged: bool = False) -> List[Tuple[torch.
              torch.randn(r, 1, generator=g, dtype=torch.float64)) for r in rows]
 
 
-def pipeline(spec: Spec, method: str, backend: str) -> Pipeline:
+def pipeline(spec: Spec, method: str, backend: str, **kwargs: Any) -> Pipeline:
     """The pipeline of ``spec`` (faults injected with ``backend="dist"`` only)."""
     n = spec.world
 
@@ -105,7 +105,7 @@ def pipeline(spec: Spec, method: str, backend: str) -> Pipeline:
 
     extra = {"timeout": spec.timeout} if backend == "dist" else {}
     return Pipeline([factory(k) for k in range(n)], ["cpu"] * n, lambda ps: torch.optim.Adam(ps, lr=0.05),
-                    nn.functional.mse_loss, method=method, backend=backend, **extra)
+                    nn.functional.mse_loss, method=method, backend=backend, **extra, **kwargs)
 
 
 def weights(module: Optional[nn.Module]) -> Dict[str, torch.Tensor]:

@@ -73,4 +73,4 @@ def test_shape_change_is_a_clear_error(tmp_path):
     out = launch(spec, tmp_path, deadline=20.0)
     assert out.exitcodes[0] == 1 and out.exitcodes[1] not in (0, None)
     assert "ShapeMismatch: stage 0, SEND_F of micro-batch (5, 0)" in out.errors[0], out.errors[0]
-    assert "(6, 4):float64] but were [(8, 4):float64]" in out.errors[0]
+    assert "(6, 4):float64, (2,):int64] but were [(8, 4):float64, (2,):int64]" in out.errors[0]

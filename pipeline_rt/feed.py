@@ -1,0 +1,282 @@
+"""Minibatches pulled from the user's iterable just in time, split into micro-batches.
+
+A :class:`Feed` reads ``batches`` (any iterable of ``(input, target)`` pairs: a list, a
+generator, a ``DataLoader`` with workers, an infinite iterator) only when the schedule asks
+for a minibatch, and holds a minibatch only until its last micro-batch's input has gone into
+the first stage and its last target into the loss: at most the minibatches in flight plus
+one looked ahead (the schedule asks whether minibatch ``j + 1`` exists when minibatch ``j``'s
+last micro-batch enters the first stage).
+
+Epochs. ``epochs=E`` iterates ``batches`` ``E`` times back to back, as one run over the
+concatenation (no drain between epochs); ``batches`` must then be re-iterable (a list, a
+``DataLoader``), not an iterator.
+
+Fingerprint. Every minibatch pulled is folded into a running hash of its tensors' dtypes,
+shapes and up to 64 evenly spaced values per tensor (values of CUDA tensors are left out: no
+host sync); a checkpoint stores the hash of the minibatches it consumed and a resume that
+skips them recomputes it, so resuming with different data is refused. It is a cheap
+fingerprint, not a hash of every byte.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .stage import as_tuple
+
+__all__ = ["Feed", "MicroBatch", "DataMismatch", "split_batch", "rows", "as_pair", "to_device"]
+
+_SAMPLES = 64
+_KEEP_HASHES = 4096  # running hashes kept for checkpoints (a cut asks for one a few minibatches back)
+
+
+class DataMismatch(ValueError):
+    """The data differs from what the run needs: another iterable on another rank, or other
+    data than the checkpoint's."""
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch: the first stage's inputs, the last stage's target, and its share
+    ``weight`` of the minibatch's loss (``rows / minibatch rows`` for a mean-reduced loss)."""
+
+    inputs: Optional[Tuple[Optional[Tensor], ...]]
+    target: Any
+    weight: float = 1.0
+
+
+def rows(x: Any) -> int:
+    """Dim-0 size of a tensor or of the first tensor of a tuple (0 for a scalar)."""
+    t = next(t for t in as_tuple(x) if t is not None)
+    return t.shape[0] if t.dim() else 0
+
+
+def split_batch(x: Any, chunks: int) -> List[Any]:
+    """Split a tensor, or a tuple/list of tensors (``None`` entries kept), into ``chunks``
+    pieces along dim 0 (sizes differing by at most one, :func:`torch.tensor_split`)."""
+    if isinstance(x, Tensor):
+        return list(torch.tensor_split(x, chunks))
+    parts = [None if t is None else torch.tensor_split(t, chunks) for t in as_tuple(x)]
+    return [tuple(None if p is None else p[i] for p in parts) for i in range(chunks)]
+
+
+def as_pair(j: int, pair: Any) -> Tuple[Any, Any]:
+    """Minibatch ``j`` as ``(input, target)``, or a TypeError naming it."""
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+        raise TypeError(f"minibatch {j} must be an (input, target) pair, got {type(pair).__name__}")
+    return pair[0], pair[1]
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """A target (a tensor, a tuple/list of them, or anything else as is) on ``device``."""
+    if isinstance(x, Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)) and all(isinstance(t, Tensor) for t in x):
+        return type(x)(t.to(device) for t in x)
+    return x
+
+
+def _digest(h: "hashlib._Hash", x: Any) -> None:
+    if isinstance(x, Tensor):
+        h.update(f"{x.dtype}{tuple(x.shape)}".encode())
+        if x.device.type == "cpu" and x.numel():
+            flat = x.detach().reshape(-1)
+            step = max(1, flat.numel() // _SAMPLES)
+            sample = flat[::step][:_SAMPLES].contiguous()
+            h.update(sample.view(torch.uint8).numpy().tobytes() if sample.dtype != torch.bool
+                     else sample.numpy().tobytes())
+    elif isinstance(x, (tuple, list)):
+        h.update(b"(")
+        for t in x:
+            _digest(h, t)
+        h.update(b")")
+    else:
+        h.update(type(x).__name__.encode())
+
+
+class Feed:
+    """The minibatches of a run, pulled on demand.
+
+    Args:
+        batches: the iterable of ``(input, target)`` pairs.
+        chunks: micro-batches per minibatch.
+        epochs: passes over ``batches``.
+        weight: ``weight(rows, total_rows) -> float``, a micro-batch's share of the loss.
+    """
+
+    def __init__(self, batches: Iterable[Tuple[Any, Any]], chunks: int, *, epochs: int = 1,
+                 weight: Callable[[int, int], float] = lambda n, total: n / total) -> None:
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+            raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+        try:
+            first = iter(batches)
+        except TypeError as e:
+            raise TypeError(f"batches must be an iterable of (input, target) minibatches, got "
+                            f"{type(batches).__name__}") from e
+        if epochs > 1 and first is batches:
+            raise TypeError(f"epochs={epochs} re-iterates batches, but {type(batches).__name__} is an iterator that "
+                            f"runs out after one pass; pass a re-iterable (a list, a DataLoader) or epochs=1")
+        self.batches, self.chunks, self.epochs, self.weight = batches, chunks, epochs, weight
+        self._it: Optional[Iterator[Any]] = first
+        self._epoch, self._in_epoch = 0, 0
+        self.pulled = 0                    # minibatches read from the iterable so far
+        self._ended = False
+        self._held: Dict[int, List[Optional[MicroBatch]]] = {}
+        self._left: Dict[int, int] = {}     # inputs and targets of a held minibatch not yet taken
+        self._epochs: Dict[int, int] = {}
+        self._hash = hashlib.blake2b(digest_size=16)
+        self._hashes: Deque[Tuple[int, bytes]] = deque(maxlen=_KEEP_HASHES)
+        self._hashes.append((0, self._hash.digest()))
+        self._inputs_from = 0  # units below this have given their inputs (a resumed first stage)
+        self._positioned = False
+
+    # ------------------------------------------------------------------ reading
+
+    def has(self, j: int) -> bool:
+        """Whether minibatch ``j`` exists (reads the iterable up to it)."""
+        while self.pulled <= j and not self._ended:
+            self._pull()
+        return j < self.pulled
+
+    def _next(self) -> Optional[Any]:
+        while True:
+            assert self._it is not None
+            try:
+                pair = next(self._it)
+            except StopIteration:
+                if self._in_epoch == 0:
+                    raise ValueError(f"epoch {self._epoch} of batches has no minibatches; train() needs at least one "
+                                     f"(input, target) minibatch per epoch") from None
+                self._epoch += 1
+                if self._epoch == self.epochs:
+                    self._ended, self._it = True, None
+                    return None
+                self._it, self._in_epoch = iter(self.batches), 0
+                continue
+            self._in_epoch += 1
+            return pair
+
+    def _pull(self) -> None:
+        j = self.pulled
+        pair = self._next()
+        if pair is None:
+            return
+        x, y = as_pair(j, pair)
+        xs = as_tuple(x, f"minibatch {j}'s input")
+        n = rows(x)
+        for name, v in (("input", x), ("target", y)):
+            if isinstance(v, Tensor) or (isinstance(v, (tuple, list)) and v and all(
+                    t is None or isinstance(t, Tensor) for t in v)):
+                sizes = {rows(t) for t in as_tuple(v) if t is not None}
+                if sizes != {n}:
+                    raise ValueError(f"minibatch {j}: every {name} tensor must have {n} rows (dim 0), "
+                                     f"got {sorted(sizes)}")
+        if n < self.chunks:
+            raise ValueError(f"minibatch {j} has {n} rows, fewer than the {self.chunks} micro-batches it is split "
+                             f"into; pass chunks= or larger batches (or drop the smaller last batch: "
+                             f"DataLoader(drop_last=True))")
+        self._hash.update(b"|")
+        _digest(self._hash, (xs, y))
+        self.pulled += 1
+        self._hashes.append((self.pulled, self._hash.digest()))
+        parts_x = split_batch(x, self.chunks)
+        parts_y = split_batch(y, self.chunks) if isinstance(y, Tensor) or isinstance(y, (tuple, list)) else [y] * self.chunks
+        micro: List[Optional[MicroBatch]] = []
+        for xm, ym in zip(parts_x, parts_y):
+            micro.append(MicroBatch(as_tuple(xm), ym, self.weight(rows(xm), n)))
+        self._held[j] = micro
+        self._left[j] = 2 * self.chunks
+        self._epochs[j] = self._epoch
+        first = j * self.chunks
+        for m in range(self.chunks):  # a resumed first stage already gave these units' inputs
+            if first + m < self._inputs_from:
+                self._take(j, m, "inputs")
+
+    def micro(self, j: int, m: int) -> MicroBatch:
+        """Micro-batch ``m`` of minibatch ``j`` (reads up to it)."""
+        if not self.has(j):
+            raise DataMismatch(f"minibatch {j} was asked for, but batches ended after {self.pulled} minibatches")
+        mb = self._held[j][m]
+        assert mb is not None
+        return mb
+
+    def epoch(self, j: int) -> int:
+        """The epoch minibatch ``j`` belongs to (while it is held)."""
+        return self._epochs[j]
+
+    def take_input(self, j: int, m: int) -> Tuple[Optional[Tensor], ...]:
+        """The inputs of micro-batch ``(j, m)``, released by the feed."""
+        inputs = self.micro(j, m).inputs
+        self._take(j, m, "inputs")
+        assert inputs is not None
+        return inputs
+
+    def take_target(self, j: int, m: int) -> Tuple[Any, float]:
+        """The target and loss weight of micro-batch ``(j, m)``, released by the feed."""
+        mb = self.micro(j, m)
+        out = mb.target, mb.weight
+        self._take(j, m, "target")
+        return out
+
+    def _take(self, j: int, m: int, what: str) -> None:
+        mb = self._held[j][m]
+        assert mb is not None
+        setattr(mb, what, None)
+        self._left[j] -= 1
+        if self._left[j] == 0:
+            del self._held[j], self._left[j], self._epochs[j]
+
+    @property
+    def held(self) -> int:
+        """Minibatches read and not yet fully used."""
+        return len(self._held)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def fingerprint(self, count: int) -> Optional[str]:
+        """The running hash of the first ``count`` minibatches read (``None`` after a resume
+        from a positioned iterable: the skipped minibatches were never seen)."""
+        if self._positioned:
+            return None
+        for n, h in self._hashes:
+            if n == count:
+                return h.hex()
+        raise RuntimeError(f"the fingerprint of the first {count} minibatches is no longer kept "
+                           f"(kept: {self._hashes[0][0]}..{self._hashes[-1][0]})")
+
+    def skip(self, count: int, fingerprint: Optional[str], *, positioned: bool = False,
+             inputs_from: int = 0) -> None:
+        """Resume: read and drop the first ``count`` minibatches, refusing them unless their
+        hash is ``fingerprint`` (``None``: not known, not checked); with ``positioned``, take
+        the iterable as already positioned after them. Units (flat) below ``inputs_from``
+        have given their inputs."""
+        self._inputs_from = inputs_from
+        if positioned:
+            self.pulled, self._positioned = count, True
+            return
+        while self.pulled < count:
+            if self._next_dropped() is None:
+                raise DataMismatch(f"the checkpoint consumed {count} minibatches, but batches has only {self.pulled}; "
+                                   f"resume with the data of the run that saved it")
+        got = self.fingerprint(count)
+        if fingerprint is not None and got != fingerprint:
+            raise DataMismatch(f"the first {count} minibatches differ from those of the run that saved the checkpoint "
+                               f"(fingerprint {got} != {fingerprint}); resume with the same batches, in the same order "
+                               f"(a DataLoader with shuffle needs the same generator seed), or pass skip_consumed=False "
+                               f"with an iterable already positioned after them")
+
+    def _next_dropped(self) -> Optional[Any]:
+        pair = self._next()
+        if pair is None:
+            return None
+        self._hash.update(b"|")
+        x, y = pair
+        _digest(self._hash, (as_tuple(x, f"minibatch {self.pulled}'s input"), y))
+        self.pulled += 1
+        self._hashes.append((self.pulled, self._hash.digest()))
+        return pair
