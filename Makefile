@@ -33,7 +33,7 @@ docs: venv
 	$(BIN)/python docs/check_anchors.py docs/_build/html
 
 typecheck: venv
-	$(BIN)/python -m mypy lookahead_opt
+	$(BIN)/python -m mypy  # files and settings: [tool.mypy] in pyproject.toml
 
 bench: venv
 	$(BIN)/python benchmarks/predict_bandwidth.py

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from typing import Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -77,19 +77,21 @@ NATIVE: bool = True
 FUSED: bool = True
 
 _Item = Tuple[Tensor, ...]  # (out, W, N_1..N_k, P_1..P_j[, D][, cap])
+_Cols = Sequence[List[Tensor]]  # per operand, its tensors over a bucket's items (lists: what foreach ops take)
 
 
-def _key(w: Tensor, d: Optional[Direction], mult: float) -> Tuple[Hashable, _Item]:
+def _key(w: Tensor, d: Optional[Direction], mult: float) -> Tuple[Tuple, _Item]:
     if d is None or mult == 0.0:
         return ("copy", w.device, w.dtype), ()
     has_den = d.den is not None
     rate = d.rate
-    tensors = tuple(n for _, n in d.terms) + tuple(n for _, n in d.plain) + ((d.den,) if has_den else ()) \
-        + ((d.cap,) if rate and d.cap is not None else ())
+    tensors: _Item = tuple(n for _, n in d.terms) + tuple(n for _, n in d.plain) \
+        + ((d.den,) if d.den is not None else ()) + ((d.cap,) if rate and d.cap is not None else ())
     div = d.scale if has_den and not rate else 1.0
     alphas = tuple(-mult * c / div for c, _ in d.terms)
     plain = tuple(-mult * a for a, _ in d.plain)
     power = (d.power if d.root else 1.0) if has_den else None
+    den: Optional[Tuple[Any, ...]]
     if not has_den:
         den = None
     elif rate:
@@ -126,7 +128,7 @@ class _Scratch:
         return out
 
 
-def _chain(cols: Sequence[Sequence[Tensor]], key: Tuple, tmp: Optional[List[Tensor]]) -> None:
+def _chain(cols: _Cols, key: Tuple, tmp: Optional[List[Tensor]]) -> None:
     """Multi-tensor (foreach) evaluation of one bucket, given as its operand lists ``cols``
     (outs, W, N_1..N_k, P_1..P_j[, D][, cap]); ``tmp``: scratch tensors shaped like ``D``."""
     outs, ws = cols[0], cols[1]
@@ -216,7 +218,7 @@ def _one(out: Tensor, w: Tensor, rest: Sequence[Tensor], key: Tuple, tmp: Option
     for i, a in enumerate(plain):
         src = torch.add(src, rest[k + i], alpha=a, out=out)
     for i, alpha in enumerate(alphas):
-        if den is None:
+        if tmp is None:  # no denominator (asserted above: a denominator comes with tmp)
             torch.add(src, rest[i], alpha=alpha, out=out)
         elif rate:
             torch.addcmul(src, rest[i], tmp, value=alpha, out=out)
@@ -265,7 +267,7 @@ class _Packed:
         self.out_views = _split(self.out, [it[0] for it in items[lo:hi]])
         self.tmp = None if tmp is None else tmp[:n]
 
-    def run(self, cols: Sequence[Sequence[Tensor]], key: Tuple) -> None:
+    def run(self, cols: _Cols, key: Tuple) -> None:
         lo, hi = self.lo, self.hi
         for c, (flat, views) in enumerate(zip(self.ins, self.gather), start=1):
             if views is None:
@@ -293,11 +295,22 @@ class _Bucket:
     evaluation path keeps between runs (built at its first use)."""
 
     __slots__ = ("source", "items", "idx", "cols", "proto", "keys", "tmp", "packed", "npacked", "fused", "native")
+    source: Tuple[List[int], Tuple[int, bool], List[_Item]]
+    items: List[_Item]
+    idx: List[int]
+    cols: List[List[Tensor]]
+    proto: Optional[Tuple[Tensor, Direction, float]]
+    keys: Dict[float, Tuple]
+    tmp: Optional[List[Tensor]]
+    packed: Optional[List["_Packed"]]
+    npacked: int
+    fused: Launcher
+    native: Launcher
 
     def __init__(self, items: List[_Item], idx: List[int], proto: Optional[Tuple[Tensor, Direction, float]],
                  previous: Optional["_Bucket"] = None) -> None:
         self.proto = proto  # (W, direction, rate) of one item; None: a copy bucket
-        self.keys: Dict[float, Tuple] = {}  # by s
+        self.keys = {}  # by s
         form = (len(items[0]), proto is None or proto[1].den is None)
         if previous is not None and previous.source[:2] == (idx, form) and len(previous.source[2]) == len(items) \
                 and all(map(operator.is_, itertools.chain.from_iterable(items),
@@ -318,8 +331,8 @@ class _Bucket:
         self.idx = [idx[i] for i in order]
         self.cols = [list(c) for c in zip(*self.items)]
         self.npacked = len(small)
-        self.tmp: Optional[List[Tensor]] = None
-        self.packed: Optional[List[_Packed]] = None
+        self.tmp = None
+        self.packed = None
         self.fused = Launcher(triton_kernel)
         self.native = Launcher(native_kernel)
 
@@ -341,7 +354,7 @@ class _Bucket:
             self.tmp = scratch.views(self.cols[2 + len(key[3]) + len(key[4])])
         return self.tmp
 
-    def loop(self, cols: Sequence[Sequence[Tensor]], key: Tuple, scratch: _Scratch, chunk: int) -> None:
+    def loop(self, cols: _Cols, key: Tuple, scratch: _Scratch, chunk: int) -> None:
         """Per-tensor single-pass evaluation (:func:`_one`): small tensors packed (:data:`PACK`),
         larger ones one by one, in chunks of ``chunk`` elements."""
         if self.packed is None:
@@ -426,6 +439,11 @@ class Plan:
     layouts and views instead of building them again.
     """
 
+    scratch: _Scratch
+    keys: List[Hashable]
+    operands: List[_Item]
+    buckets: List[_Bucket]
+
     def __init__(self, outs: Sequence[Tensor], weights: Sequence[Tensor], directions: Sequence[Optional[Direction]],
                  rates: Sequence[float], scratch: Optional[_Scratch] = None, previous: Optional["Plan"] = None) -> None:
         self._init(_grouped(outs, weights, directions, rates), directions, rates, scratch, previous)
@@ -478,6 +496,7 @@ class Plan:
         if len(buckets) != len(reps):
             return False
         for b, mine in zip(buckets, reps):
+            assert b.proto is not None
             form = _form(b.proto[1])
             key = None
             for pos, d, r in mine:

@@ -282,6 +282,7 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
         else:
             self._plan().run(s, out)
             out = self._buffers if out is None else out
+        assert out is not None  # every branch above sets it
         if self.check_finite:
             self._assert_finite(out)
         return list(out)
@@ -391,7 +392,7 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
         return self.params
 
     # -- checkpoints -------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> Dict[str, Any]:
         """The base optimizer's state dict plus the wrapper's own state under ``"lookahead"``
         (rule name, step count, kept buffers by flat parameter index, with their step lr, and
         the flat indices of the parameters the last step skipped)."""
@@ -406,7 +407,7 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
         }
         return sd
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restores :meth:`state_dict` (base state too); kept buffers are copied, not shared."""
         sd = dict(state_dict)
         own = sd.pop("lookahead", None)
@@ -492,6 +493,7 @@ class _Cached:
 
     __slots__ = ("plan", "plan_outs", "params", "generation", "groups", "lists", "values", "mutable", "frozen",
                  "settings", "states", "entries", "counts", "kept", "group_index", "skips")
+    kept: Optional[List[Optional[Tuple[int, float]]]]  # set by its maker (PredictiveOptimizer._plan)
 
     def __init__(self, opt: PredictiveOptimizer, plan: Plan, params: List[Tensor],
                  outs: Optional[List[Tensor]]) -> None:

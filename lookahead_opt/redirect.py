@@ -20,7 +20,7 @@ works while the parameters' ``.data`` has been pointed at predicted weights
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -48,11 +48,11 @@ class redirect(torch.autograd.graph.saved_tensors_hooks):
         params = list(params)
         self.resolve = resolve if resolve is not None else live(params)
         # storage pointer -> (index, storage offset of the parameter itself)
-        self._by_storage = {}
+        self._by_storage: Dict[int, Tuple[int, int]] = {}
         for i, p in enumerate(params):
             key = p.untyped_storage().data_ptr()
             if key and key not in self._by_storage:
-                self._by_storage[key] = (i, p.storage_offset())
+                self._by_storage[key] = (i, int(p.storage_offset()))
         super().__init__(self._pack, self._unpack)
 
     def _pack(self, t: Tensor):
@@ -60,7 +60,7 @@ class redirect(torch.autograd.graph.saved_tensors_hooks):
             hit = self._by_storage.get(t.untyped_storage().data_ptr())
             if hit is not None:
                 i, base_offset = hit
-                return _Ref(i, tuple(t.shape), tuple(t.stride()), t.storage_offset() - base_offset, self.resolve)
+                return _Ref(i, tuple(t.shape), tuple(t.stride()), int(t.storage_offset()) - base_offset, self.resolve)
         return t
 
     @staticmethod

@@ -52,7 +52,7 @@ step once the buffer has caught up) and did not train better; see the benchmark 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -120,7 +120,7 @@ class RolloutPredictor(SwappingPredictor):
     def _grad(self, ps: List[Tensor], ws: List[Tensor], maximize: bool) -> List[Tensor]:
         gs = [self._grads[p].to(w.dtype) if self.future_grad == "last" and p in self._grads else torch.zeros_like(w)
               for p, w in zip(ps, ws)]
-        return torch._foreach_neg(gs) if maximize else gs
+        return list(torch._foreach_neg(gs)) if maximize else gs
 
     def _sgd(self, g: dict, ps: List[Tensor], ws: List[Tensor], s: int) -> None:
         lr, mu, damp, wd = float(g["lr"]), g["momentum"], g["dampening"], g["weight_decay"]
@@ -135,7 +135,8 @@ class RolloutPredictor(SwappingPredictor):
                         bufs[k] = x.clone()
                     else:
                         b.mul_(mu).add_(x, alpha=1 - damp)
-                d = torch._foreach_add(d, bufs, alpha=mu) if g["nesterov"] else bufs
+                full = cast(List[Tensor], bufs)  # every buffer is set by now
+                d = torch._foreach_add(d, full, alpha=mu) if g["nesterov"] else full
             torch._foreach_add_(ws, d, alpha=-lr)
 
     def _adam(self, g: dict, ps: List[Tensor], ws: List[Tensor], s: int) -> None:

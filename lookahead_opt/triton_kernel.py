@@ -27,7 +27,7 @@ Triton's interpreter (the tests do).
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -85,7 +85,7 @@ if AVAILABLE:
 
 _kernels: Dict[bool, object] = {}  # one per interpreter mode (TRITON_INTERPRET read at jit time)
 _tables: Dict[Tuple[int, ...], tuple] = {}
-_TL = {}
+_TL: Dict[torch.dtype, Any] = {}  # torch dtype -> triton.language dtype, filled at first use
 
 
 def supports(key: Tuple, items: Sequence[Tuple[Tensor, ...]]) -> bool:
