@@ -288,9 +288,9 @@ class DistExecutor(Executor):
         return out if self.rank == self.num_stages - 1 else None
 
     def evaluate(self, batches: Iterable[Tuple[Any, Any]], loss_fn: Callable[[Any, Any], Tensor],
-                 metric: Optional[Callable[[Any, Any], Tensor]]) -> Dict[str, Optional[float]]:
+                 metric: Optional[Callable[[Any, Any], Tensor]], reduction: str = "mean") -> Dict[str, Optional[float]]:
         k, last = self.rank, self.num_stages - 1
-        acc = Evaluation(loss_fn, metric)
+        acc = Evaluation(loss_fn, metric, reduction)
         it = iter(batches) if k in (0, last) else None
         links = self._links("evaluation activations")
         with eval_mode([self.stage.module]), torch.no_grad():

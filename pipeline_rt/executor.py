@@ -258,8 +258,8 @@ class Executor(abc.ABC):
 
     @abc.abstractmethod
     def evaluate(self, batches: Iterable[Tuple[Any, Any]], loss_fn: Callable[[Any, Any], Tensor],
-                 metric: Optional[Callable[[Any, Any], Tensor]]) -> Dict[str, Optional[float]]:
-        """See :meth:`Pipeline.evaluate`."""
+                 metric: Optional[Callable[[Any, Any], Tensor]], reduction: str = "mean") -> Dict[str, Optional[float]]:
+        """See :meth:`Pipeline.evaluate` (``reduction``: the loss's, for the per-row mean)."""
 
     @abc.abstractmethod
     def infer(self, inputs: Any) -> Any:
@@ -409,19 +409,23 @@ class Executor(abc.ABC):
 class Evaluation:
     """Rows-weighted sums of the loss and a metric over evaluation minibatches, on the device."""
 
-    def __init__(self, loss_fn: Callable[[Any, Any], Tensor], metric: Optional[Callable[[Any, Any], Tensor]]) -> None:
-        self.loss_fn, self.metric = loss_fn, metric
+    def __init__(self, loss_fn: Callable[[Any, Any], Tensor], metric: Optional[Callable[[Any, Any], Tensor]],
+                 reduction: str = "mean") -> None:
+        self.loss_fn, self.metric, self.reduction = loss_fn, metric, reduction
         self.sums: Optional[Tensor] = None
         self.rows = 0
 
     def add(self, out: Any, target: Any, rows: int) -> None:
-        """One minibatch: ``rows * loss_fn(out, target)`` (and the metric's) into the sums."""
+        """One minibatch: ``rows * loss_fn(out, target)`` (a sum-reduced loss as it is) and
+        ``rows * metric(out, target)`` into the sums."""
         vals = [self.loss_fn(out, target)] + ([self.metric(out, target)] if self.metric is not None else [])
         for v in vals:
             if not isinstance(v, Tensor) or v.numel() != 1:
                 raise ValueError("evaluate(): loss_fn and metric must return a scalar tensor per minibatch, got "
                                  f"{type(v).__name__}{'' if not isinstance(v, Tensor) else tuple(v.shape)}")
-        row = torch.stack([v.detach().reshape(()).to(torch.float64) for v in vals]) * rows
+        scale = torch.tensor([1.0 if self.reduction == "sum" else rows] + [rows] * (len(vals) - 1),
+                             dtype=torch.float64, device=vals[0].device)
+        row = torch.stack([v.detach().reshape(()).to(torch.float64) for v in vals]) * scale
         self.sums = row if self.sums is None else self.sums + row
         self.rows += rows
 

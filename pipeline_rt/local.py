@@ -156,8 +156,8 @@ class LocalExecutor(Executor):
         return x
 
     def evaluate(self, batches: Iterable[Tuple[Any, Any]], loss_fn: Callable[[Any, Any], Tensor],
-                 metric: Optional[Callable[[Any, Any], Tensor]]) -> Dict[str, Optional[float]]:
-        acc = Evaluation(loss_fn, metric)
+                 metric: Optional[Callable[[Any, Any], Tensor]], reduction: str = "mean") -> Dict[str, Optional[float]]:
+        acc = Evaluation(loss_fn, metric, reduction)
         with eval_mode([s.module for s in self.stages]), torch.no_grad():
             for j, pair in enumerate(batches):
                 x, y = as_pair(j, pair)

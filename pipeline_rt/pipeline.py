@@ -42,8 +42,9 @@ from torch import Tensor, nn
 from lookahead_opt import PredictiveOptimizer
 
 from . import checkpoint
-from .executor import EXISTS, Executor, Info, Run, StageRun
+from .executor import EXISTS, Executor, Info, Run, StageRun, eval_mode
 from .feed import Feed
+from .guards import check_batch_dependent, check_device, loss_reduction, micro_batch_weight
 from .methods import Method, get_method
 from .schedule import LazySchedule
 from .stage import Stage, retain_none
@@ -93,8 +94,10 @@ class Pipeline:
         optimizer: ``optimizer(params) -> torch.optim.Optimizer``, called once per stage
             that has parameters; each is wrapped in
             :class:`~lookahead_opt.PredictiveOptimizer` with the method's prediction rule.
-        loss_fn: ``loss_fn(output, target) -> scalar tensor`` (mean-reduced for
-            ``sync``/``1f1b-flush`` to equal single-device training).
+        loss_fn: ``loss_fn(output, target) -> scalar tensor``, mean- or sum-reduced over
+            rows (seen from its ``reduction``: :func:`pipeline_rt.guards.loss_reduction`;
+            a plain function is taken as a mean): micro-batches are weighted so that the
+            minibatch's loss and gradient are those of the whole minibatch.
         method: one of :data:`pipeline_rt.methods.METHODS`.
         chunks: micro-batches per minibatch (default: the method's, see :class:`Method`).
         backward: ``"predicted"`` with ``pipeoptim``: the backward reuses the forward's
@@ -149,6 +152,7 @@ class Pipeline:
         self.chunks = self.method.num_chunks(self.num_stages)
         self.devices = devices
         self.loss_fn = loss_fn
+        self.reduction = loss_reduction(loss_fn)
         self._clip_global = float(clip_grad_norm) if clip_grad_norm is not None and clip_grad_scope == "global" \
             else None
         stage_clip = None if clip_grad_norm is None or clip_grad_scope == "global" else float(clip_grad_norm)
@@ -156,6 +160,7 @@ class Pipeline:
 
         def build_stage(k: int) -> Stage:
             spec = stages[k]
+            check_device(devices[k], k)
             module = spec if isinstance(spec, nn.Module) else spec()
             if not isinstance(module, nn.Module):
                 raise TypeError(f"stage {k} must be an nn.Module or a factory of one, got {type(module).__name__}")
@@ -167,6 +172,7 @@ class Pipeline:
                          track_error=track_error, lr_scheduler=lr_scheduler, clip_grad_norm=stage_clip)
 
         self.executor, self._stages = make_executor(backend, build_stage, devices, self._schedule, timeout)
+        check_batch_dependent([None if s is None else s.module for s in self._stages], self.chunks, self.method.name)
 
     # ------------------------------------------------------------------ training
 
@@ -210,7 +216,8 @@ class Pipeline:
         mine = {k: s for k, s in enumerate(self._stages) if s is not None}
         feed = None
         if 0 in mine or n - 1 in mine:
-            feed = Feed(batches, self.chunks, epochs=epochs)
+            feed = Feed(batches, self.chunks, epochs=epochs,
+                        weight=lambda rows, total: micro_batch_weight(self.reduction, rows, total))
         run = Run(feed, {k: StageRun(self._schedule, k) for k in mine}, max_steps=max_steps, callback=callback,
                   clip_global=self._clip_global)
         saver = None
@@ -254,13 +261,15 @@ class Pipeline:
         ``metric(output, target)`` (a scalar per minibatch, e.g. accuracy), as
         ``{"loss": ..., "metric": ...}`` (``metric`` None without one). With
         ``backend="dist"`` every rank returns the same values."""
-        return self.executor.evaluate(batches, self.loss_fn, metric)
+        return self.executor.evaluate(batches, self.loss_fn, metric, self.reduction)
 
     def forward(self, inputs: Any) -> Any:
-        """Inference: the last stage's output for ``inputs`` (forward only, live weights, the
-        modules' modes as they are, no autograd). With ``backend="dist"`` the output is
-        returned on the last stage's rank and ``None`` on the others."""
-        return self.executor.infer(inputs)
+        """Inference: the last stage's output for ``inputs`` (forward only, live weights,
+        modules in eval mode and restored after, no autograd). With ``backend="dist"`` every
+        rank calls it, and the output is returned on the last stage's rank (``None`` on the
+        others)."""
+        with eval_mode([s.module for s in self._stages if s is not None]):
+            return self.executor.infer(inputs)
 
     # ------------------------------------------------------------------ inspection
 

@@ -52,6 +52,8 @@ from lookahead_opt.calibrated import CalibratedPredictor
 from lookahead_opt.redirect import Swapped, redirect
 from lookahead_opt.rollout import RolloutPredictor
 
+from .batchnorm import load_pending_stats, pending_stats
+from .guards import as_message
 from .methods import Method
 
 __all__ = ["Stage", "StageError", "Replay", "as_tuple", "as_leaf", "retain_none"]
@@ -66,16 +68,8 @@ class StageError(RuntimeError):
 
 
 def as_tuple(x: Any, where: str = "a stage's output") -> Tuple[Optional[Tensor], ...]:
-    """What passes between stages as a tuple: a tensor, or a tuple/list of tensors and
-    ``None`` entries (a ``None`` passes through to the next stage unchanged)."""
-    if isinstance(x, Tensor):
-        return (x,)
-    if isinstance(x, (tuple, list)) and x and all(t is None or isinstance(t, Tensor) for t in x):
-        return tuple(x)
-    got = type(x).__name__ if not isinstance(x, (tuple, list)) else \
-        f"a {type(x).__name__} of ({', '.join(type(t).__name__ for t in x)})"
-    raise TypeError(f"{where} must be a Tensor or a tuple of Tensors (None entries allowed), got {got}; "
-                    f"return e.g. `h` or `(h, mask)`, and pass other values as tensors")
+    """What passes between stages as a tuple (:func:`pipeline_rt.guards.as_message`)."""
+    return as_message(x, where)
 
 
 def as_leaf(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -305,6 +299,7 @@ class Stage:
         self._replays.clear()
         self._stash.clear()
         self._refs.clear()
+        load_pending_stats(self.module, {})
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
 
@@ -337,6 +332,7 @@ class Stage:
             "predictor": None if self.predictor is self.optimizer else self.predictor.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "rng": self._rng,
+            "pending_stats": pending_stats(self.module),  # a DeferredBatchNorm's partial minibatch
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -358,6 +354,7 @@ class Stage:
             self._replays[r.unit] = r
         self._rng = state["rng"]
         self.module.load_state_dict(state["module"])
+        load_pending_stats(self.module, state["pending_stats"])  # after the replays, which counted
 
     # ------------------------------------------------------------------ helpers
 
