@@ -3,7 +3,8 @@
 With no arguments it trains the built-in ``teacher`` task on an 8-stage CPU pipeline with
 the seven methods (``sync``, ``1f1b-flush``, ``async``, ``pipedream``, ``2bw``,
 ``spectrain``, ``pipeoptim``) for SGD-momentum, Adam and AdamW, prints a table and writes
-``loss_curves.png``, ``results.md`` and ``results.csv`` into ``./runs/compare-<time>``.
+``results.md``, ``results.csv``, ``losses.csv`` and ``loss_curves.png`` into
+``./runs/compare-<time>``.
 
 Every run starts from the same initial weights and sees the same minibatches in the same
 order (the task is built once from ``--seed`` and copied for every run, which is also seeded),
@@ -33,7 +34,7 @@ from .tasks import TASKS, EntryPointError, Task, entry_parts, evaluate, get_task
 
 __all__ = ["main", "compare", "load_task", "run_one", "RunResult", "OPTIMIZERS", "METHOD_NAMES"]
 
-#: the methods of the docs' method table (:doc:`methods`), run by default; ``--methods`` accepts any name in ``METHODS``
+#: the methods of the method table (:doc:`methods`), run by default; ``--methods`` takes any of ``METHODS``
 METHOD_NAMES = ("sync", "1f1b-flush", "async", "pipedream", "2bw", "spectrain", "pipeoptim")
 
 OptFactory = Callable[[Sequence[nn.Parameter], float], torch.optim.Optimizer]
