@@ -2,12 +2,13 @@
 # CPU machines: torch==2.13.0 is installed first (a CPU build lies on disk); a GPU
 # machine that already has torch keeps its own (set TORCH_SPEC= to skip).
 # EXTRAS=dev,docs,triton adds Triton (about 1 GB: the fused kernel's interpreter tests).
+# --no-compile: bytecode is written at first import, only for the modules used (saves ~150 MB).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,docs
-PIP := $(BIN)/python -m pip -q --disable-pip-version-check --no-input
+INSTALL := $(BIN)/python -m pip -q --disable-pip-version-check --no-input install --no-compile
 export PIP_ROOT_USER_ACTION := ignore
 
 .PHONY: venv test compare docs typecheck bench clean
@@ -15,9 +16,9 @@ export PIP_ROOT_USER_ACTION := ignore
 $(BIN)/.ok: pyproject.toml
 	@echo "setting up $(VENV) (torch first, then pipeoptim[$(EXTRAS)]); a few minutes"
 	@$(PY) -m venv $(VENV)
-	@$(PIP) install --upgrade pip
-	@if [ -n "$(TORCH_SPEC)" ]; then $(PIP) install "$(TORCH_SPEC)"; fi
-	@$(PIP) install -e ".[$(EXTRAS)]"
+	@$(INSTALL) --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ]; then $(INSTALL) "$(TORCH_SPEC)"; fi
+	@$(INSTALL) -e ".[$(EXTRAS)]"
 	@touch $@
 
 venv: $(BIN)/.ok
