@@ -160,7 +160,7 @@ class DistExecutor(Executor):
             return []
         self._guard(None, None, self.transport.flush)
         last = self.num_stages - 1
-        values = run.losses.upto(run.views[last].cursor.steps) if self.rank == last else []
+        values = run.losses.finish(run.views[last].cursor.steps) if self.rank == last else []
         count = torch.tensor([len(values)], dtype=torch.int64, device=self.device)
         self._broadcast(count, last, "broadcast of the loss count from the last stage")
         losses = torch.tensor(values, dtype=torch.float64, device=self.device) if self.rank == last else \

@@ -113,12 +113,20 @@ class LossLog:
             self.values.extend(host.tolist())
 
     def upto(self, count: int) -> List[float]:
-        """The losses of minibatches ``0 .. count-1`` as floats (waits for the device)."""
+        """The losses of minibatches ``0 .. count-1`` as floats, a copy (waits for the device)."""
         self._collect(wait=True)
         out = self.values[:count]
         if len(out) < count and self._buf is not None:
             out += self._buf[:count - self._base].tolist()
         return out
+
+    def finish(self, count: int) -> List[float]:
+        """All ``count`` losses, the run being over: the list itself (no copy)."""
+        self._collect(wait=True)
+        if len(self.values) < count and self._buf is not None:
+            self.values += self._buf[:count - self._base].tolist()
+        self._buf = None
+        return self.values
 
 
 class StageRun:
@@ -249,7 +257,7 @@ class Executor(abc.ABC):
 
     def _end(self, run: Run, ok: bool) -> List[float]:
         """After the last action (``ok``) or an error: the run's losses as floats."""
-        return run.losses.upto(run.views[self.num_stages - 1].cursor.steps) if ok else []
+        return run.losses.finish(run.views[self.num_stages - 1].cursor.steps) if ok else []
 
     @abc.abstractmethod
     def _total_norm(self, run: Run, k: int, norms: Tensor) -> Tensor:
@@ -292,10 +300,11 @@ class Executor(abc.ABC):
             st.known.pop(a.mb, None)
         inputs = self._input(k, u, run.feed.take_input(*u)) if k == 0 else self._take(F, k, u)  # type: ignore[union-attr]
         last = stage.is_last
-        target, weight = None, 1.0
+        target, weight, epoch = None, 1.0, 0
         if last:
             assert run.feed is not None
             try:
+                epoch = run.feed.epoch(a.mb) if a.micro == self.chunks - 1 else 0
                 target, weight = run.feed.take_target(*u)
             except DataMismatch as e:
                 raise DataMismatch(f"stage {k}: {e}; every rank must be given the same batches (this rank's ran out "
@@ -309,16 +318,15 @@ class Executor(abc.ABC):
             self._produced(F, k, u, outs)
         if a.micro == self.chunks - 1:
             if last:
-                self._minibatch_done(run, st, a.mb)
+                self._minibatch_done(run, st, a.mb, epoch)
             if k == 0:
                 st.known[a.mb + 1] = run.decide(a.mb + 1, st)
 
-    def _minibatch_done(self, run: Run, st: StageRun, j: int) -> None:
+    def _minibatch_done(self, run: Run, st: StageRun, j: int, epoch: int) -> None:
         if run.progress is not None:
             run.progress.update(1)
         if run.callback is not None:
-            assert run.feed is not None
-            if run.callback(Info(j, run.feed.epoch(j), run.losses.current(j))) is False and st.stop_at is None:
+            if run.callback(Info(j, epoch, run.losses.current(j))) is False and st.stop_at is None:
                 st.stop_at = j
 
     def _backward(self, run: Run, a: Action) -> None:

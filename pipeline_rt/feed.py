@@ -32,7 +32,7 @@ from .stage import as_tuple
 __all__ = ["Feed", "MicroBatch", "DataMismatch", "split_batch", "rows", "as_pair", "to_device"]
 
 _SAMPLES = 64
-_KEEP_HASHES = 4096  # running hashes kept for checkpoints (a cut asks for one a few minibatches back)
+_KEEP_HASHES = 256  # running hashes kept for checkpoints (a cut asks for one a few minibatches back)
 
 
 class DataMismatch(ValueError):

@@ -19,9 +19,36 @@ A :class:`Transport` posts the operations:
 
 Every wait has a deadline (``work.wait(timeout)``); a failure or timeout is raised as
 :class:`CommError`, which the executor turns into an error naming the action and the peer.
+
+A clean exit (:func:`shutdown`). A rank that simply returns from its script can abort in the
+interpreter's teardown with ``terminate called without an active exception`` (SIGABRT, so
+``torchrun`` reports the job FAILED), about one run in ten on a loaded machine. The chain:
+
+1. gloo runs collectives (the executor's loss broadcast, its ``all_gather`` for clipping) on
+   the process group's worker threads. A worker releases a finished work, and with it the
+   tensors it was given, *after* ``wait()`` has returned on the main thread. If that release
+   is the tensor's last reference, it needs the GIL to free the tensor's Python object.
+2. ``torch.distributed.nn.functional`` takes ``group=group.WORLD`` as a default argument,
+   evaluated when it is imported; imported after ``init_process_group`` (``torch.optim``'s
+   first optimizer imports it, through ``torch._dynamo``) it keeps the default group alive, so
+   ``destroy_process_group()`` no longer joins gloo's worker threads: they live until exit.
+3. If the main thread reaches ``Py_Finalize`` before a worker released its last work, the
+   worker's GIL request during finalisation ends the thread inside a ``noexcept`` destructor:
+   ``std::terminate``.
+
+Hence (all in this module): ``torch.distributed.nn`` is imported here, before any process
+group exists (``pipeline_rt.dist`` imports this module before it initialises one), so that
+nothing pins the group; :meth:`Transport.collective` keeps every collective's tensors
+referenced from Python until the transport is closed (a worker's release is then never the
+last one); :func:`shutdown` closes the transports (every posted operation waited for, with
+the deadline), destroys the process group (which then joins gloo's threads) and checks that it
+is gone, warning with the cause if something still holds it.
 """
 from __future__ import annotations
 
+import gc
+import warnings
+import weakref
 from datetime import timedelta
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -29,7 +56,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Channel", "CommError", "ShapeMismatch", "Transport", "Meta", "describe"]
+try:  # before any process group exists: see the module docs (a clean exit, 2.)
+    import torch.distributed.nn.functional  # noqa: F401
+except ImportError:  # pragma: no cover - a torch build without torch.distributed.nn
+    pass
+
+__all__ = ["Channel", "CommError", "ShapeMismatch", "Transport", "Meta", "describe", "shutdown"]
 
 Tensors = Tuple[Optional[Tensor], ...]
 #: per tensor of a message: (dtype, shape), or None for an absent (``None``) tensor
@@ -108,9 +140,19 @@ class Transport:
         self.batched = dist.get_backend(group) == "nccl"
         self._held: List[dist.P2POp] = []                         # NCCL sends not yet posted
         self._sending: List[Tuple[dist.Work, Tensor, str]] = []   # gloo sends posted, kept alive
+        #: the tensors of the collectives posted here, kept until close() (see the module docs)
+        self._retained: List[Tensor] = []
+        self.closed = False
+        _OPEN.add(self)
+
+    def _check_open(self, what: str) -> None:
+        if self.closed:
+            raise CommError(f"{what}: the transport is closed (pipeline_rt.p2p.shutdown() ran); "
+                            "build a new Pipeline (and process group) to communicate again")
 
     def send(self, tensors: Sequence[Tensor], peer: int, tag: int, what: str) -> None:
         """Send ``tensors`` (in order, tags ``tag, tag+1, ...``) to rank ``peer``."""
+        self._check_open(what)
         for i, t in enumerate(tensors):
             t = t.contiguous()
             if self.batched:
@@ -122,6 +164,7 @@ class Transport:
 
     def recv(self, tensors: Sequence[Tensor], peer: int, tag: int, what: str) -> None:
         """Receive into ``tensors`` from rank ``peer`` and wait for them (deadline: timeout)."""
+        self._check_open(what)
         if self.batched:
             ops = self._held + [dist.P2POp(dist.irecv, t, peer, self.group, tag + i) for i, t in enumerate(tensors)]
             self._held = []
@@ -141,6 +184,29 @@ class Transport:
         for w, _, what in sending:
             self.wait(w, what)
 
+    def collective(self, post: Callable[[], dist.Work], tensors: Sequence[Tensor], what: str) -> None:
+        """Post a collective (``post()`` returns its work, e.g.
+        ``lambda: dist.broadcast(t, src, group=g, async_op=True)``) and wait for it (deadline:
+        timeout). ``tensors``, those the collective reads or writes, stay referenced until
+        :meth:`close`: gloo's worker thread releases its own references after the wait
+        returns, and must not be the one to free them (see the module docs)."""
+        self._check_open(what)
+        self._retained.extend(tensors)
+        self.wait(_posted(post, what), what)
+
+    def close(self) -> None:
+        """Post the held sends, wait for every posted operation (deadline: timeout each) and
+        refuse further ones. The collectives' tensors are released by :func:`shutdown` once
+        the process group is gone (or at once, by a transport closed on its own, if none is
+        initialised any more). Idempotent."""
+        if self.closed:
+            return
+        self.flush()
+        self.closed = True
+        _OPEN.discard(self)
+        if not dist.is_initialized():
+            self._retained.clear()
+
     def _collect(self) -> None:
         """Drop the sends that have completed (polls; never blocks)."""
         self._sending = [s for s in self._sending if not s[0].is_completed()]
@@ -153,6 +219,60 @@ class Transport:
             raise CommError(f"{what} failed: {e}") from e
         if done is False:
             raise CommError(f"{what} did not complete within {self.timeout:g} s")
+
+
+#: the transports of this process not yet closed (weakly: a dropped one is not kept alive)
+_OPEN: "weakref.WeakSet[Transport]" = weakref.WeakSet()
+
+
+def shutdown(group: Optional[dist.ProcessGroup] = None) -> None:
+    """End this rank's distributed work cleanly; call it on every rank after the last
+    ``train``/``evaluate`` (the example does), instead of ``dist.destroy_process_group()``.
+
+    1. Closes every open :class:`Transport` of this process: every posted send and receive is
+       waited for (each with its transport's deadline; a peer that is gone raises
+       :class:`CommError`, nothing is left behind silently).
+    2. Destroys ``group`` (default: the default group and every other group, as
+       ``dist.destroy_process_group``), if one is initialised, and checks that it is gone
+       (gloo's worker threads joined): if something still holds it, a ``RuntimeWarning``
+       names the likely cause, and the collectives' tensors stay referenced until the
+       interpreter exits (so that a worker still releasing one does not free it).
+    3. Releases the collectives' tensors of the closed transports.
+
+    A no-op for the parts that do not apply (no transport, no process group); calling it twice
+    is harmless.
+    """
+    transports = list(_OPEN)
+    errors: List[CommError] = []
+    for t in transports:
+        try:
+            t.close()
+        except CommError as e:  # close the others, destroy the group, then report
+            errors.append(e)
+    gone = True
+    if dist.is_initialized():
+        pg = group if group is not None else dist.distributed_c10d._get_default_group()
+        ref = weakref.ref(pg)
+        del pg
+        dist.destroy_process_group(group)
+        gc.collect()
+        gone = ref() is None
+        if not gone:
+            warnings.warn(
+                "pipeline_rt.p2p.shutdown(): the process group is still referenced after "
+                "destroy_process_group(), so gloo's worker threads are not joined and may abort the "
+                "interpreter's exit; a usual cause is importing torch.distributed.nn (or torch._dynamo, "
+                "which torch.optim imports) after init_process_group: import pipeline_rt.dist first",
+                RuntimeWarning, stacklevel=2)
+    for t in transports:
+        if gone:
+            t._retained.clear()
+        else:
+            _KEPT.extend(t._retained)
+
+
+#: collectives' tensors of transports closed while their process group could not be destroyed
+_KEPT: List[Tensor] = []
 
 
 class Channel:

@@ -10,8 +10,8 @@ import itertools
 import pytest
 
 from pipeline_rt.schedule import (
-    B, COMPUTE, F, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, Schedule, ScheduleError, build,
-    simulate, validate, versions,
+    B, COMPUTE, F, RECV_B, RECV_F, SEND_B, SEND_F, SHAPES, STEP, Action, Cursor, LazySchedule, Schedule,
+    ScheduleError, build, simulate, validate, versions,
 )
 
 SIZES = [(1, 1), (1, 4), (2, 1), (2, 5), (3, 2), (4, 7), (5, 9)]
@@ -193,3 +193,58 @@ def test_weight_versions_are_computed_once_per_schedule():
     assert sched.weight_versions is sched.weight_versions
     assert sched.weight_versions == versions(sched)
 
+
+
+# ----------------------------------------------------------------------------- lazy
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_lazy_schedule_equals_the_built_one(shape):
+    """Per-stage actions and the prediction distance of every forward, counted on the lazy
+    schedule's own continuation, equal :func:`build` and :func:`versions` for every depth
+    1..8, micro-batch count 1..4 and length 1..40; the tick order too (lengths 1..12, 40)."""
+    for n, chunks in itertools.product(range(1, 9), range(1, 5)):
+        lazy = LazySchedule(shape, n, chunks)
+        for m in range(1, 41):
+            ref = build(shape, n, m, chunks)
+            table = versions(ref)
+            exists = (lambda j, m=m: j < m)
+            for k in range(n):
+                it, got = lazy.actions(k, exists), []
+                while (a := it.peek()) is not None:
+                    if a.kind == F:
+                        v = table[k][a.unit]
+                        assert (it.cursor.steps, lazy.distance(k, it.cursor)) == (v.forward, v.s), (n, chunks, m, k, a)
+                    got.append(it.pop())
+                assert got == ref.actions[k], (n, chunks, m, k)
+            if m <= 12 or m == 40:
+                order = list(lazy.order([lazy.actions(k, exists) for k in range(n)]))
+                assert order == list(ref.order()), (n, chunks, m)
+
+
+def test_lazy_schedule_cost_does_not_grow_with_the_run():
+    """A long run: the memo of STEP counts stops growing after the warm-up, and the
+    messages in flight stay bounded."""
+    lazy = LazySchedule("async-1f1b", 4, 2)
+    stages = [lazy.actions(k, lambda j: j < 3000) for k in range(4)]
+    sizes, count = [], 0
+    for a in lazy.order(stages):
+        count += 1
+        if a.kind == F:
+            lazy.distance(a.stage, stages[a.stage].cursor)
+            sizes.append(len(lazy._ahead))
+    assert count == 3000 * 2 * (4 * 2 + 3 * 2 * 2) + 4 * 3000
+    assert sizes[100] == sizes[-1] <= 4 * 4 * 2 * 2 * 2
+
+
+def test_lazy_schedule_window_and_errors():
+    lazy = LazySchedule("async-1f1b", 3)
+    text = str(lazy)
+    assert text.splitlines()[0].startswith("async-1f1b schedule: 3 stages")
+    assert "window of 5 minibatches" in text
+    marked = lazy.window(mark=Action(B, 1, 1000, 0))  # a late minibatch is shown in the steady state
+    assert ">>B1000<<" in marked and "F1001" in marked
+    with pytest.raises(ScheduleError, match="unknown schedule shape"):
+        LazySchedule("zigzag", 2)
+    with pytest.raises(ScheduleError, match="positive int"):
+        LazySchedule("gpipe", 0)
