@@ -132,18 +132,33 @@ class DistExecutor(Executor):
         super().__init__([stage if k == self.rank else None for k in range(world)], schedule)
         self.transport = Transport(self.device, self.timeout, group)
         k = self.rank
-        self._to = {SEND_F: self._channel(k + 1, f"activations of stage {k}"),
-                    SEND_B: self._channel(k - 1, f"input gradients of stage {k}")}
-        self._from = {RECV_F: self._channel(k - 1, f"activations of stage {k - 1}"),
-                      RECV_B: self._channel(k + 1, f"input gradients of stage {k + 1}")}
+        # one channel per direction and micro-batch index: the shapes of micro-batch m are
+        # the same in every minibatch (an uneven split differs between micro-batches only)
+        self._links: Dict[Tuple[str, int], Optional[Channel]] = {}
+        self._peer = {SEND_F: (k + 1, f"activations of stage {k}"), SEND_B: (k - 1, f"input gradients of stage {k}"),
+                      RECV_F: (k - 1, f"activations of stage {k - 1}"),
+                      RECV_B: (k + 1, f"input gradients of stage {k + 1}")}
         #: messages received (or put back from a checkpoint) and not yet used
         self.inbox: Dict[Tuple[str, Tuple[int, int]], Tensors] = {}
         self._outbox: Dict[Tuple[str, Tuple[int, int]], Tensors] = {}
 
-    def _channel(self, peer: int, name: str) -> Optional[Channel]:
+    def _channel(self, peer: int, name: str, index: int = 0) -> Optional[Channel]:
         if not 0 <= peer < self.num_stages:
             return None
-        return Channel(self.transport, self._global(peer), name)
+        channel = Channel(self.transport, self._global(peer), name)
+        channel._tag = index << 20  # its own range of tags (gloo matches messages by tag)
+        return channel
+
+    def _link(self, kind: str, micro: int) -> Channel:
+        """The channel of ``kind``'s messages of micro-batch index ``micro``."""
+        key = (kind, micro)
+        if key not in self._links:
+            peer, name = self._peer[kind]
+            self._links[key] = self._channel(peer, f"{name} (micro-batch {micro})" if self.chunks > 1 else name,
+                                             micro + 1)
+        channel = self._links[key]
+        assert channel is not None
+        return channel
 
     def _global(self, peer: int) -> int:
         return dist.get_global_rank(self.group, peer) if self.group else peer
@@ -210,8 +225,7 @@ class DistExecutor(Executor):
         dst = a.stage + 1 if kind == F else a.stage - 1
         ctl = torch.tensor(control or (0, 0), dtype=torch.int64, device=self.device)
         tensors = self._outbox.pop((kind, (a.mb, a.micro))) + (ctl,)
-        channel = self._to[a.kind]
-        assert channel is not None
+        channel = self._link(a.kind, a.micro)
         try:
             self._guard(a, dst, lambda: channel.send(tensors, f"{a.kind} {a}"))
         except ShapeMismatch as e:
@@ -222,8 +236,7 @@ class DistExecutor(Executor):
         key = (kind, (a.mb, a.micro))
         if key in self.inbox:  # put back from a checkpoint (its control is restored with it)
             return None
-        channel = self._from[a.kind]
-        assert channel is not None
+        channel = self._link(a.kind, a.micro)
         msg = self._guard(a, src, lambda: channel.recv(f"{a.kind} {a}"))
         tensors, ctl = msg[:-1], msg[-1]
         self.inbox[key] = tuple(as_leaf(t) for t in tensors) if kind == F else tensors
@@ -240,7 +253,7 @@ class DistExecutor(Executor):
 
     # ------------------------------------------------------------------ evaluation and inference
 
-    def _links(self, what: str) -> Tuple[Optional[Channel], Optional[Channel]]:
+    def _pair_of_links(self, what: str) -> Tuple[Optional[Channel], Optional[Channel]]:
         """Channels to the previous and the next rank for a forward-only pass."""
         k = self.rank
         return self._channel(k - 1, f"{what} of stage {k - 1}"), self._channel(k + 1, f"{what} of stage {k}")
@@ -283,7 +296,7 @@ class DistExecutor(Executor):
         with torch.no_grad():
             mine = tuple(None if t is None else t.to(self.device) for t in as_tuple(inputs, "the input")) \
                 if self.rank == 0 else None
-            _, out = self._chain(self._links("inference activations"), mine, True, "inference activations")
+            _, out = self._chain(self._pair_of_links("inference activations"), mine, True, "inference activations")
             self._guard(None, None, self.transport.flush)
         return out if self.rank == self.num_stages - 1 else None
 
@@ -292,7 +305,7 @@ class DistExecutor(Executor):
         k, last = self.rank, self.num_stages - 1
         acc = Evaluation(loss_fn, metric, reduction)
         it = iter(batches) if k in (0, last) else None
-        links = self._links("evaluation activations")
+        links = self._pair_of_links("evaluation activations")
         with eval_mode([self.stage.module]), torch.no_grad():
             j = 0
             while True:

@@ -304,7 +304,7 @@ class Executor(abc.ABC):
         if last:
             assert run.feed is not None
             try:
-                epoch = run.feed.epoch(a.mb) if a.micro == self.chunks - 1 else 0
+                epoch = run.feed.epoch(a.mb)  # reads the minibatch (a rank with too few fails here)
                 target, weight = run.feed.take_target(*u)
             except DataMismatch as e:
                 raise DataMismatch(f"stage {k}: {e}; every rank must be given the same batches (this rank's ran out "

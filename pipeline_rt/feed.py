@@ -206,7 +206,8 @@ class Feed:
         return mb
 
     def epoch(self, j: int) -> int:
-        """The epoch minibatch ``j`` belongs to (while it is held)."""
+        """The epoch minibatch ``j`` belongs to (reads up to it; while it is held)."""
+        self.micro(j, 0)
         return self._epochs[j]
 
     def take_input(self, j: int, m: int) -> Tuple[Optional[Tensor], ...]:

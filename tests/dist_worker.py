@@ -73,6 +73,10 @@ class Spec:
     dropout: float = 0.0  # makes the run depend on the RNG streams
     tuples: bool = False  # stages exchange (float, int64) tuples
     ragged: bool = False  # the last minibatch has fewer rows
+    rank_minibatches: Dict[int, int] = field(default_factory=dict)  # a rank given another number of minibatches
+    stop_at: Optional[int] = None  # the callback returns False at this minibatch (on the last stage)
+    evaluate: bool = False  # also evaluate on held-out data (uneven last batch) after training
+    pipe: Dict[str, Any] = field(default_factory=dict)  # extra Pipeline kwargs
 
 
 def make_stage(k: int, n: int, dropout: float = 0.0) -> nn.Module:
@@ -115,11 +119,41 @@ def weights(module: Optional[nn.Module]) -> Dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
+def held_out() -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Evaluation data with an uneven last batch."""
+    g = torch.Generator().manual_seed(11)
+    return [(torch.randn(r, WIDTH, generator=g, dtype=torch.float64), torch.randn(r, 1, generator=g, dtype=torch.float64))
+            for r in (ROWS, ROWS, 3)]
+
+
+def step_lr(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """A learning-rate schedule (picklable, for the worker processes)."""
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+
+def metric(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (out - target).abs().mean()
+
+
+def _train(spec: Spec, pipe: Pipeline, data: Any, **kwargs: Any) -> Any:
+    if spec.stop_at is not None:
+        kwargs["callback"] = lambda info: info.step != spec.stop_at
+    torch.manual_seed(0)  # dropout: every stage's stream starts from the process's state (ranks and the oracle alike)
+    losses = pipe.train(data, **kwargs)
+    return losses, pipe.evaluate(held_out(), metric) if spec.evaluate else None
+
+
 def oracle(spec: Spec, method: str) -> Tuple[List[float], List[Dict[str, torch.Tensor]]]:
     """Losses and final weights of the local executor on the same pipeline and data."""
-    pipe = pipeline(spec, method, "local")
-    losses = pipe.train(batches(spec.minibatches, spec.ragged))
+    pipe = pipeline(spec, method, "local", **spec.pipe)
+    losses, _ = _train(spec, pipe, batches(spec.minibatches, spec.ragged), **spec.train)
     return losses, [weights(m) for m in pipe.stages]
+
+
+def oracle_eval(spec: Spec, method: str) -> Any:
+    """The local executor's evaluation after the same training."""
+    return _train(spec, pipeline(spec, method, "local", **spec.pipe), batches(spec.minibatches, spec.ragged),
+                  **spec.train)[1]
 
 
 def _worker(rank: int, spec: Spec, port: int, out: str) -> None:
@@ -129,10 +163,11 @@ def _worker(rank: int, spec: Spec, port: int, out: str) -> None:
     result: Dict[str, Any] = {}
     try:
         for method in spec.methods:
-            pipe = pipeline(spec, method, "dist")
+            pipe = pipeline(spec, method, "dist", **spec.pipe)
             kwargs = {k: v.format(method=method) if isinstance(v, str) else v for k, v in spec.train.items()}
-            losses = pipe.train(batches(spec.minibatches, spec.ragged), **kwargs)
-            result[method] = (losses, weights(pipe.stages[rank]))
+            count = spec.rank_minibatches.get(rank, spec.minibatches)
+            losses, evaluated = _train(spec, pipe, batches(count, spec.ragged), **kwargs)
+            result[method] = (losses, weights(pipe.stages[rank]), evaluated)
     except BaseException:
         Path(out, f"rank{rank}.err").write_text(traceback.format_exc())
         raise

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from dist_worker import Outcome, Spec, launch, oracle
+from dist_worker import Outcome, Spec, launch, oracle, oracle_eval, step_lr
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
@@ -20,8 +20,10 @@ def assert_matches_local(spec: Spec, out: Outcome) -> None:
     assert out.exitcodes == [0] * spec.world, out.errors
     for method in spec.methods:
         losses, weights = oracle(spec, method)
+        evaluated = oracle_eval(spec, method) if spec.evaluate else None
         for rank, result in enumerate(out.results):
-            got_losses, got_weights = result[method]
+            got_losses, got_weights, got_eval = result[method]
+            assert got_eval == evaluated, f"{method}: rank {rank} evaluates differently from the local executor"
             assert got_losses == losses, f"{method}: rank {rank} losses differ from the local executor's"
             for name, w in weights[rank].items():
                 assert torch.equal(got_weights[name], w), f"{method}: stage {rank} {name} differs"
@@ -74,3 +76,23 @@ def test_shape_change_is_a_clear_error(tmp_path):
     assert out.exitcodes[0] == 1 and out.exitcodes[1] not in (0, None)
     assert "ShapeMismatch: stage 0, SEND_F of micro-batch (5, 0)" in out.errors[0], out.errors[0]
     assert "(6, 4):float64, (2,):int64] but were [(8, 4):float64, (2,):int64]" in out.errors[0]
+
+
+def test_training_loop_hooks_equal_local(tmp_path):
+    """Epochs, an early stop by the callback, a scheduler, global clipping and evaluation
+    (uneven last batch): every rank returns what the local executor returns."""
+    spec = Spec(world=3, methods=("sync", "pipeoptim"), stop_at=5, evaluate=True, train={"epochs": 2}, dropout=0.1,
+                pipe={"lr_scheduler": step_lr})
+    assert_matches_local(spec, launch(spec, tmp_path))
+    clipped = Spec(world=3, methods=("sync",), pipe={"clip_grad_norm": 0.1, "clip_grad_scope": "global"})
+    (tmp_path / "clip").mkdir()
+    assert_matches_local(clipped, launch(clipped, tmp_path / "clip"))
+
+
+@pytest.mark.parametrize("count,word", [(4, "ran out before the first stage's"), (8, "this rank's have more")])
+def test_unequal_iterables_fail_clearly(count, word, tmp_path):
+    spec = Spec(world=3, methods=("pipedream",), timeout=5.0, rank_minibatches={2: count})
+    out = launch(spec, tmp_path, deadline=30.0)
+    assert out.exitcodes[2] == 1, out.errors
+    assert "DataMismatch" in out.errors[2] and word in out.errors[2] and "same batches" in out.errors[2], out.errors[2]
+    assert all(c not in (0, None) for c in out.exitcodes), "the others fail too, within the timeout"
