@@ -13,6 +13,12 @@ Every rank builds the same ``Pipeline`` with stage factories, so rank ``k`` cons
 stage ``k``. Every rank prints one line about its stage; ``train`` returns the same losses on
 every rank, and rank 0 prints them. With ``--checkpoint-dir`` the run is checkpointed every
 ``--checkpoint-every`` minibatches; rerun with ``--resume`` to continue from the latest one.
+
+Every rank ends with :func:`pipeline_rt.p2p.shutdown`: it waits for every posted transfer and
+destroys the process group, so that no gloo worker thread is still busy while the interpreter
+exits (which aborts the process: ``terminate called without an active exception``, and
+``torchrun`` reports the job FAILED). ``tests/test_torchrun_exit.py`` runs this script many
+times and checks that every run exits with status 0.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline_rt import Pipeline
+from pipeline_rt.p2p import shutdown
 
 
 def stage_factory(k: int, num_stages: int, width: int) -> Callable[[], nn.Module]:
@@ -82,7 +89,7 @@ def main() -> None:
     if rank == 0:
         print(f"method {args.method}: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} minibatches")
         print("losses:", " ".join(f"{x:.4f}" for x in losses), flush=True)
-    dist.destroy_process_group()
+    shutdown()  # every transfer waited for, the process group destroyed: a clean exit
 
 
 if __name__ == "__main__":

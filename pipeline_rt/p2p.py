@@ -38,9 +38,9 @@ interpreter's teardown with ``terminate called without an active exception`` (SI
 
 Hence (all in this module): ``torch.distributed.nn`` is imported here, before any process
 group exists (``pipeline_rt.dist`` imports this module before it initialises one), so that
-nothing pins the group; :meth:`Transport.collective` keeps every collective's tensors
-referenced from Python until the transport is closed (a worker's release is then never the
-last one); :func:`shutdown` closes the transports (every posted operation waited for, with
+nothing pins the group; :meth:`Transport.collective` keeps the last collectives' tensors
+referenced from Python until :func:`shutdown` (a worker's release is then not the last one,
+even where something else pins the group); :func:`shutdown` closes the transports (every posted operation waited for, with
 the deadline), destroys the process group (which then joins gloo's threads) and checks that it
 is gone, warning with the cause if something still holds it.
 """
@@ -49,8 +49,9 @@ from __future__ import annotations
 import gc
 import warnings
 import weakref
+from collections import deque
 from datetime import timedelta
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -140,8 +141,8 @@ class Transport:
         self.batched = dist.get_backend(group) == "nccl"
         self._held: List[dist.P2POp] = []                         # NCCL sends not yet posted
         self._sending: List[Tuple[dist.Work, Tensor, str]] = []   # gloo sends posted, kept alive
-        #: the tensors of the collectives posted here, kept until close() (see the module docs)
-        self._retained: List[Tensor] = []
+        #: the tensors of the last collectives posted here, kept until shutdown() (module docs)
+        self._retained: Deque[Tuple[Tensor, ...]] = deque(maxlen=RETAINED_COLLECTIVES)
         self.closed = False
         _OPEN.add(self)
 
@@ -187,18 +188,18 @@ class Transport:
     def collective(self, post: Callable[[], dist.Work], tensors: Sequence[Tensor], what: str) -> None:
         """Post a collective (``post()`` returns its work, e.g.
         ``lambda: dist.broadcast(t, src, group=g, async_op=True)``) and wait for it (deadline:
-        timeout). ``tensors``, those the collective reads or writes, stay referenced until
-        :meth:`close`: gloo's worker thread releases its own references after the wait
-        returns, and must not be the one to free them (see the module docs)."""
+        timeout). ``tensors``, those the collective reads or writes, stay referenced (those of
+        the last :data:`RETAINED_COLLECTIVES` collectives) until :func:`shutdown`: gloo's
+        worker thread releases its own references after the wait returns, and must not be the
+        one to free them while the interpreter exits (see the module docs)."""
         self._check_open(what)
-        self._retained.extend(tensors)
+        self._retained.append(tuple(tensors))
         self.wait(_posted(post, what), what)
 
     def close(self) -> None:
         """Post the held sends, wait for every posted operation (deadline: timeout each) and
         refuse further ones. The collectives' tensors are released by :func:`shutdown` once
-        the process group is gone (or at once, by a transport closed on its own, if none is
-        initialised any more). Idempotent."""
+        the process group is gone (here, if none is initialised any more). Idempotent."""
         if self.closed:
             return
         self.flush()
@@ -220,6 +221,11 @@ class Transport:
         if done is False:
             raise CommError(f"{what} did not complete within {self.timeout:g} s")
 
+
+#: How many collectives' tensors a :class:`Transport` keeps referenced (the last ones: a worker
+#: thread may still hold those of a collective that was just waited for; older ones are long
+#: released, and while the interpreter runs a worker may free a tensor anyway).
+RETAINED_COLLECTIVES = 16
 
 #: the transports of this process not yet closed (weakly: a dropped one is not kept alive)
 _OPEN: "weakref.WeakSet[Transport]" = weakref.WeakSet()
@@ -265,14 +271,15 @@ def shutdown(group: Optional[dist.ProcessGroup] = None) -> None:
                 "which torch.optim imports) after init_process_group: import pipeline_rt.dist first",
                 RuntimeWarning, stacklevel=2)
     for t in transports:
-        if gone:
-            t._retained.clear()
-        else:
+        if not gone:
             _KEPT.extend(t._retained)
+        t._retained.clear()
+    if errors:
+        raise errors[0]
 
 
 #: collectives' tensors of transports closed while their process group could not be destroyed
-_KEPT: List[Tensor] = []
+_KEPT: List[Tuple[Tensor, ...]] = []
 
 
 class Channel:
