@@ -145,6 +145,11 @@ def floor(stages, opts, batches, chunks: int) -> None:
             o.zero_grad()
 
 
+def pipeline_rt_now() -> object:
+    import pipeline_rt
+    return pipeline_rt
+
+
 def pipeline_rows(versions: Dict[str, Tuple[object, object]], rounds: int) -> List[str]:
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)) for _ in range(4)]
@@ -157,7 +162,8 @@ def pipeline_rows(versions: Dict[str, Tuple[object, object]], rounds: int) -> Li
         fopts = [OPTIMIZERS[optimizer](s.parameters()) for s in fstages]
         for method in methods:
             pipes = {v: pipe(pr, method, optimizer, chunks) for v, (_, pr) in versions.items()}
-            actions = len(next(iter(pipes.values())).plan(data).order)
+            current = pipe(pipeline_rt_now(), method, optimizer, chunks)
+            actions = sum(len(a) for a in current.schedule.finite(len(data)).actions)  # the same for every version
             fns = {v: timed(lambda p=p: p.train(data)) for v, p in pipes.items()}
             fns["torch work alone"] = timed(lambda: floor(fstages, fopts, data, chunks))
             t = interleaved(fns, rounds)
@@ -173,6 +179,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--baseline", help="git revision to measure against, interleaved")
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--only", choices=("predict", "pipeline"), help="measure one of the two parts")
     ap.add_argument("--write", action="store_true", help="write the section 'host overhead' of RESULTS.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -184,7 +191,8 @@ def main() -> None:
             versions[f"before ({args.baseline})"] = baseline(args.baseline, Path(tmp))
         versions["after (working tree)"] = (lookahead_opt, pipeline_rt)
         head = "| measurement | " + " | ".join(versions) + " |\n|---|" + "---|" * len(versions) + "\n"
-        rows = predict_rows(versions, args.rounds) + pipeline_rows(versions, args.rounds)
+        rows = (predict_rows(versions, args.rounds) if args.only != "pipeline" else []) + \
+            (pipeline_rows(versions, args.rounds) if args.only != "predict" else [])
     table = head + "\n".join(rows) + "\n"
     print(table)
     if args.write:

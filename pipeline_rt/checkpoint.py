@@ -168,7 +168,7 @@ def resume(path: PathLike, ex: "Executor", run: Run, describe: Dict[str, Any], *
         stage = ex.stages[k]
         assert stage is not None
         stage.load_state_dict(saved["stage"])
-        view.actions.cursor = Cursor(*saved["cursor"])
+        view.actions.restart(Cursor(*saved["cursor"]))
         view.known, view.stop_at = dict(saved["known"]), saved["stop_at"]
         if k > 0:
             for u, (tensors, flag) in torch.load(folder / f"transit{k}.pt", weights_only=False).items():

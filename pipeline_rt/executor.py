@@ -148,6 +148,7 @@ class StageRun:
 
     @property
     def cursor(self) -> Cursor:
+        """Where the stage is (its actions' cursor)."""
         return self.actions.cursor
 
     def exists(self, j: int) -> bool:
@@ -249,6 +250,9 @@ class Executor(abc.ABC):
         """The context stage ``k`` computes in (its stream)."""
         return _NO_CONTEXT
 
+    #: called after every action when not None (it runs once per action: keep it cheap)
+    _after_action: Optional[Callable[[], None]] = None
+
     def _after_backward(self, k: int, unit: Unit) -> None:
         """Stage ``k`` is done with ``unit`` (the tensors it held may go)."""
 
@@ -281,9 +285,14 @@ class Executor(abc.ABC):
         self._begin(run)
         ok = False
         try:
-            handlers = self._handlers
-            for a in self._actions(run):
-                handlers[a.kind](run, a)
+            handlers, after = self._handlers, self._after_action
+            if after is None:
+                for a in self._actions(run):
+                    handlers[a.kind](run, a)
+            else:
+                for a in self._actions(run):
+                    handlers[a.kind](run, a)
+                    after()
             ok = True
         finally:
             losses = self._end(run, ok)
@@ -295,7 +304,7 @@ class Executor(abc.ABC):
         k, u = a.stage, (a.mb, a.micro)
         st, stage = run.views[k], self.stages[k]
         assert stage is not None
-        s = self.schedule.distance(k, st.cursor)
+        s = self.schedule.distance(k, st.actions.cursor)
         if a.micro == 0:
             st.known.pop(a.mb, None)
         inputs = self._input(k, u, run.feed.take_input(*u)) if k == 0 else self._take(F, k, u)  # type: ignore[union-attr]
@@ -384,16 +393,17 @@ class Executor(abc.ABC):
     # ------------------------------------------------------------------ transfers and control
 
     def _send_action(self, run: Run, a: Action) -> None:
-        self._send(a, self._control_out(run, a))
+        self._send(a, self._control_out(run, a) if a.micro == self.chunks - 1 else None)
 
     def _recv_action(self, run: Run, a: Action) -> None:
-        control = self._recv(a, a.micro == self.chunks - 1)
+        if a.micro != self.chunks - 1:
+            self._recv(a, False)
+            return
+        control = self._recv(a, True)
         if control is not None:
             self._control_in(run, a, control)
 
-    def _control_out(self, run: Run, a: Action) -> Optional[Tuple[int, int]]:
-        if a.micro != self.chunks - 1:
-            return None
+    def _control_out(self, run: Run, a: Action) -> Tuple[int, int]:
         st = run.views[a.stage]
         if a.kind == SEND_F:
             return st.known[a.mb + 1], 0

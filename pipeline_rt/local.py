@@ -117,14 +117,17 @@ class LocalExecutor(Executor):
         self._produced_: Dict[_Key, _Parcel] = {}
         self._held: Dict[Tuple[int, Unit], List[Tensor]] = {}
         self._control: Dict[_Key, Tuple[int, int]] = {}
+        if any(d.type == "cuda" for d in self.devices):  # CPU events are complete: nothing is ever kept
+            self._after_action = self._collect
 
     # ------------------------------------------------------------------ the loop
 
     def _actions(self, run: Run) -> Iterator[Action]:
-        collect = self.lifetimes.collect
-        for a in self.schedule.order([run.views[k].actions for k in range(self.num_stages)], ready=run.ready):
-            yield a
-            collect()
+        return self.schedule.order([run.views[k].actions for k in range(self.num_stages)], ready=run.ready)
+
+    def _collect(self) -> None:
+        if self.lifetimes._pending:
+            self.lifetimes.collect()
 
     def _begin(self, run: Run) -> None:
         self._join_current()  # compute streams see the weights/inputs made on current streams

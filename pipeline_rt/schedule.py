@@ -37,6 +37,9 @@ COMPUTE = (F, B, STEP)
 SHAPES = ("gpipe", "1f1b-flush", "async-1f1b")
 
 
+_new = tuple.__new__  # Action's fields in order, without the generated __new__'s frame (hot path)
+
+
 class ScheduleError(ValueError):
     """A schedule that is malformed or cannot run (deadlock, wrong counts)."""
 
@@ -406,7 +409,7 @@ def next_compute(shape: str, k: int, n: int, chunks: int, c: Cursor,
       only if ``exists(j')``, so the drain starts where the data ends.
     """
     if c.steps < c.nb // chunks:
-        return Action(STEP, k)
+        return _new(Action, (STEP, k, -1, -1))
     j = c.nb // chunks
     if shape == "async-1f1b":
         can_forward = c.nf <= c.nb + n - 1 - k
@@ -415,22 +418,22 @@ def next_compute(shape: str, k: int, n: int, chunks: int, c: Cursor,
     else:
         can_forward = c.nf < (j + 1) * chunks
     if can_forward and (c.nf % chunks or exists(c.nf // chunks)):
-        return Action(F, k, c.nf // chunks, c.nf % chunks)
+        return _new(Action, (F, k, c.nf // chunks, c.nf % chunks))
     if c.nb < c.nf:
         m = chunks - 1 - c.nb % chunks if shape == "gpipe" else c.nb % chunks
-        return Action(B, k, j, m)
+        return _new(Action, (B, k, j, m))
     return None
 
 
 def lower(a: Action, n: int) -> Tuple[Action, ...]:
     """Compute action ``a`` with its transfers: receive right before use, send right after."""
-    k = a.stage
-    if a.kind == F:
-        return ((Action(RECV_F, k, a.mb, a.micro),) if k > 0 else ()) + (a,) + (
-            (Action(SEND_F, k, a.mb, a.micro),) if k < n - 1 else ())
-    if a.kind == B:
-        return ((Action(RECV_B, k, a.mb, a.micro),) if k < n - 1 else ()) + (a,) + (
-            (Action(SEND_B, k, a.mb, a.micro),) if k > 0 else ())
+    kind, k, mb, micro = a
+    if kind == F:
+        return ((_new(Action, (RECV_F, k, mb, micro)),) if k > 0 else ()) + (a,) + (
+            (_new(Action, (SEND_F, k, mb, micro)),) if k < n - 1 else ())
+    if kind == B:
+        return ((_new(Action, (RECV_B, k, mb, micro)),) if k < n - 1 else ()) + (a,) + (
+            (_new(Action, (SEND_B, k, mb, micro)),) if k > 0 else ())
     return (a,)
 
 
@@ -445,32 +448,29 @@ class StageActions:
                  cursor: Optional[Cursor] = None) -> None:
         self.sched, self.k, self.exists = sched, k, exists
         self._pending: Tuple[Action, ...] = ()
-        self._i = 0
+        self._i = self._n = 0
+        #: where the stage is
         self.cursor = Cursor() if cursor is None else cursor
 
-    @property
-    def cursor(self) -> Cursor:
-        """Where the stage is (between compute actions when set)."""
-        return self._cursor
-
-    @cursor.setter
-    def cursor(self, c: Cursor) -> None:
-        self._cursor, self._pending, self._i = c, (), 0
+    def restart(self, cursor: Cursor) -> None:
+        """Continue from ``cursor`` (between two compute actions: a checkpoint's)."""
+        self.cursor, self._pending, self._i, self._n = cursor, (), 0, 0
 
     def peek(self) -> Optional[Action]:
-        if self._i == len(self._pending):
+        if self._i == self._n:
             s = self.sched
             a = next_compute(s.shape, self.k, s.num_stages, s.chunks, self.cursor, self.exists)
             if a is None:
                 return None
             self._pending, self._i = lower(a, s.num_stages), 0
+            self._n = len(self._pending)
         return self._pending[self._i]
 
     def pop(self) -> Action:
         a = self._pending[self._i]
         self._i += 1
         if a.kind in COMPUTE:
-            self._cursor.advance(a)
+            self.cursor.advance(a)
         return a
 
     def __iter__(self) -> Iterator[Action]:
@@ -551,9 +551,11 @@ class LazySchedule:
             for it in stages:
                 computed = False
                 while True:
-                    a = it.peek()
-                    if a is None:
-                        break
+                    # it.peek() and it.pop(), inlined: this loop runs once per action of the run
+                    if it._i == it._n:
+                        if it.peek() is None:
+                            break
+                    a = it._pending[it._i]
                     alive = True
                     kind = a.kind
                     if kind == RECV_F or kind == RECV_B:
@@ -570,7 +572,9 @@ class LazySchedule:
                     else:
                         computed = True
                     yield a
-                    it.pop()
+                    it._i += 1
+                    if kind == F or kind == B or kind == STEP:
+                        it.cursor.advance(a)
                     progressed = True
             if not alive:
                 return

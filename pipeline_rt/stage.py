@@ -158,6 +158,7 @@ class Stage:
         self.scheduler = None if lr_scheduler is None or optimizer is None else lr_scheduler(optimizer)
         self.clip_grad_norm = clip_grad_norm
         self._rng: Optional[Tuple[Tensor, Optional[Tensor]]] = None  # the stage's own RNG stream
+        self._cuda = _cuda_devices(self.params)
         self._replays: Dict[Unit, Replay] = {}
         #: what swaps predicted weights in: the optimizer, or its calibrated predictor
         self.predictor = optimizer
@@ -360,28 +361,20 @@ class Stage:
 
     def rng_state(self) -> Tuple[Tensor, Optional[Tensor]]:
         """The process's CPU RNG state and, for a stage on a CUDA device, that device's."""
-        cuda = _cuda_devices(self.params)
-        return torch.get_rng_state(), torch.cuda.get_rng_state(cuda[0]) if cuda else None
+        cuda = self._cuda
+        return torch.default_generator.get_state(), torch.cuda.get_rng_state(cuda[0]) if cuda else None
 
     def set_rng_state(self, state: Tuple[Tensor, Optional[Tensor]]) -> None:
         """Restore :meth:`rng_state`."""
-        torch.set_rng_state(state[0])
-        cuda = _cuda_devices(self.params)
+        torch.default_generator.set_state(state[0])
+        cuda = self._cuda
         if cuda and state[1] is not None:
             torch.cuda.set_rng_state(state[1], cuda[0])
 
-    @contextmanager
-    def _own_rng(self, replay: Optional[Replay]) -> Iterator[None]:
+    def _own_rng(self, replay: Optional[Replay]) -> "_OwnRng":
         """The stage's RNG stream is the process's inside the block (a replay's saved state
         for a replay); the process's own state is put back after."""
-        process = self.rng_state()
-        self.set_rng_state(self._rng if replay is None else replay.rng)
-        try:
-            yield
-        finally:
-            if replay is None:
-                self._rng = self.rng_state()
-            self.set_rng_state(process)
+        return _OwnRng(self, replay)
 
     def _weights_for(self, distance: int, predicted: bool, replay: Optional[Replay]) -> ContextManager[None]:
         """The parameters hold the forward's weights inside the block: a replay's, a
@@ -437,6 +430,25 @@ class Stage:
                 raise FloatingPointError(
                     f"stage {self.index}: gradient of {name} {tuple(p.shape)} is not finite before STEP "
                     f"{self.version}; lower the learning rate or check the inputs")
+
+
+class _OwnRng:
+    """See :meth:`Stage._own_rng` (a plain context object: it is entered at every forward)."""
+
+    __slots__ = ("stage", "replay", "process")
+
+    def __init__(self, stage: Stage, replay: Optional[Replay]) -> None:
+        self.stage, self.replay = stage, replay
+
+    def __enter__(self) -> None:
+        stage = self.stage
+        self.process = stage.rng_state()
+        stage.set_rng_state(stage._rng if self.replay is None else self.replay.rng)  # type: ignore[arg-type]
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.replay is None:
+            self.stage._rng = self.stage.rng_state()
+        self.stage.set_rng_state(self.process)
 
 
 def retain_none(unit: Unit) -> bool:
