@@ -184,9 +184,8 @@ class DistExecutor(Executor):
         return losses.tolist()
 
     def _broadcast(self, t: Tensor, src: int, what: str) -> None:
-        def post() -> None:
-            self.transport.wait(dist.broadcast(t, self._global(src), group=self.group, async_op=True), what)
-        self._guard(None, src, post)
+        self._guard(None, src, lambda: self.transport.collective(
+            lambda: dist.broadcast(t, self._global(src), group=self.group, async_op=True), [t], what))
 
     def _total_norm(self, run: Run, k: int, norms: Tensor) -> Tensor:
         """The norm over every rank's per-tensor norms, concatenated in stage order (as the
@@ -197,9 +196,8 @@ class DistExecutor(Executor):
         mine = torch.tensor([norms.numel()], dtype=torch.int64, device=self.device)
 
         def gather(out: List[Tensor], t: Tensor, what: str) -> None:
-            def post() -> None:
-                self.transport.wait(dist.all_gather(out, t, group=self.group, async_op=True), what)
-            self._guard(None, None, post)
+            self._guard(None, None, lambda: self.transport.collective(
+                lambda: dist.all_gather(out, t, group=self.group, async_op=True), [t, *out], what))
 
         gather(sizes, mine, "all-gather of the gradient-norm counts (global clipping)")
         width = max(int(s.item()) for s in sizes)

@@ -271,6 +271,14 @@ class Pipeline:
         with eval_mode([s.module for s in self._stages if s is not None]):
             return self.executor.infer(inputs)
 
+    def close(self) -> None:
+        """End this process's distributed work cleanly (``backend="dist"``: waits for every
+        posted transfer and destroys the process group, :func:`pipeline_rt.p2p.shutdown`);
+        call it on every rank after the last ``train``/``evaluate``. Nothing to do locally."""
+        if self._stages.count(None):
+            from .p2p import shutdown
+            shutdown()
+
     # ------------------------------------------------------------------ inspection
 
     @property
