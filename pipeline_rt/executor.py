@@ -379,6 +379,7 @@ class Executor(abc.ABC):
             assert stage is not None
             grads = stage.grads()
             if grads:
+                assert run.clip_global is not None
                 coef = torch.clamp(run.clip_global / (total.to(grads[0].device) + 1e-6), max=1.0)
                 torch._foreach_mul_(grads, coef)
             with self._on(i):

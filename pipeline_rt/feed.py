@@ -81,7 +81,7 @@ def to_device(x: Any, device: torch.device) -> Any:
     return x
 
 
-def _digest(h: "hashlib._Hash", x: Any) -> None:
+def _digest(h: Any, x: Any) -> None:
     if isinstance(x, Tensor):
         h.update(f"{x.dtype}{tuple(x.shape)}".encode())
         if x.device.type == "cpu" and x.numel():

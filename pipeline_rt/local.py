@@ -147,12 +147,16 @@ class LocalExecutor(Executor):
     def _total_norm(self, run: Run, k: int, norms: Tensor) -> Tensor:
         return torch.linalg.vector_norm(norms)
 
+    def _mine(self) -> List[Stage]:
+        """Every stage (the local executor runs them all)."""
+        return [s for s in self.stages if s is not None]
+
     # ------------------------------------------------------------------ evaluation and inference
 
     def infer(self, inputs: Any) -> Any:
         with torch.no_grad():
             x = inputs
-            for k, stage in enumerate(self.stages):
+            for k, stage in enumerate(self._mine()):
                 where = "the input" if k == 0 else f"stage {k - 1}'s output"
                 xs = tuple(None if t is None else t.to(self.devices[k]) for t in as_tuple(x, where))
                 x = stage.module(*xs)
@@ -161,7 +165,7 @@ class LocalExecutor(Executor):
     def evaluate(self, batches: Iterable[Tuple[Any, Any]], loss_fn: Callable[[Any, Any], Tensor],
                  metric: Optional[Callable[[Any, Any], Tensor]], reduction: str = "mean") -> Dict[str, Optional[float]]:
         acc = Evaluation(loss_fn, metric, reduction)
-        with eval_mode([s.module for s in self.stages]), torch.no_grad():
+        with eval_mode([s.module for s in self._mine()]), torch.no_grad():
             for j, pair in enumerate(batches):
                 x, y = as_pair(j, pair)
                 out = self.infer(x)

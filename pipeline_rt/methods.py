@@ -40,7 +40,7 @@ its backward (``backward="forward"`` policy).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Union
 
 __all__ = ["Method", "METHODS", "get_method"]
 
@@ -114,7 +114,7 @@ METHODS = {
 }
 
 
-def get_method(name: str, *, backward: Optional[str] = None, chunks: Optional[int] = None) -> Method:
+def get_method(name: Union[str, Method], *, backward: Optional[str] = None, chunks: Optional[int] = None) -> Method:
     """Look up a method by name, with optional overrides.
 
     Args:

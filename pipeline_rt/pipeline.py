@@ -58,7 +58,7 @@ BACKENDS = ("local", "dist")
 CLIP_SCOPES = ("stage", "global")
 
 
-def make_executor(backend: str, build_stage: BuildStage, devices: Sequence[torch.device], schedule: LazySchedule,
+def make_executor(backend: str, build_stage: BuildStage, devices: Sequence[Device], schedule: LazySchedule,
                   timeout: Optional[float] = None) -> Tuple[Executor, List[Optional[Stage]]]:
     """The executor of ``backend`` and the stages it runs (``None`` where another process
     runs that stage).
@@ -323,7 +323,7 @@ class Pipeline:
 
 
 def _progress_bar(batches: Any, epochs: int, max_steps: Optional[int], done: int) -> Any:
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
     try:
         total: Optional[int] = len(batches) * epochs
     except TypeError:

@@ -545,7 +545,7 @@ class LazySchedule:
         yielded before it is counted as done, so ``exists`` is asked only after the
         actions before it have run. ``ready``: messages already in transit, as ``(RECV_F or
         RECV_B, receiving stage, minibatch, micro)``. Raises :class:`ScheduleError` on a deadlock."""
-        ready = set(ready)  # the receives whose message is sent and not yet received
+        waiting = set(ready)  # the receives whose message is sent and not yet received
         while True:
             progressed = alive = False
             for it in stages:
@@ -560,13 +560,13 @@ class LazySchedule:
                     kind = a.kind
                     if kind == RECV_F or kind == RECV_B:
                         key = (kind, a.stage, a.mb, a.micro)
-                        if key not in ready:
+                        if key not in waiting:
                             break
-                        ready.discard(key)
+                        waiting.discard(key)
                     elif kind == SEND_F:
-                        ready.add((RECV_F, a.stage + 1, a.mb, a.micro))
+                        waiting.add((RECV_F, a.stage + 1, a.mb, a.micro))
                     elif kind == SEND_B:
-                        ready.add((RECV_B, a.stage - 1, a.mb, a.micro))
+                        waiting.add((RECV_B, a.stage - 1, a.mb, a.micro))
                     elif computed:
                         break
                     else:
