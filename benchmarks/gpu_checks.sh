@@ -64,4 +64,10 @@ step utilisation 90 "$PY" benchmarks/utilisation.py --device cuda --write "$OUT/
 # the same with more hardware queues than streams (depth 8 uses more streams than the default 8)
 step utilisation_conn32 90 env CUDA_DEVICE_MAX_CONNECTIONS=32 "$PY" benchmarks/utilisation.py --device cuda \
     --write "$OUT/RESULTS_util_conn32.md"
+# the GPT-style training example at GPT-2-small size (12 layers, d=768, context 1024), 4 stages
+# sharing cuda:0, pipedream / pipeoptim / pipeoptim-calroll (recommended), 200 minibatches each:
+# tokens/s and peak GPU memory per method in $OUT/train_lm/results.md (checkpoints kept off $OUT)
+step gpu_examples 480 "$PY" examples/train_lm.py --size gpt2-small --devices cuda:0,cuda:0,cuda:0,cuda:0 \
+    --method pipedream,pipeoptim,pipeoptim-calroll --max-steps 200 --no-progress --out "$OUT/train_lm" \
+    --ckpt-dir /tmp/train_lm_ckpt
 exit $status
