@@ -180,10 +180,7 @@ class Feed:
             raise ValueError(f"minibatch {j} has {n} rows, fewer than the {self.chunks} micro-batches it is split "
                              f"into; pass chunks= or larger batches (or drop the smaller last batch: "
                              f"DataLoader(drop_last=True))")
-        self._hash.update(b"|")
-        _digest(self._hash, (xs, y))
-        self.pulled += 1
-        self._hashes.append((self.pulled, self._hash.digest()))
+        self._fold(xs, y)
         parts_x = split_batch(x, self.chunks)
         parts_y = split_batch(y, self.chunks) if isinstance(y, Tensor) or isinstance(y, (tuple, list)) else [y] * self.chunks
         micro: List[Optional[MicroBatch]] = []
@@ -275,9 +272,13 @@ class Feed:
         pair = self._next()
         if pair is None:
             return None
+        x, y = as_pair(self.pulled, pair)
+        self._fold(as_tuple(x, f"minibatch {self.pulled}'s input"), y)
+        return pair
+
+    def _fold(self, inputs: Tuple[Optional[Tensor], ...], target: Any) -> None:
+        """Count one more minibatch read, folding it into the running hash."""
         self._hash.update(b"|")
-        x, y = pair
-        _digest(self._hash, (as_tuple(x, f"minibatch {self.pulled}'s input"), y))
+        _digest(self._hash, (inputs, target))
         self.pulled += 1
         self._hashes.append((self.pulled, self._hash.digest()))
-        return pair

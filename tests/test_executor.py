@@ -16,7 +16,7 @@ from torch.testing import assert_close
 
 import oracle
 from pipeline_rt import Pipeline, split_by_balance
-from test_pipeline import ADAM, MSE, SGDM, TIGHT, data, mlp, params_of, pipe_of
+from test_pipeline import ADAM, MSE, SGDM, TIGHT, data, mlp, params_of, pipe_of, single_device
 
 BALANCE = [3, 2, 2]
 
@@ -165,25 +165,12 @@ def test_sum_reduced_loss_weights_micro_batches_by_one():
     loss_sum = nn.MSELoss(reduction="sum")
     pipe = pipe_of(model, BALANCE, SGDM, "sync", loss_fn=loss_sum)
     losses = pipe.train(batches)
-    want_losses, want = single_device_sum(model, batches, loss_sum)
+    want_losses, want = single_device(model, batches, SGDM, loss_sum)
     assert_close(losses, want_losses, **TIGHT)
     for p, q in zip(params_of(pipe), want.parameters()):
         assert_close(p, q, **TIGHT)
     with pytest.raises(ValueError, match="reduction='none'"):
         pipe_of(model, BALANCE, SGDM, "sync", loss_fn=nn.MSELoss(reduction="none"))
-
-
-def single_device_sum(model, batches, loss_fn):
-    model = copy.deepcopy(model)
-    opt = SGDM(model.parameters())
-    losses = []
-    for x, y in batches:
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses, model
 
 
 def test_progress_bar(capsys):
