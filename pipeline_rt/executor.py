@@ -211,6 +211,8 @@ class Executor(abc.ABC):
             F: self._forward, B: self._backward, STEP: self._step,
             SEND_F: self._send_action, SEND_B: self._send_action, RECV_F: self._recv_action, RECV_B: self._recv_action}
         self._deferred: List[int] = []
+        #: the context each stage computes in (its stream), entered around its F, B and STEP
+        self._contexts: List[ContextManager[Any]] = [_NO_CONTEXT] * self.num_stages
 
     # ------------------------------------------------------------------ transport (subclasses)
 
@@ -246,9 +248,6 @@ class Executor(abc.ABC):
     def _take(self, kind: str, k: int, unit: Unit) -> Tensors:
         """The received tensors stage ``k``'s F or B of ``unit`` uses."""
 
-    def _on(self, k: int) -> ContextManager[Any]:
-        """The context stage ``k`` computes in (its stream)."""
-        return _NO_CONTEXT
 
     #: called after every action when not None (it runs once per action: keep it cheap)
     _after_action: Optional[Callable[[], None]] = None
@@ -319,7 +318,7 @@ class Executor(abc.ABC):
                 raise DataMismatch(f"stage {k}: {e}; every rank must be given the same batches (this rank's ran out "
                                    f"before the first stage's)") from None
             target = self._target(k, u, target)
-        with self._on(k):
+        with self._contexts[k]:
             outs = stage.forward(u, inputs, s, target=target, weight=weight)
             if last:
                 run.losses.add(a.mb, outs[0].detach())
@@ -343,7 +342,7 @@ class Executor(abc.ABC):
         stage = self.stages[k]
         assert stage is not None
         grads = None if stage.is_last else self._take(B, k, u)
-        with self._on(k):
+        with self._contexts[k]:
             grads_in = stage.backward(u, grads)
         self._after_backward(k, u)
         if k > 0:
@@ -351,13 +350,13 @@ class Executor(abc.ABC):
 
     def _step(self, run: Run, a: Action) -> None:
         k = a.stage
-        j = run.views[k].cursor.steps
+        j = run.views[k].actions.cursor.steps
         if run.clip_global is not None:
             self._global_step(run, k, j)
             return
         stage = self.stages[k]
         assert stage is not None
-        with self._on(k):
+        with self._contexts[k]:
             stage.step()
         self._stepped(run, k, j)
 
@@ -382,7 +381,7 @@ class Executor(abc.ABC):
                 assert run.clip_global is not None
                 coef = torch.clamp(run.clip_global / (total.to(grads[0].device) + 1e-6), max=1.0)
                 torch._foreach_mul_(grads, coef)
-            with self._on(i):
+            with self._contexts[i]:
                 stage.step()
             self._stepped(run, i, j)
 
@@ -394,7 +393,14 @@ class Executor(abc.ABC):
     # ------------------------------------------------------------------ transfers and control
 
     def _send_action(self, run: Run, a: Action) -> None:
-        self._send(a, self._control_out(run, a) if a.micro == self.chunks - 1 else None)
+        if a.micro != self.chunks - 1:
+            self._send(a, None)
+            return
+        st = run.views[a.stage]  # the control that rides with a minibatch's last micro-batch
+        if a.kind == SEND_F:
+            self._send(a, (st.known[a.mb + 1], 0))
+        else:
+            self._send(a, (int(st.stop_at is not None and st.stop_at <= a.mb), st.actions.cursor.nf))
 
     def _recv_action(self, run: Run, a: Action) -> None:
         if a.micro != self.chunks - 1:
@@ -403,12 +409,6 @@ class Executor(abc.ABC):
         control = self._recv(a, True)
         if control is not None:
             self._control_in(run, a, control)
-
-    def _control_out(self, run: Run, a: Action) -> Tuple[int, int]:
-        st = run.views[a.stage]
-        if a.kind == SEND_F:
-            return st.known[a.mb + 1], 0
-        return int(st.stop_at is not None and st.stop_at <= a.mb), st.cursor.nf
 
     def _control_in(self, run: Run, a: Action, control: Tuple[int, int]) -> None:
         st = run.views[a.stage]

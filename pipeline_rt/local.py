@@ -44,7 +44,7 @@ from .executor import Evaluation, Executor, Run, eval_mode
 from .feed import as_pair, rows, to_device
 from .schedule import F, Action, LazySchedule
 from .stage import Stage, as_leaf, as_tuple
-from .streams import AnyEvent, AnyStream, CPUEvent, new_stream, record, use_streams, wait
+from .streams import AnyEvent, AnyStream, CPUEvent, CPUStream, new_stream, record, use_streams, wait
 
 __all__ = ["LocalExecutor"]
 
@@ -117,7 +117,11 @@ class LocalExecutor(Executor):
         self._produced_: Dict[_Key, _Parcel] = {}
         self._held: Dict[Tuple[int, Unit], List[Tensor]] = {}
         self._control: Dict[_Key, Tuple[int, int]] = {}
-        if any(d.type == "cuda" for d in self.devices):  # CPU events are complete: nothing is ever kept
+        # each stage computes on its stream (made current once per action; off CUDA a no-op)
+        self._contexts = [use_streams(c) if isinstance(c, CPUStream) else torch.cuda.stream(c) for c in self.compute]
+        #: whether tensors must be kept alive across streams (CPU events are complete at once)
+        self._keeps = any(d.type == "cuda" for d in self.devices)
+        if self._keeps:
             self._after_action = self._collect
 
     # ------------------------------------------------------------------ the loop
@@ -140,9 +144,6 @@ class LocalExecutor(Executor):
             self._held.clear()
             self._control.clear()
         return super()._end(run, ok)
-
-    def _on(self, k: int) -> Any:
-        return use_streams(self.compute[k])
 
     def _total_norm(self, run: Run, k: int, norms: Tensor) -> Tensor:
         return torch.linalg.vector_norm(norms)
@@ -176,7 +177,8 @@ class LocalExecutor(Executor):
 
     def _input(self, k: int, unit: Unit, tensors: Tensors) -> Tensors:
         parcel = self._move_in(tensors, self.devices[k])
-        self._hold(k, unit, parcel.tensors)
+        if self._keeps:
+            self._hold(k, unit, parcel.tensors)
         wait(self.compute[k], parcel.ready)
         return parcel.tensors
 
@@ -188,7 +190,8 @@ class LocalExecutor(Executor):
         else:
             return target
         parcel = self._move_in(tensors, self.devices[k])
-        self._hold(k, unit, parcel.tensors)
+        if self._keeps:
+            self._hold(k, unit, parcel.tensors)
         wait(self.compute[k], parcel.ready)
         return rebuild(parcel.tensors)
 
@@ -196,6 +199,8 @@ class LocalExecutor(Executor):
         self._produced_[(kind, k, unit)] = _Parcel(tensors, record(self.compute[k]))
 
     def _after_backward(self, k: int, unit: Unit) -> None:
+        if not self._keeps:
+            return
         held = self._held.pop((k, unit), None)
         if held:
             self.lifetimes.keep(record(self.compute[k]), held)
@@ -221,7 +226,8 @@ class LocalExecutor(Executor):
             parcel = _Parcel(moved, ready)
         else:
             parcel = _Parcel(tensors, parcel.ready)
-        self._hold(dst, u, parcel.tensors)
+        if self._keeps:
+            self._hold(dst, u, parcel.tensors)
         self._parcels[(kind, dst, u)] = parcel
         if control is not None:
             self._control[(kind, dst, u)] = control
@@ -294,4 +300,3 @@ class LocalExecutor(Executor):
                 current = torch.cuda.current_stream(d)
                 for s in self._streams_on(d):
                     wait(current, record(s))
-

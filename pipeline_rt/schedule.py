@@ -573,8 +573,12 @@ class LazySchedule:
                         computed = True
                     yield a
                     it._i += 1
-                    if kind == F or kind == B or kind == STEP:
-                        it.cursor.advance(a)
+                    if kind == F:  # it.cursor.advance(a), inlined
+                        it.cursor.nf += 1
+                    elif kind == B:
+                        it.cursor.nb += 1
+                    elif kind == STEP:
+                        it.cursor.steps += 1
                     progressed = True
             if not alive:
                 return
