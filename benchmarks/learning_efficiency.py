@@ -23,10 +23,24 @@ per seed, and lists the improved method's failures that hold in every seed vs in
 ``--json`` dumps are keyed by seed (an older single-seed dump loads as seed 0); ``--load A B``
 merges dumps (e.g. of different seeds) and, with ``--json``, writes the merged one.
 
+Other methods (issue 14): ``--methods`` takes any library method (e.g. ``2bw``, ``1f1b-flush``: the
+delay-1 and flush competitors; ``1f1b-flush`` runs its default ``chunks`` = depth, the same math as
+``sync``'s one micro-batch up to float rounding), a name of :data:`CANDIDATES` (candidate methods
+defined in this file) or ``NAME=EXPR`` (a :class:`pipeline_rt.methods.Method` built on the command
+line, e.g. ``'pd2=replace(METHODS["pipedream"], name="pd2", chunks=2)'``). Every record keeps the
+run's training-loss curve (``curve``: the mean of each 1/20 of an epoch, ``bin`` minibatches a
+point), which ``benchmarks/time_to_target.py`` puts on a simulated pipeline's clock. ``--resume``
+(with ``--json``) skips the seed-cell-methods the dump already holds, so a killed run restarts where it
+stopped. Depth 16: the tasks have ``max(8, depth)`` blocks, so at depth 16 the model has 16 blocks
+(about twice the parameters of the depth-4 and depth-8 model, which is the same model).
+
     python benchmarks/learning_efficiency.py              # full table (~50 min on one core with all six methods)
     python benchmarks/learning_efficiency.py --quick      # teacher, depth 8, default lr only
     python benchmarks/learning_efficiency.py --tasks teacher --depths 4 --seeds 1,2 --json s12_teacher_d4.json
     python benchmarks/learning_efficiency.py --load seed0.json s12_*.json --json all.json --write benchmarks/RESULTS.md
+    python benchmarks/learning_efficiency.py --seeds 0,1,2 --methods 2bw,1f1b-flush --json benchmarks/le_2bw_flush.json --resume
+    python benchmarks/learning_efficiency.py --load benchmarks/learning_efficiency_seeds012.json benchmarks/le_2bw_flush.json \
+        --methods sync,1f1b-flush,2bw,pipedream,pipeoptim,pipeoptim-calroll --plot none
 """
 from __future__ import annotations
 
@@ -57,14 +71,92 @@ OPTIMIZERS = {
 Key = Tuple[str, str, int, float]
 
 
-def run_one(task_name: str, opt: str, depth: int, mult: float, method: str, epochs: int,
-            minibatches: Optional[int], seed: int) -> Dict[str, float]:
+#: Candidate methods of this benchmark, by name: a :class:`pipeline_rt.methods.Method` (or a
+#: zero-argument factory of one) that ``--methods NAME`` runs like a library method. Add new
+#: candidates (e.g. update compensations) here; ``--methods NAME=EXPR`` defines one on the command
+#: line instead (``EXPR`` is evaluated with the names of :mod:`pipeline_rt.methods` and
+#: ``dataclasses.replace`` in scope).
+CANDIDATES: Dict[str, object] = {}
+
+#: The table's training length: epochs per task, and the first N minibatches of an epoch.
+EPOCHS, MINIBATCHES = "teacher=2,charlm=1,denoise=2", "charlm=60"
+
+
+def per_task(text: str) -> Dict[str, int]:
+    """``"task=N,..."`` as a dict."""
+    return {k: int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)}
+
+
+#: Curve resolution: the training loss is kept as the mean of each 1/CURVE_BINS of an epoch.
+CURVE_BINS = 20
+
+
+def resolve_method(spec: str):
+    """``(name, method)`` for a ``--methods`` entry: ``NAME`` (a :data:`CANDIDATES` key or a library
+    method name) or ``NAME=EXPR`` (a Python expression giving a Method or a method name)."""
+    import dataclasses
+
+    import pipeline_rt.methods as pm
+    if "=" in spec:
+        name, expr = spec.split("=", 1)
+        scope = {k: getattr(pm, k) for k in dir(pm) if not k.startswith("_")}
+        scope.update(replace=dataclasses.replace, CANDIDATES=CANDIDATES)
+        method = eval(expr, scope)  # noqa: S307 (a benchmark's own command line)
+    elif spec in CANDIDATES:
+        name, method = spec, CANDIDATES[spec]
+    else:
+        name, method = spec, spec
+    if callable(method) and not isinstance(method, (str, pm.Method)):
+        method = method()
+    return name.strip(), pm.get_method(method)
+
+
+def split_methods(text: str) -> List[str]:
+    """``--methods`` entries: split at the commas outside brackets (an ``EXPR`` may hold commas)."""
+    out, level, cur = [], 0, ""
+    for ch in text:
+        level += 1 if ch in "([{" else -1 if ch in ")]}" else 0
+        if ch == "," and level == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return [m for m in out + [cur.strip()] if m]
+
+
+def method_name(spec: str) -> str:
+    return spec.split("=", 1)[0].strip()
+
+
+def curve_of(losses: Sequence[float], per_epoch: int, bins: int = CURVE_BINS) -> Tuple[List[float], int]:
+    """The compact training-loss curve of a run: the mean of each run of ``bin`` consecutive
+    minibatches, ``bin = ceil(per_epoch / bins)`` (the last bin may be shorter); and ``bin``."""
+    size = max(1, -(-per_epoch // bins))
+    out = []
+    for i in range(0, len(losses), size):
+        chunk = losses[i:i + size]
+        v = sum(chunk) / len(chunk)
+        out.append(float(f"{v:.6g}") if math.isfinite(v) else None)
+    return out, size
+
+
+def make_pipeline(task_name: str, opt: str, depth: int, mult: float, method: str, minibatches: Optional[int],
+                  seed: int):
+    """``(pipe, task, batches, lr)``: the pipeline a table cell trains with ``method`` (``sync`` with one
+    micro-batch per minibatch, every other method with its own ``chunks``)."""
     task = get_task(task_name, depth=depth, seed=seed)
     key, make = OPTIMIZERS[opt]
     lr = task.lr[key] * mult
     batches = task.batches[:minibatches] if minibatches else task.batches
-    pipe = Pipeline(task.split(depth), ["cpu"] * depth, make(lr), task.loss_fn, method=method,
-                    chunks=1 if method == "sync" else None)
+    name, meth = resolve_method(method)
+    pipe = Pipeline(task.split(depth), ["cpu"] * depth, make(lr), task.loss_fn, method=meth,
+                    chunks=1 if name == "sync" else None)
+    return pipe, task, batches, lr
+
+
+def run_one(task_name: str, opt: str, depth: int, mult: float, method: str, epochs: int,
+            minibatches: Optional[int], seed: int) -> Dict[str, float]:
+    pipe, task, batches, lr = make_pipeline(task_name, opt, depth, mult, method, minibatches, seed)
     losses: List[float] = []
     t0 = time.perf_counter()
     for _ in range(epochs):
@@ -76,8 +168,11 @@ def run_one(task_name: str, opt: str, depth: int, mult: float, method: str, epoc
     ev = float("nan")
     if not diverged and task.eval_data is not None:
         ev = evaluate(pipe.stages, task.eval_data, task.loss_fn)[0]
+    curve, size = curve_of(losses, len(batches))
     return {"lr": lr, "last": float("nan") if diverged else last, "eval": ev, "diverged": diverged,
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "chunks": pipe.chunks, "rows": len(batches[0][0]),
+            "per_epoch": len(batches), "minibatches": len(losses), "first": losses[0], "bin": size,
+            "curve": curve}
 
 
 Runs = Dict[int, Dict[Key, Dict[str, Dict[str, float]]]]  # seed -> cell -> method -> record
@@ -120,6 +215,19 @@ def common_methods(runs: Runs) -> List[str]:
     recs = [set(res) for cells in runs.values() for res in cells.values()]
     common = set.intersection(*recs) if recs else set()
     return [m for m in METHODS if m in common] + sorted(common - set(METHODS))
+
+
+def complete(runs: Runs, methods: Sequence[str]) -> Tuple[Runs, int]:
+    """``runs`` restricted to the seed-cells that hold every one of ``methods``; and how many were left out."""
+    out: Runs = {}
+    dropped = 0
+    for s, cells in runs.items():
+        for k, res in cells.items():
+            if all(m in res for m in methods):
+                out.setdefault(s, {})[k] = res
+            else:
+                dropped += 1
+    return out, dropped
 
 
 def cells_in_order(runs: Runs) -> List[Key]:
@@ -322,18 +430,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--lr-mults", default="0.3,1,3", help="factors of each task's default lr")
     ap.add_argument("--methods", default=None,
                     help=f"default: {','.join(METHODS)} (with --load: those run in every seed and cell)")
-    ap.add_argument("--epochs", default="teacher=2,charlm=1,denoise=2", help="task=epochs,...")
-    ap.add_argument("--minibatches", default="charlm=60", help="task=N: first N minibatches per epoch")
+    ap.add_argument("--epochs", default=EPOCHS, help="task=epochs,...")
+    ap.add_argument("--minibatches", default=MINIBATCHES, help="task=N: first N minibatches per epoch")
     ap.add_argument("--seed", type=int, default=0, help="one seed (see --seeds)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (overrides --seed)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="teacher, sgdm+adam, depth 8, default lr, 1 epoch")
-    ap.add_argument("--plot", type=Path, default=Path(__file__).with_name("learning_efficiency.png"))
+    ap.add_argument("--plot", type=Path, default=Path(__file__).with_name("learning_efficiency.png"),
+                    help="the figure's path ('none': no figure)")
     ap.add_argument("--json", type=Path, default=None,
                     help="also dump the raw results here (rewritten after every cell, so a partial run survives)")
     ap.add_argument("--write", type=Path, default=None, help="write the table into this RESULTS.md section")
     ap.add_argument("--note", default="", help="a summary paragraph for the RESULTS.md section (@FILE: read it)")
     ap.add_argument("--merge", action="store_true", help="add this run's cells to an existing --json dump")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --merge: skip the seed-cell-methods already in the --json dump (a killed run "
+                         "restarts where it stopped)")
     ap.add_argument("--load", type=Path, nargs="+", default=None,
                     help="rebuild table/plot/section from --json dumps (merged in order, e.g. of different "
                          "seeds; with --json the merged dump is written there)")
@@ -342,27 +454,37 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if a.quick:
         a.tasks, a.optimizers, a.depths, a.lr_mults, a.epochs = "teacher", "sgdm,adam", "8", "1", "teacher=1"
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else [a.seed]
-    epochs = {k: int(v) for k, v in (kv.split("=") for kv in a.epochs.split(",") if kv)}
-    mbs = {k: int(v) for k, v in (kv.split("=") for kv in a.minibatches.split(",") if kv)}
+    epochs, mbs = per_task(a.epochs), per_task(a.minibatches)
     runs: Runs = {}
     t0 = time.perf_counter()
     if a.load:
         runs = merge(*(load_dump(p) for p in a.load))
-        methods = a.methods.split(",") if a.methods else common_methods(runs)
+        specs = split_methods(a.methods) if a.methods else common_methods(runs)
+        runs, dropped = complete(runs, [method_name(m) for m in specs])
+        if dropped:
+            print(f"(left out {dropped} seed-cells that lack some of {', '.join(map(method_name, specs))})")
     else:
-        methods = (a.methods or ",".join(METHODS)).split(",")
+        specs = split_methods(a.methods or ",".join(METHODS))
+    methods = [method_name(m) for m in specs]
+    if a.resume:
+        a.merge = True
     old: Runs = load_dump(a.json) if a.json and a.merge and a.json.exists() else {}
     for task in ([] if a.load else a.tasks.split(",")):
         for opt in a.optimizers.split(","):
             for depth in (int(d) for d in a.depths.split(",")):
                 for mult in (float(x) for x in a.lr_mults.split(",")):
                     for seed in seeds:
-                        res = {m: run_one(task, opt, depth, mult, m, epochs.get(task, 1), mbs.get(task), seed)
-                               for m in methods}
+                        have = old.get(seed, {}).get((task, opt, depth, mult), {})
+                        todo = [m for m in specs if not (a.resume and method_name(m) in have)]
+                        if not todo:
+                            continue
+                        res = dict(have)
+                        res.update({method_name(m): run_one(task, opt, depth, mult, m, epochs.get(task, 1),
+                                                            mbs.get(task), seed) for m in todo})
                         runs.setdefault(seed, {})[(task, opt, depth, mult)] = res
                         print(f"s{seed} {task:8s} {opt:5s} d{depth} lr {res[methods[0]]['lr']:.3g}: "
                               + "  ".join(f"{SHORT.get(m, m)} {fmt(res[m])}/{fmt(res[m], 'eval')}"
-                                          for m in methods)
+                                          for m in methods if m in res)
                               + f"   [{time.perf_counter() - t0:.0f}s]", flush=True)
                         if a.json:  # earlier partial runs first, this one's cells win
                             dump(merge(old, runs), a.json)
@@ -372,7 +494,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         runs = merge(old, runs)
     text = table(runs, methods) + "\n" + summary(runs, methods)
     print(text)
-    if a.plot and not a.quick and runs:
+    if a.plot and str(a.plot) not in (".", "none") and not a.quick and runs:
         plot(runs, methods, a.plot)
     if a.write:
         from _sections import provenance, write_section
