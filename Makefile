@@ -11,7 +11,7 @@ EXTRAS ?= dev,docs
 INSTALL := $(BIN)/python -m pip -q --disable-pip-version-check --no-input install --no-compile
 export PIP_ROOT_USER_ACTION := ignore
 
-.PHONY: venv test compare docs typecheck bench clean
+.PHONY: venv test compare readme docs typecheck bench clean
 
 $(BIN)/.ok: pyproject.toml
 	@echo "setting up $(VENV) (torch first, then pipeoptim[$(EXTRAS)]); a few minutes"
@@ -28,6 +28,10 @@ test: venv
 
 compare: venv
 	$(BIN)/pipeoptim compare
+
+# the same comparison, its table, command, date, device and time written into README.md's block
+readme: venv
+	$(BIN)/pipeoptim compare --readme README.md
 
 docs: venv
 	$(BIN)/sphinx-build -W -q -b html docs docs/_build/html

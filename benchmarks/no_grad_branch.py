@@ -1,5 +1,5 @@
-"""Prediction error on a model with a branch taken one minibatch in three (DESIGN.md §4;
-docs/prediction.rst, "Parameters without a gradient").
+"""Prediction error on a model with a branch taken one minibatch in three (docs/prediction.rst,
+"Parameters without a gradient").
 
 Stage 0 of a 4-stage pipeline is :class:`Branch`: ``h = tanh(A x)``, plus ``tanh(B h)`` for the
 minibatches whose flag is set (every third one). In the others ``B`` gets no gradient and the

@@ -66,7 +66,7 @@ def _modules() -> list:
 
 
 #: packages whose every exported name (``__all__``) must be documented: the build fails otherwise
-EXPORTS_CHECKED = ("lookahead_opt",)
+EXPORTS_CHECKED = ("lookahead_opt", "pipeline_rt")
 
 
 def _exports(pkg: str) -> list:

@@ -215,7 +215,12 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
             lr = group_lr(g0)
             for p in g0["params"]:
                 grad = p.grad
-                t = None if grad is None and self.rule.keeps_grad else keep(g, self.base.state.get(p, {}), p.detach(), grad)
+                if grad is not None:
+                    t = keep(g, self.base.state.get(p, {}), p.detach(), grad)
+                elif self.rule.keeps_grad:
+                    t = None
+                else:  # a rule keeping the weights takes grad=None (Rule.keeps_grad); KeepFn cannot say so
+                    t = keep(g, self.base.state.get(p, {}), p.detach(), None)  # type: ignore[arg-type]
                 if t is None:
                     self._kept.pop(p, None)
                     continue

@@ -65,8 +65,9 @@ except ImportError:  # pragma: no cover - a torch build without torch.distribute
 __all__ = ["Channel", "CommError", "ShapeMismatch", "Transport", "Meta", "describe", "shutdown"]
 
 Tensors = Tuple[Optional[Tensor], ...]
+TensorMeta = Tuple[torch.dtype, Tuple[int, ...]]
 #: per tensor of a message: (dtype, shape), or None for an absent (``None``) tensor
-Meta = Tuple[Optional[Tuple[torch.dtype, Tuple[int, ...]]], ...]
+Meta = Tuple[Optional[TensorMeta], ...]
 
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
            torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
@@ -107,7 +108,7 @@ def _encode(meta: Meta) -> List[int]:
 
 def _decode(code: Sequence[int]) -> Meta:
     it = iter(code)
-    meta = []
+    meta: List[Optional[TensorMeta]] = []
     for _ in range(next(it)):
         dtype = next(it)
         if dtype == _ABSENT:

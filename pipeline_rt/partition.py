@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -94,9 +94,10 @@ def balance_by_time(model: nn.Sequential, num_stages: int, sample: Union[Tensor,
     _check(model, num_stages)
     if warmup < 0 or repeat < 1:
         raise ValueError("warmup must be >= 0 and repeat >= 1")
+    given = as_tuple(sample, "balance_by_time's sample")
     device = torch.device(device) if device is not None else next(
-        (p.device for p in model.parameters()), as_tuple(sample)[0].device)
-    x: Any = tuple(t.to(device) for t in as_tuple(sample))
+        (p.device for p in model.parameters()), next(t.device for t in given if t is not None))
+    x: Tuple[Optional[Tensor], ...] = tuple(None if t is None else t.to(device) for t in given)
     saved = [(p, p.grad) for p in model.parameters()]
     costs = []
     try:
@@ -107,14 +108,14 @@ def balance_by_time(model: nn.Sequential, num_stages: int, sample: Union[Tensor,
                 _sync(device)
                 t0 = time.perf_counter()
                 out = as_tuple(layer(*inputs))
-                floats = [o for o in out if o.requires_grad]
+                floats = [o for o in out if o is not None and o.requires_grad]
                 if floats:
                     torch.autograd.backward(floats, [torch.ones_like(o) for o in floats])
                 _sync(device)
                 if r >= warmup:
                     times.append(time.perf_counter() - t0)
             costs.append(statistics.median(times))
-            x = tuple(o.detach() for o in out)
+            x = tuple(None if o is None else o.detach() for o in out)  # None passes to the next layer
     finally:
         for p, g in saved:
             p.grad = g

@@ -8,7 +8,7 @@ event is complete as soon as it is recorded and waiting on it does nothing (torc
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Iterator, Sequence, Union
+from typing import ContextManager, Iterator, List, Sequence, Union
 
 import torch
 
@@ -65,7 +65,7 @@ def use_streams(*streams: AnyStream) -> ContextManager[None]:
 @contextlib.contextmanager
 def _entered(streams: Sequence[AnyStream]) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
-        seen = []
+        seen: List[torch.cuda.Stream] = []
         for s in streams:
             if isinstance(s, CPUStream) or any(s is t for t in seen):
                 continue

@@ -4,7 +4,9 @@ With no arguments it trains the built-in ``teacher`` task on an 8-stage CPU pipe
 the seven methods (``sync``, ``1f1b-flush``, ``async``, ``pipedream``, ``2bw``,
 ``spectrain``, ``pipeoptim``) for SGD-momentum, Adam and AdamW, prints a table and writes
 ``results.md``, ``results.csv``, ``losses.csv`` and ``loss_curves.png`` into
-``./runs/compare-<time>``.
+``./runs/compare-<time>``. ``--readme README.md`` also rewrites the block of ``README.md``
+between :data:`README_BEGIN` and :data:`README_END` with that table, the command line, the
+date, the device and the wall time (:func:`readme_block`).
 
 Every run starts from the same initial weights and sees the same minibatches in the same
 order (the task is built once from ``--seed`` and copied for every run, which is also seeded),
@@ -16,6 +18,9 @@ import argparse
 import copy
 import csv
 import math
+import os
+import platform
+import shlex
 import sys
 import textwrap
 import time
@@ -32,7 +37,8 @@ from pipeline_rt.methods import METHODS, get_method
 
 from .tasks import TASKS, EntryPointError, Task, entry_parts, evaluate, get_task
 
-__all__ = ["main", "compare", "load_task", "run_one", "RunResult", "OPTIMIZERS", "METHOD_NAMES"]
+__all__ = ["main", "compare", "load_task", "run_one", "RunResult", "OPTIMIZERS", "METHOD_NAMES", "readme_block",
+           "replace_block", "describe_devices", "ReadmeError", "README_BEGIN", "README_END"]
 
 #: the methods of the method table (:doc:`methods`), run by default; ``--methods`` takes any of ``METHODS``
 METHOD_NAMES = ("sync", "1f1b-flush", "async", "pipedream", "2bw", "spectrain", "pipeoptim")
@@ -263,6 +269,69 @@ def _run_all(task: Task, depth: int, methods: Sequence[str], optimizers: Sequenc
     return results
 
 
+#: the markers of the block of a README that ``--readme`` rewrites (everything between them)
+README_BEGIN = "<!-- BEGIN compare -->"
+README_END = "<!-- END compare -->"
+
+
+class ReadmeError(ValueError):
+    """A ``--readme`` file without exactly one :data:`README_BEGIN` ... :data:`README_END` block."""
+
+
+def _block_span(text: str, name: str) -> Tuple[int, int]:
+    """Where the text between the markers starts and ends in ``text`` (``name``: where it is
+    from, for the error)."""
+    begins, ends = text.count(README_BEGIN), text.count(README_END)
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    if begins != 1 or ends != 1 or end < start:
+        raise ReadmeError(f"--readme {name}: needs one line {README_BEGIN} and, after it, one line {README_END} "
+                          f"(found {begins} and {ends}); the text between them is replaced")
+    return start + len(README_BEGIN), end
+
+
+def _read(readme: Path) -> str:
+    try:
+        return readme.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ReadmeError(f"--readme {readme}: cannot read it ({e.strerror})") from None
+
+
+def replace_block(text: str, block: str, name: str = "the text") -> str:
+    """``text`` with everything between :data:`README_BEGIN` and :data:`README_END` replaced
+    by ``block`` (on lines of its own); raises :class:`ReadmeError` without one such pair."""
+    start, end = _block_span(text, name)
+    return text[:start] + "\n" + block.strip("\n") + "\n" + text[end:]
+
+
+def _duration(seconds: float) -> str:
+    """``"38 s"``, ``"1 min 38 s"``."""
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s} s" if m else f"{s} s"
+
+
+def describe_devices(devices: Sequence[str], threads: int) -> str:
+    """The hardware a run used, in words: CUDA devices by name; the CPU by architecture,
+    core count and load average at the time of the call (other jobs slow a CPU run down)."""
+    names = []
+    for d in dict.fromkeys(devices):
+        dev = torch.device(d)
+        if dev.type == "cuda":
+            names.append(f"{d} ({torch.cuda.get_device_name(dev)})")
+        else:
+            load = f", 1-minute load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+            names.append(f"{d} ({platform.machine()}, {os.cpu_count()} cores{load})")
+    return f"{', '.join(names)}, torch {torch.__version__}, {threads} thread{'s' * (threads != 1)}"
+
+
+def readme_block(rows: List[List[str]], command: str, device: str, wall_s: float) -> str:
+    """What ``--readme`` writes between the markers: the command line, the date, the device
+    and the wall time of the run, its printed table (:func:`terminal_rows`) as markdown and
+    :data:`TIMING_NOTE`."""
+    return (f"<!-- written by the command below; rerun it to refresh this block -->\n"
+            f"`{command}` on {datetime.now():%Y-%m-%d}, {device}: {_duration(wall_s)} wall time.\n\n"
+            f"{markdown(rows)}\n\n{TIMING_NOTE}")
+
+
 #: pipeline depth when neither ``--depth`` nor a list of stages gives one
 DEFAULT_DEPTH = 8
 
@@ -288,7 +357,8 @@ def compare(task: str = "teacher", depth: Optional[int] = None, methods: Sequenc
             optimizers: Sequence[str] = tuple(OPTIMIZERS), epochs: Optional[int] = None,
             lr: Optional[float] = None, devices: str = "cpu", out: Optional[Path] = None,
             seed: int = 0, progress: bool = True, threads: Optional[int] = None,
-            minibatches: Optional[int] = None) -> List[RunResult]:
+            minibatches: Optional[int] = None, readme: Optional[Path] = None,
+            command: str = "pipeoptim compare") -> List[RunResult]:
     """Run every (optimizer, method) pair on one build of ``task`` (see :func:`load_task` for
     ``depth``) and write the table, the plot and the losses into ``out``.
 
@@ -296,7 +366,15 @@ def compare(task: str = "teacher", depth: Optional[int] = None, methods: Sequenc
     on the CPU: the built-in models are small, and one process runs the stages one after
     another, so intra-op threads only add overhead and contention); the previous setting
     is restored on return. ``minibatches`` keeps the first that many of each epoch.
+
+    ``readme``: a file whose :data:`README_BEGIN` ... :data:`README_END` block is replaced by
+    :func:`readme_block`, with ``command`` as the command line recorded there (checked before
+    training: :class:`ReadmeError`).
     """
+    t0 = time.perf_counter()
+    if readme is not None:
+        readme = Path(readme)
+        _block_span(_read(readme), str(readme))
     probe, depth = load_task(task, depth, seed)
     epochs = epochs or probe.epochs
     devs = _devices(devices, depth)
@@ -307,6 +385,7 @@ def compare(task: str = "teacher", depth: Optional[int] = None, methods: Sequenc
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    used_threads = torch.get_num_threads()
     try:
         results = _run_all(probe, depth, methods, optimizers, epochs, lr, devs, seed, progress, minibatches)
     finally:
@@ -327,7 +406,12 @@ def compare(task: str = "teacher", depth: Optional[int] = None, methods: Sequenc
             w.writerows([r.optimizer, r.method, i, f"{x:.6g}"] for i, x in enumerate(r.losses))
     plot(results, written[3], f"task {task}, {depth} stages, {epochs} epoch(s), seed {seed}; same data and "
          f"initial weights for every method", metric_name)
-    print(plain(terminal_rows(results, metric_name)))
+    short = terminal_rows(results, metric_name)
+    if readme is not None:
+        block = readme_block(short, command, describe_devices(devs, used_threads), time.perf_counter() - t0)
+        readme.write_text(replace_block(_read(readme), block, str(readme)), encoding="utf-8")
+        written.append(readme)
+    print(plain(short))
     print("\n" + textwrap.fill(TIMING_NOTE + " Per-stage columns: results.md.", WIDTH))
     print("\nwrote:\n" + "\n".join(f"  {p}" for p in written))
     return results
@@ -389,19 +473,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of data, initial weights and training (every task, --entry included) [0]")
     c.add_argument("--threads", type=int, default=None, help="torch intra-op threads [1 on CPU]")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    c.add_argument("--readme", type=Path, default=None, metavar="FILE",
+                   help=f"also replace the block between {README_BEGIN} and {README_END} in FILE with the "
+                        "table, the command line, the date, the device and the wall time")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point (``pipeoptim`` and ``python -m pipeoptim_compare``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "compare":
         try:
             compare(task=args.entry or args.task or "teacher", depth=args.depth, methods=args.methods,
                     optimizers=args.optimizers, epochs=args.epochs, lr=args.lr, devices=args.devices,
                     out=args.out, seed=args.seed, progress=not args.no_progress,
-                    threads=args.threads, minibatches=args.minibatches)
-        except EntryPointError as e:
+                    threads=args.threads, minibatches=args.minibatches, readme=args.readme,
+                    command=shlex.join(["pipeoptim", *argv]))
+        except (EntryPointError, ReadmeError) as e:
             print(f"pipeoptim compare: error: {e}", file=sys.stderr)
             return 2
     return 0

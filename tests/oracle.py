@@ -1,9 +1,10 @@
-"""Oracle for the asynchronous methods: a plain sequential simulation of DESIGN.md §2-§3.
+"""Oracle for the asynchronous methods: a plain sequential simulation of docs/methods.rst
+("The setting": the version closed forms; "The seven methods": the method table).
 
 Written independently of :mod:`pipeline_rt`: no schedule, no stage, no saved-tensor
 redirection. Minibatches are processed one after the other; for minibatch ``j`` and stage
 ``k`` the weights of each pass are picked from an explicit list of versions
-``W_k[0], W_k[1], ...`` (version ``v`` = after ``v`` updates) by DESIGN's table, and the
+``W_k[0], W_k[1], ...`` (version ``v`` = after ``v`` updates) by the version table below, and the
 backward is written by hand for ``Linear``/``Tanh``/``ReLU`` stacks, so the forward's
 activations and the backward's weights can differ exactly as the method says.
 

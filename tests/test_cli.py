@@ -262,3 +262,73 @@ def test_python_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "pipeoptim_compare", "compare", "--help"], capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0 and "--entry" in r.stdout and "--depth" in r.stdout
+
+
+README_LIKE = f"""# a project
+
+Intro text.
+
+{cli.README_BEGIN}
+an old table, written by hand
+{cli.README_END}
+
+Text after the block.
+"""
+
+
+def _block(text: str) -> str:
+    return text.split(cli.README_BEGIN)[1].split(cli.README_END)[0]
+
+
+def test_readme_block_is_rewritten_by_the_run(tiny_task, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(README_LIKE, encoding="utf-8")
+    argv = ["compare", "--task", tiny_task, "--depth", "2", "--methods", "sync,pipeoptim", "--epochs", "1",
+            "--minibatches", "4", "--out", str(tmp_path / "run"), "--readme", str(readme)] + QUIET
+    assert cli.main(argv) == 0
+    text = readme.read_text(encoding="utf-8")
+    before, after = README_LIKE.split(cli.README_BEGIN)[0], README_LIKE.split(cli.README_END)[1]
+    assert text.startswith(before + cli.README_BEGIN + "\n") and text.endswith("\n" + cli.README_END + after)
+    block = _block(text)
+    assert "old table" not in block
+    assert f"`pipeoptim {' '.join(argv)}` on " in block  # the command line, as typed
+    assert "cpu (" in block and "torch " + torch.__version__ in block and "wall time." in block
+    printed = capsys.readouterr().out
+    table = [line for line in block.splitlines() if line.startswith("|")]
+    assert [c.strip() for c in table[0].strip("|").split("|")] == cli.terminal_rows([], "accuracy")[0]
+    assert [row.split("|")[2].strip() for row in table[2:]] == ["sync", "pipeoptim"]
+    assert cli.TIMING_NOTE in block and str(readme) in printed.split("wrote:\n")[1]
+    # a second run replaces the block, it does not add one
+    assert cli.main(argv) == 0
+    assert readme.read_text(encoding="utf-8").count(cli.README_BEGIN) == 1
+
+
+@pytest.mark.parametrize("text", ["no markers\n", f"{cli.README_END}\n{cli.README_BEGIN}\n",
+                                  README_LIKE + cli.README_BEGIN + "\n", None])
+def test_readme_without_one_block_is_refused_before_training(tiny_task, tmp_path, capsys, monkeypatch, text):
+    readme = tmp_path / "README.md"
+    if text is not None:
+        readme.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(cli, "_run_all", lambda *a, **k: pytest.fail("trained before checking --readme"))
+    assert cli.main(["compare", "--task", tiny_task, "--out", str(tmp_path), "--readme", str(readme)] + QUIET) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pipeoptim compare: error: --readme {readme}: ") and len(err.splitlines()) == 1
+    assert text is None or readme.read_text(encoding="utf-8") == text
+
+
+def test_readme_block_holds_the_default_run_of_the_make_target():
+    """README.md's block is what ``make readme`` writes: the recorded command is the target's,
+    which is the default comparison (``make compare``'s command) plus ``--readme README.md``,
+    and the table has a row per optimizer and method of that default."""
+    make = (ROOT / "Makefile").read_text(encoding="utf-8")
+    target = make.split("\nreadme:")[1].split("\n")[1].strip()
+    assert target == "$(BIN)/pipeoptim compare --readme README.md"
+    assert make.split("\ncompare:")[1].split("\n")[1].strip() == "$(BIN)/pipeoptim compare"
+    block = _block((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert block.startswith("\n") and block.endswith("\n")
+    assert "`pipeoptim compare --readme README.md` on " in block and "wall time." in block
+    table = [line for line in block.splitlines() if line.startswith("|")]
+    header = cli.terminal_rows([], "accuracy")[0]
+    assert table[0] == cli.markdown([header]).splitlines()[0]
+    rows = [tuple(c.strip() for c in row.strip("|").split("|")[:2]) for row in table[2:]]
+    assert rows == [(o, m) for o in cli.OPTIMIZERS for m in cli.METHOD_NAMES]

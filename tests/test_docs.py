@@ -1,8 +1,10 @@
-"""The offline check of the built documentation (docs/check_anchors.py, run by ``make docs``)."""
+"""The checks ``make docs`` makes: the offline check of the built documentation
+(docs/check_anchors.py) and the check that every exported name is documented (docs/conf.py)."""
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -41,3 +43,29 @@ def test_missing_anchor_page_file_and_remote_asset(site):
     assert any("link to missing file ../_static/gone.png" in p for p in problems)
     assert any("loads https://cdn.example.org/mathjax.js from the network" in p for p in problems)
     assert check_anchors.main([str(site)]) == 1
+
+
+def _conf():
+    spec = importlib.util.spec_from_file_location("docs_conf", ROOT / "docs" / "conf.py")
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    return conf
+
+
+def test_exports_of_both_libraries_must_be_documented(monkeypatch):
+    """``make docs`` fails on an exported name of either library that nothing documents."""
+    conf = _conf()
+    assert {"lookahead_opt", "pipeline_rt"} <= set(conf.EXPORTS_CHECKED)
+    targets = {t for pkg in conf.EXPORTS_CHECKED for _, t in conf._exports(pkg)}
+    assert {"pipeline_rt.pipeline.Pipeline", "pipeline_rt.methods.METHODS",
+            "lookahead_opt.optimizer.PredictiveOptimizer"} <= targets
+
+    def warnings(documented):
+        warned = []
+        monkeypatch.setattr(conf, "logger", SimpleNamespace(warning=warned.append))
+        conf._check_exports(None, SimpleNamespace(get_domain=lambda name: SimpleNamespace(objects=documented)))
+        return warned
+
+    assert warnings(dict.fromkeys(targets)) == []
+    (missing,) = warnings(dict.fromkeys(targets - {"pipeline_rt.methods.METHODS"}))
+    assert missing.startswith("pipeline_rt.METHODS is exported but not documented")

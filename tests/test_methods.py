@@ -1,4 +1,4 @@
-"""The method table (DESIGN.md §3) as data."""
+"""The method table (docs/methods.rst, "The seven methods") as data."""
 from __future__ import annotations
 
 import pytest

@@ -109,3 +109,20 @@ def test_balance_by_time_real_clock_runs():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
     bal = balance_by_time(model, 2, torch.randn(4, 8), warmup=1, repeat=2)
     assert sum(bal) == 4 and len(bal) == 2
+
+
+class Masked(nn.Module):
+    """A layer of a two-tensor message whose second tensor is absent (``None``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, mask):
+        assert mask is None
+        return self.lin(x), mask
+
+
+def test_balance_by_time_passes_absent_tensors_between_layers():
+    model = nn.Sequential(Masked(), Masked(), Masked())
+    assert sum(balance_by_time(model, 2, (torch.randn(3, 4), None), warmup=0, repeat=1)) == 3

@@ -1,7 +1,7 @@
 """Schedules as data: no model, no tensor.
 
-The expected values are DESIGN.md §2's closed forms (``w_k = N-1-k``), written here
-independently of :mod:`pipeline_rt.schedule`, which derives them by counting STEPs.
+The expected values are the closed forms of docs/methods.rst, "The setting" (``w_k = N-1-k``),
+written here independently of :mod:`pipeline_rt.schedule`, which derives them by counting STEPs.
 """
 from __future__ import annotations
 

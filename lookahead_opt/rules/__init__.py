@@ -35,6 +35,7 @@ projected or Nesterov, MADGRAD without momentum, torch_optimizer Adafactor witho
 """
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Dict, Optional, Union
 
 import torch
@@ -84,6 +85,7 @@ def rule_named(name: Union[str, Rule]) -> Rule:
 
 for _r in (FALLBACK, SMOOTHED_GRADIENT):
     _BY_NAME[_r.name] = _r
+_cls: type  # the optimizer classes below, of torch and of torch_optimizer
 for _cls, _r in (
     (torch.optim.SGD, sgd.SGD),
     (torch.optim.Adam, adam.ADAM),
@@ -97,6 +99,7 @@ for _cls, _r in (
 ):
     register_rule(_cls, _r)
 
+_to: Optional[ModuleType]
 try:  # torch_optimizer is optional
     import torch_optimizer as _to
 except ImportError:  # pragma: no cover

@@ -169,14 +169,16 @@ def _qhadam(group: Group, state: State, w: Tensor, kept: Optional[Kept]) -> Opti
     if "exp_avg" not in state:
         return None
     nu1, nu2 = group["nus"]
-    if (nu1, nu2) != (1.0, 1.0) and kept is None:
-        return None
     terms: Tuple[Tuple[float, Tensor], ...] = ((nu1, state["exp_avg"]),)
-    if nu1 != 1.0:
-        terms += ((1.0 - nu1, kept.tensor),)
     v = state["exp_avg_sq"]
-    if nu2 != 1.0:
-        v = (v * nu2).addcmul_(kept.tensor, kept.tensor, value=1.0 - nu2)
+    if (nu1, nu2) != (1.0, 1.0):  # quasi-hyperbolic: mixes in the kept gradient
+        if kept is None:
+            return None
+        g = kept.tensor
+        if nu1 != 1.0:
+            terms += ((1.0 - nu1, g),)
+        if nu2 != 1.0:
+            v = (v * nu2).addcmul_(g, g, value=1.0 - nu2)
     return adam_like(group, state, terms, second=v, decay=group["decouple_weight_decay"])
 
 

@@ -87,7 +87,9 @@ class Direction:
 
     def materialize(self, w: Tensor) -> Tensor:
         """``dW`` as a new tensor, by plain (allocating) torch ops; ``w`` is ``W_t``."""
-        num = sum(c * n for c, n in self.terms) if self.terms else torch.zeros_like(w)
+        num = torch.zeros_like(w) if not self.terms else self.terms[0][0] * self.terms[0][1]
+        for c, n in self.terms[1:]:
+            num = num + c * n
         if self.den is not None:
             d = self.den + self.inner
             d = (d.sqrt() if self.power == 0.5 else d.pow(self.power)) if self.root else d
@@ -118,7 +120,9 @@ class Kept(NamedTuple):
     lr: float
 
 
-KeepFn = Callable[[Group, State, Tensor, Optional[Tensor]], Optional[Tensor]]
+#: ``keep(group, state, w, grad)``: ``grad`` is a Tensor (a rule with ``keeps_grad=False`` is also
+#: called with ``None``: its keep takes ``Optional[Tensor]``, which this type admits)
+KeepFn = Callable[[Group, State, Tensor, Tensor], Optional[Tensor]]
 DirectionFn = Callable[[Group, State, Tensor, Optional[Kept]], Optional[Direction]]
 AfterFn = Callable[[Tensor, Tensor], None]
 
@@ -142,7 +146,8 @@ class Rule:
             new weights ``W_t`` (the fallback turns ``W_{t-1}`` into ``W_{t-1} - W_t``).
         keeps_grad: whether ``keep`` reads the gradient (it is then called only for parameters
             that have one, and, with a closure, after the closure ran); false for a rule that
-            keeps the weights (called before the step, ``grad`` may be ``None``).
+            keeps the weights (called for every parameter before the step, ``grad`` may be
+            ``None``: its ``keep`` must accept ``grad: Optional[Tensor]``).
         exact: whether ``lr * dW`` reproduces the last update to rounding (used by tests
             and ``strict``); approximate rules state their error in their docstring.
         closed_form: false only for the generic fallback.

@@ -36,7 +36,7 @@ All exact.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -64,15 +64,15 @@ def sgd_rule(name: str, grad_fn: GradFn = lambda g, w, grad: effective_grad(g, w
 
     def direction(group: Group, state: State, w: Tensor, kept: Optional[Kept]) -> Optional[Direction]:
         mu = group.get("momentum", 0.0)
-        buf = state.get("momentum_buffer")
         off = float(group["weight_decay"]) if offset else 0.0
-        if mu and buf is None:
+        if not mu:  # plain SGD: the kept gradient
+            return None if kept is None else Direction(((1.0, kept.tensor),), offset=off)
+        buf: Optional[Tensor] = state.get("momentum_buffer")
+        if buf is None:
             return None
-        if not _needs_grad(group):
+        if not _needs_grad(group):  # heavy ball: the buffer
             return Direction(((1.0, buf),), offset=off)
-        if kept is None:
-            return None
-        return Direction(((1.0, kept.tensor),) + (((mu, buf),) if mu else ()), offset=off)
+        return None if kept is None else Direction(((1.0, kept.tensor), (mu, buf)), offset=off)  # Nesterov
 
     return Rule(name, direction, keep=keep, stationary=True)
 
@@ -110,12 +110,14 @@ def _keep_qhm(group: Group, state: State, w: Tensor, grad: Tensor) -> Optional[T
 
 def _qhm(group: Group, state: State, w: Tensor, kept: Optional[Kept]) -> Optional[Direction]:
     nu = group["nu"]
-    if "momentum_buffer" not in state or (nu != 1.0 and kept is None):
+    if "momentum_buffer" not in state:
         return None
     direct = group["weight_decay_type"] != "grad"
     factor, lam = decoupled(group["weight_decay"], group["lr"]) if direct else (1.0, 0.0)
-    terms = ((nu * factor, state["momentum_buffer"]),)
+    terms: Tuple[Tuple[float, Tensor], ...] = ((nu * factor, state["momentum_buffer"]),)
     if nu != 1.0:
+        if kept is None:
+            return None
         terms += (((1.0 - nu) * factor, kept.tensor),)
     return Direction(terms, decay=lam)
 
