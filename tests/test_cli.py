@@ -298,9 +298,9 @@ def test_readme_block_is_rewritten_by_the_run(tiny_task, tmp_path, capsys):
     assert [c.strip() for c in table[0].strip("|").split("|")] == cli.terminal_rows([], "accuracy")[0]
     assert [row.split("|")[2].strip() for row in table[2:]] == ["sync", "pipeoptim"]
     assert cli.TIMING_NOTE in block and str(readme) in printed.split("wrote:\n")[1]
-    # a second run replaces the block, it does not add one
-    assert cli.main(argv) == 0
-    assert readme.read_text(encoding="utf-8").count(cli.README_BEGIN) == 1
+    # writing again replaces the block, it does not add one
+    again = cli.replace_block(text, "new", str(readme))
+    assert again.count(cli.README_BEGIN) == 1 and _block(again) == "\nnew\n" and again.endswith(after)
 
 
 @pytest.mark.parametrize("text", ["no markers\n", f"{cli.README_END}\n{cli.README_BEGIN}\n",
