@@ -321,7 +321,9 @@ class Executor(abc.ABC):
         with self._contexts[k]:
             outs = stage.forward(u, inputs, s, target=target, weight=weight)
             if last:
-                run.losses.add(a.mb, outs[0].detach())
+                loss = outs[0]  # the last stage's output is its weighted loss
+                assert loss is not None
+                run.losses.add(a.mb, loss.detach())
         if not last:
             self._produced(F, k, u, outs)
         if a.micro == self.chunks - 1:

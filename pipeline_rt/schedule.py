@@ -267,8 +267,8 @@ class Simulation:
         width = max([len(c) for row in cells for c in row] + [4])
         lines = []
         for k in range(self.num_stages):
-            row = " ".join(cells[t][k].ljust(width) for t in range(len(cells)))
-            lines.append(f"stage {k}: {row}".rstrip())
+            line = " ".join(cells[t][k].ljust(width) for t in range(len(cells)))
+            lines.append(f"stage {k}: {line}".rstrip())
         if mark is not None and where is None:
             lines.append(f"(failing action: stage {mark.stage} {mark})")
         return "\n".join(lines)
