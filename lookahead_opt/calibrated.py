@@ -41,20 +41,28 @@ Properties (tested in ``tests/test_calibrated.py``):
   forward's weights this is exactly PipeDream (weight stashing). ``max_scale = 1`` forbids
   extrapolating further than the paper.
 
+Any displacement. The same fit scales the displacement of any other predictor :math:`P`
+(``displacement=``, e.g. a :class:`~lookahead_opt.rollout.RolloutPredictor`, or
+:class:`lookahead_opt.predictors.Calibrated` around any piece):
+:math:`\\hat W = W - \\alpha_i (W - P_s)`, unit displacement :math:`B = W - P_s`; the paper's
+rule is the case :math:`P_s = W - s\\,lr\\,dW`.
+
 Cost: one prediction of the base rule with ``s = 1`` (the :mod:`lookahead_opt.kernel`
-foreach chain) plus one in-place ``_foreach_lerp_`` with a per-tensor weight
-``1 - alpha_i s``; :meth:`observe` is two reductions per tensor. The scales stay on the
+foreach chain; linear in ``s``, so ``s`` scales it) or one of the inner predictor with ``s``,
+plus one in-place ``_foreach_lerp_`` with a per-tensor weight (``1 - alpha_i s`` or
+``1 - alpha_i``); :meth:`observe` is two reductions per tensor. The scales stay on the
 device (0-d tensors): no host synchronisation.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .optimizer import PredictiveOptimizer, _check_s
-from .swapping import SwappingPredictor
+from .rollout import RolloutPredictor
+from .swapping import SwappingPredictor, WeightPredictor
 
 __all__ = ["CalibratedPredictor"]
 
@@ -69,6 +77,10 @@ class CalibratedPredictor(SwappingPredictor):
             (0: the last observation only).
         init_scale: :math:`\\alpha` before any observation (1: the paper's rule).
         min_scale, max_scale: the clip range of :math:`\\alpha`.
+        displacement: whose displacement is scaled: ``"linear"`` (the optimizer's rule,
+            ``s lr dW``), ``"rollout"`` (a :class:`~lookahead_opt.rollout.RolloutPredictor` on
+            the optimizer, ``W - R_s``) or any predictor of the optimizer's weights
+            (:class:`~lookahead_opt.swapping.SwappingPredictor` built on it).
 
     Usage outside a pipeline (any delayed-gradient trainer)::
 
@@ -79,20 +91,30 @@ class CalibratedPredictor(SwappingPredictor):
         pred.observe(w_f, w_hat, [p.detach() for p in ps], pred_scales)
     """
 
+    name = "calibrated"
+
     def __init__(self, optimizer: PredictiveOptimizer, *, smoothing: float = 0.9, init_scale: float = 1.0,
-                 min_scale: float = 0.0, max_scale: float = 1.0, displacement: str = "linear") -> None:
+                 min_scale: float = 0.0, max_scale: float = 1.0,
+                 displacement: Union[str, WeightPredictor] = "linear") -> None:
         super().__init__(optimizer)
-        if displacement not in ("linear", "rollout"):
-            raise ValueError(f"displacement must be 'linear' or 'rollout', got {displacement!r}")
-        #: ``"linear"``: the unit displacement is the paper's ``s lr dW``; ``"rollout"``: it is
-        #: ``W - R_s``, the optimizer's update rolled ``s`` steps with the last gradient held
-        #: fixed (:class:`~lookahead_opt.rollout.RolloutPredictor`; the paper's rule for
-        #: optimizers without a roll-out)
-        self.displacement = displacement
-        self._rollout = None
         if displacement == "rollout":
-            from .rollout import RolloutPredictor
-            self._rollout = RolloutPredictor(optimizer)
+            displacement = RolloutPredictor(optimizer)
+        elif displacement == "linear":
+            displacement = optimizer
+        elif isinstance(displacement, str):
+            raise ValueError(f"displacement must be 'linear', 'rollout' or a predictor, got {displacement!r}")
+        elif displacement is not optimizer and getattr(displacement, "optimizer", None) is not optimizer:
+            raise ValueError(f"displacement {type(displacement).__name__} must predict this optimizer's weights "
+                             f"(a SwappingPredictor built on it, or the optimizer itself)")
+        #: :math:`P`, the predictor whose displacement :math:`W - P_s` is scaled: the optimizer
+        #: itself (the paper's ``s lr dW``) or any other, e.g. a
+        #: :class:`~lookahead_opt.rollout.RolloutPredictor` (``W - R_s``, the update rolled ``s``
+        #: steps with the last gradient held fixed)
+        self.inner: WeightPredictor = displacement
+        #: what the scaled displacement is: ``"linear"`` (the optimizer's rule) or the inner
+        #: predictor's :attr:`~lookahead_opt.swapping.SwappingPredictor.name` (``"rollout"``)
+        self.displacement: str = "linear" if displacement is optimizer else \
+            getattr(displacement, "name", type(displacement).__name__)
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
         if not min_scale <= max_scale:
@@ -151,14 +173,14 @@ class CalibratedPredictor(SwappingPredictor):
         if s == 0:
             return opt.predict(0, out)
         weights = opt._weights()
-        if self._rollout is not None:
-            res = self._rollout.predict(s, out)        # R_s, the roll-out
-            # res <- W + a (R_s - W) = lerp(res, W, 1 - a)
-            torch._foreach_lerp_(res, weights, [1.0 - a.to(r.dtype) for a, r in zip(self.last_scales, res)])
+        if self.inner is opt:                          # linear in s: P_s - W = s (P_1 - W)
+            res = opt.predict(1, out)                  # W - lr dW
+            # res <- W + a s (res - W) = lerp(res, W, 1 - a s)
+            torch._foreach_lerp_(res, weights, [1.0 - s * a.to(r.dtype) for a, r in zip(self.last_scales, res)])
             return res
-        res = opt.predict(1, out)                      # W - lr dW
-        # res <- W + a s (res - W) = lerp(res, W, 1 - a s)
-        torch._foreach_lerp_(res, weights, [1.0 - s * a.to(r.dtype) for a, r in zip(self.last_scales, res)])
+        res = self.inner.predict(s, out)               # P_s
+        # res <- W + a (P_s - W) = lerp(res, W, 1 - a)
+        torch._foreach_lerp_(res, weights, [1.0 - a.to(r.dtype) for a, r in zip(self.last_scales, res)])
         return res
 
     # ----------------------------------------------------------------- checkpoints
@@ -166,13 +188,14 @@ class CalibratedPredictor(SwappingPredictor):
         """The fit (EMA statistics) and options; the optimizer is saved separately."""
         state = {"num": [n.clone() for n in self._num], "den": [d.clone() for d in self._den],
                  "num_observations": self.num_observations}
-        if self._rollout is not None:
-            state["rollout"] = self._rollout.state_dict()
+        if self.inner is not self.optimizer:
+            state["inner"] = self.inner.state_dict()
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._num = [n.clone().to(m.device) for n, m in zip(state["num"], self._num)]
         self._den = [d.clone().to(m.device) for d, m in zip(state["den"], self._den)]
         self.num_observations = int(state["num_observations"])
-        if self._rollout is not None and "rollout" in state:
-            self._rollout.load_state_dict(state["rollout"])
+        inner = state.get("inner", state.get("rollout"))  # "rollout": saved by 0.1.0
+        if self.inner is not self.optimizer and inner is not None:
+            self.inner.load_state_dict(inner)

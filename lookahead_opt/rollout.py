@@ -52,7 +52,7 @@ step once the buffer has caught up) and did not train better; see the benchmark 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, cast
+from typing import Any, Dict, List, Optional, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -71,6 +71,8 @@ class RolloutPredictor(SwappingPredictor):
         optimizer: the wrapped :class:`PredictiveOptimizer` (steps go through it as usual).
         future_grad: ``"last"`` (hold the last raw gradient fixed) or ``"zero"``.
     """
+
+    name = "rollout"
 
     def __init__(self, optimizer: PredictiveOptimizer, *, future_grad: str = "last") -> None:
         super().__init__(optimizer)
@@ -163,11 +165,11 @@ class RolloutPredictor(SwappingPredictor):
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(ws, m, denom, [-lr / (1 - b1 ** k) for k in steps])
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> Dict[str, Any]:
         """The captured last gradients (by flat parameter index)."""
         index = {p: i for i, p in enumerate(self.optimizer.params)}
         return {"grads": {index[p]: t.clone() for p, t in self._grads.items() if p in index}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
         params = self.optimizer.params
         self._grads = {params[int(i)]: t.clone().to(params[int(i)].device) for i, t in state["grads"].items()}

@@ -93,12 +93,14 @@ class Pipeline:
         devices: one device per stage; stages may share a device.
         optimizer: ``optimizer(params) -> torch.optim.Optimizer``, called once per stage
             that has parameters; each is wrapped in
-            :class:`~lookahead_opt.PredictiveOptimizer` with the method's prediction rule.
+            :class:`~lookahead_opt.PredictiveOptimizer` with the rule of the method's
+            predictor (``method.rule``).
         loss_fn: ``loss_fn(output, target) -> scalar tensor``, mean- or sum-reduced over
             rows (seen from its ``reduction``: :func:`pipeline_rt.guards.loss_reduction`;
             a plain function is taken as a mean): micro-batches are weighted so that the
             minibatch's loss and gradient are those of the whole minibatch.
-        method: one of :data:`pipeline_rt.methods.METHODS`.
+        method: a name of :data:`pipeline_rt.methods.METHODS`, or a
+            :class:`~pipeline_rt.methods.Method` composed of pieces (a method of your own).
         chunks: micro-batches per minibatch (default: the method's, see :class:`Method`).
         backward: ``"predicted"`` with ``pipeoptim``: the backward reuses the forward's
             predicted weights (kept per micro-batch).

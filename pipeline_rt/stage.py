@@ -1,24 +1,37 @@
-"""One pipeline stage: its module, its predictive optimizer and its method's weight policy.
+"""One pipeline stage: its module, its predictive optimizer and its method's pieces.
 
 The executors (local and distributed) only move tensors and call :meth:`Stage.forward`,
 :meth:`Stage.backward` and :meth:`Stage.step` in schedule order; every weight-version
-decision of every method is made here, from the :class:`~pipeline_rt.methods.Method`
-data, with no method-specific branches.
+decision of every method is made here, from the pieces of its
+:class:`~pipeline_rt.methods.Method` (version policy, predictor, offset, compensation),
+with no method-specific branches.
 
 Weight versions. The forward of micro-batch ``u`` runs on the live weights or on
-``predict(extra(k) + s)`` (the parameters' ``.data`` pointed at the predicted buffer).
-Autograd's saved weights are redirected (:class:`lookahead_opt.redirect`) to the version
-the backward must use:
+``predict(offset(k) + s)`` of the stage's predictor (``method.predictor.build(optimizer)``;
+the parameters' ``.data`` pointed at the predicted buffer). Autograd's saved weights are
+redirected (:class:`lookahead_opt.redirect`) to the version the backward must use:
 
 * ``live``: the weights current when the backward runs;
 * ``forward``: the forward's own weights. For a live forward they are stashed lazily:
   only when a ``STEP`` is about to overwrite a version that an in-flight micro-batch still
   needs is a copy made (PipeDream's ``w_k + 1`` versions, 2BW's two). For a predicted
   forward the prediction is copied at the forward.
-* ``predict``: ``predict(extra(k))`` computed from the live weights at backward time.
+* ``predict``: ``predict(offset(k))`` computed from the live weights at backward time.
 
 Gradients reach the parameters themselves (they are the autograd leaves whatever their
-``.data`` holds), so micro-batches accumulate and ``STEP`` applies the sum.
+``.data`` holds), so micro-batches accumulate and ``STEP`` applies the sum. A predictor that
+observes (``method.predictor.observes``, e.g. a calibrated one) is handed, at each backward
+of a predicted forward, the weights its prediction aimed at (the live ones then).
+
+Updates. ``STEP`` clips (``clip_grad_norm``), then calls
+``method.compensation(optimizer, optimizer.step, ctx)`` (the identity: the plain step), then
+steps the learning-rate scheduler. ``ctx`` (:class:`~lookahead_opt.compensation.StepContext`)
+has the update's delay :math:`D = \\max s` over the micro-batches accumulated into it, the
+updates done before it, the stage and, for a compensation with ``needs_forward_weights``,
+the weights its gradients were computed at: those the forwards ran on (a live forward's
+version, held in the stash until the STEP; a predicted forward's copy). All the
+micro-batches of such an update must have run on the same weights (true with ``chunks=1``
+and with the flush schedules), else the backward that adds the second raises.
 
 Randomness. Each stage draws random numbers (dropout) from its own stream: the process's
 RNG state when the stage first runs a forward, then carried from forward to forward (the
@@ -32,25 +45,21 @@ schedule, see :mod:`pipeline_rt.checkpoint`) keep a :class:`Replay` (inputs, a c
 weights they ran on, the stage's RNG state, the version, the prediction distance), and
 :meth:`Stage.load_state_dict` re-runs them, so their backwards see the same graph and the
 same redirected weights.
-
-Hooks. ``clip_grad_norm`` clips the stage's gradients (total 2-norm, as
-:func:`torch.nn.utils.clip_grad_norm_`) right before its STEP; ``lr_scheduler`` is stepped
-right after every STEP.
 """
 from __future__ import annotations
 
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
 
 from lookahead_opt import PredictiveOptimizer
-from lookahead_opt.calibrated import CalibratedPredictor
+from lookahead_opt.compensation import StepContext
 from lookahead_opt.redirect import Swapped, redirect
-from lookahead_opt.rollout import RolloutPredictor
+from lookahead_opt.swapping import ObservingPredictor, WeightPredictor
 
 from .batchnorm import load_pending_stats, pending_stats
 from .guards import as_message
@@ -61,6 +70,9 @@ __all__ = ["Stage", "StageError", "Replay", "as_tuple", "as_leaf", "retain_none"
 _NO_CONTEXT = nullcontext()
 
 Unit = Tuple[int, int]
+#: which weights a forward ran on: (version, prediction distance, observations made); a live
+#: forward's is (version, 0, 0)
+Key = Tuple[int, int, int]
 
 
 class StageError(RuntimeError):
@@ -83,23 +95,40 @@ def as_leaf(t: Optional[Tensor]) -> Optional[Tensor]:
     return x
 
 
-def _shapes(ts: Sequence[Tensor]) -> str:
-    return ", ".join(f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" for t in ts)
+def _shapes(ts: Sequence[Optional[Tensor]]) -> str:
+    return ", ".join("None" if t is None else f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" for t in ts)
 
 
 @dataclass
 class _Record:
     """What a forward leaves for its backward."""
 
-    inputs: Tuple[Tensor, ...]
-    outputs: Tuple[Tensor, ...] = ()
+    inputs: Tuple[Optional[Tensor], ...]
+    key: Key
+    outputs: Tuple[Optional[Tensor], ...] = ()
     loss: Optional[Tensor] = None
     version: int = 0
+    s: int = 0               # v_B - v_F on the schedule
     predicted: bool = False  # the forward ran on predicted weights (distance > 0)
-    weights: Optional[List[Tensor]] = None      # the backward's weights, when not live/stashed
-    forward_weights: Optional[List[Tensor]] = None  # prediction-error tracking only
-    start_weights: Optional[List[Tensor]] = None    # prediction-error tracking only
-    calib: Optional[tuple] = None  # calibrated prediction: (start weights, prediction, scales) to observe
+    track: bool = False      # measure the prediction error at the backward
+    weights: Optional[List[Tensor]] = None          # the backward's weights, when not live/stashed
+    forward_weights: Optional[List[Tensor]] = None  # what the forward ran on (error tracking, compensation)
+    start_weights: Optional[List[Tensor]] = None    # the live weights at the forward (error tracking, observing)
+    calib: Optional[tuple] = None  # an observing predictor's (start weights, prediction, scales) to observe
+
+    def backward_weight(self, i: int) -> Tensor:
+        """Parameter ``i`` of :attr:`weights` (set by the time the backward runs)."""
+        assert self.weights is not None
+        return self.weights[i]
+
+
+@dataclass
+class _Update:
+    """What the next STEP applies: the micro-batches accumulated since the last one."""
+
+    delay: int = 0                # D: their largest s
+    key: Optional[Key] = None     # the weights they ran on (needs_forward_weights only) ...
+    weights: Optional[List[Tensor]] = None  # ... a predicted forward's copy; None: version key[0], stashed
 
 
 @dataclass
@@ -107,7 +136,7 @@ class Replay:
     """What it takes to re-run one forward exactly (a checkpointed in-flight micro-batch)."""
 
     unit: Unit
-    inputs: Tuple[Tensor, ...]  # the forward's inputs (leaves; requires_grad as they were)
+    inputs: Tuple[Optional[Tensor], ...]  # the forward's inputs (leaves; requires_grad as they were)
     weights: List[Tensor]      # a copy of the weights the forward ran on (live or predicted)
     version: int               # the STEPs done at the forward
     predicted: bool
@@ -115,7 +144,8 @@ class Replay:
     s: int = 0                 # the forward's v_B - v_F
     target: Any = None
     weight: float = 1.0
-    calib: Optional[tuple] = None  # pipeoptim-cal: (start weights, prediction, scales) for observe()
+    calib: Optional[tuple] = None  # an observing predictor's (start weights, prediction, scales)
+    observed: int = 0          # the observations the predictor had made at the forward
 
 
 class Stage:
@@ -125,9 +155,10 @@ class Stage:
         index: k, the stage's position (0 = first).
         num_stages: N.
         module: the stage's module, already on its device.
-        optimizer: the stage's :class:`~lookahead_opt.PredictiveOptimizer`; ``None`` for a
-            stage without parameters (its F and B still run, its STEP does nothing).
-        method: the method's policy.
+        optimizer: the stage's :class:`~lookahead_opt.PredictiveOptimizer` (built with
+            ``method.rule``); ``None`` for a stage without parameters (its F and B still run,
+            its STEP does nothing).
+        method: the method's pieces.
         loss_fn: ``loss_fn(output, target)``; used by the last stage only.
         check_finite: check the loss and the gradients at every step (one host sync each).
         track_error: measure the prediction error at every backward (see :attr:`errors`).
@@ -160,12 +191,15 @@ class Stage:
         self._rng: Optional[Tuple[Tensor, Optional[Tensor]]] = None  # the stage's own RNG stream
         self._cuda = _cuda_devices(self.params)
         self._replays: Dict[Unit, Replay] = {}
-        #: what swaps predicted weights in: the optimizer, or its calibrated predictor
-        self.predictor = optimizer
-        if optimizer is not None and method.predictor != "rule":
-            self.predictor = {"calibrated": CalibratedPredictor, "rollout": RolloutPredictor,
-                              "calibrated-rollout": lambda o: CalibratedPredictor(o, displacement="rollout"),
-                              }[method.predictor](optimizer)
+        #: what predicts (and swaps in) the predicted weights: ``method.predictor`` built on the
+        #: optimizer (for ``Rule()``, and for a method that predicts nothing, the optimizer itself)
+        self.predictor: Optional[WeightPredictor] = \
+            method.predictor.build(optimizer) if optimizer is not None and method.predicts else optimizer
+        self.observes = method.predictor.observes
+        self.compensation = method.compensation
+        self._needs_forward_weights = method.compensation.needs_forward_weights and bool(self.params)
+        self._observed = 0  # observations handed to the predictor
+        self._update = _Update()
 
     @property
     def is_last(self) -> bool:
@@ -173,8 +207,8 @@ class Stage:
 
     # ------------------------------------------------------------------ actions
 
-    def forward(self, unit: Unit, inputs: Tuple[Tensor, ...], s: int,
-                target: Any = None, weight: float = 1.0) -> Tuple[Tensor, ...]:
+    def forward(self, unit: Unit, inputs: Tuple[Optional[Tensor], ...], s: int,
+                target: Any = None, weight: float = 1.0) -> Tuple[Optional[Tensor], ...]:
         """Forward of micro-batch ``unit``; ``s`` is its ``v_B - v_F`` on the schedule.
 
         Returns the outputs to send on (detach them before sending), or, at the last
@@ -182,24 +216,27 @@ class Stage:
         """
         return self._forward(unit, inputs, s, target, weight, None)
 
-    def _forward(self, unit: Unit, inputs: Tuple[Tensor, ...], s: int, target: Any, weight: float,
-                 replay: Optional[Replay]) -> Tuple[Tensor, ...]:
+    def _forward(self, unit: Unit, inputs: Tuple[Optional[Tensor], ...], s: int, target: Any, weight: float,
+                 replay: Optional[Replay]) -> Tuple[Optional[Tensor], ...]:
         m = self.method
         distance = m.extra(self.index) + s
         # predict(0) is the live weights: no prediction, no buffer
         predicted = m.forward == "predict" and distance > 0 and bool(self.params)
+        observed = self._observed
         if replay is not None:
-            predicted = replay.predicted
-        rec = _Record(inputs=inputs, version=self.version if replay is None else replay.version, predicted=predicted)
+            predicted, observed = replay.predicted, replay.observed
+        version = self.version if replay is None else replay.version
+        rec = _Record(inputs=inputs, key=(version, distance, observed) if predicted else (version, 0, 0),
+                      version=version, s=s, predicted=predicted)
         keep = replay is None and self.retain(unit)
         # a replay has no start weights; a stage without parameters has nothing to predict
-        track = self.track_error and s > 0 and replay is None and bool(self.params)
-        calib = m.calibrate and predicted and replay is None
-        if track or calib:
+        rec.track = self.track_error and s > 0 and replay is None and bool(self.params)
+        observe = self.observes and predicted and replay is None
+        if rec.track or observe:
             rec.start_weights = [p.detach().clone() for p in self.params]
         if self._rng is None:
             self._rng = self.rng_state()
-        rng = self._rng if keep else None
+        rng = self._rng
         # the backward uses the weights the forward saved unless a swap or a step comes between
         # them or its policy is a prediction: only then are the saved weights redirected
         same = replay is None and not predicted and s == 0 and m.backward != "predict"
@@ -208,6 +245,7 @@ class Stage:
             try:
                 out = self.module(*inputs)
                 if self.is_last:
+                    assert self.loss_fn is not None, "the last stage needs a loss_fn"
                     out = self.loss_fn(out, target) * weight
             except (RuntimeError, TypeError, ValueError) as e:
                 what = "loss_fn" if self.is_last and "out" in locals() else "forward"
@@ -215,28 +253,31 @@ class Stage:
                     f"stage {self.index} {what} failed on micro-batch {unit} with inputs of shapes "
                     f"[{_shapes(inputs)}]: {e}. The previous stage's outputs must match this stage's "
                     f"inputs (check the split of the model).") from e
-            need = keep or (predicted and (m.backward == "forward" or track or calib))
-            snap = [p.detach().clone() for p in self.params] if need else []
+            kept = m.backward == "forward" or rec.track or observe or self._needs_forward_weights
+            snap = [p.detach().clone() for p in self.params] if keep or (predicted and kept) else []
         if predicted and m.backward == "forward":
             rec.weights = snap
-        if track:
-            rec.forward_weights = snap if predicted else rec.start_weights
-        if calib:
-            rec.calib = (rec.start_weights, snap, self.predictor.last_scales)
+        if predicted and (rec.track or self._needs_forward_weights):
+            rec.forward_weights = snap
+        elif rec.track:
+            rec.forward_weights = rec.start_weights
+        if observe:
+            rec.calib = (rec.start_weights, snap, cast(ObservingPredictor, self.predictor).last_scales)
         if replay is not None and replay.calib is not None:
             rec.calib = replay.calib
         if keep:
             self._replays[unit] = Replay(unit, inputs, snap, rec.version, predicted, rng, s, target, weight,
-                                         rec.calib)
+                                         rec.calib, observed)
         outs = as_tuple(out, f"stage {self.index}'s output")
         if self.is_last:
-            rec.loss = outs[0]
-            if self.check_finite and not bool(torch.isfinite(rec.loss).all()):
-                raise FloatingPointError(f"stage {self.index}: loss of micro-batch {unit} is {rec.loss.item()}")
+            rec.loss = loss = outs[0]
+            assert loss is not None
+            if self.check_finite and not bool(torch.isfinite(loss).all()):
+                raise FloatingPointError(f"stage {self.index}: loss of micro-batch {unit} is {loss.item()}")
         else:
             rec.outputs = outs
-        if m.backward == "forward" and not predicted:
-            self._refs[rec.version] += 1
+        if not predicted and (m.backward == "forward" or self._needs_forward_weights):
+            self._refs[rec.version] += 1  # the version is needed after the next STEP: stash it then
         self._records[unit] = rec
         self.peak_in_flight = max(self.peak_in_flight, len(self._records))
         if predicted or rec.weights is not None:  # otherwise the count of versions held is unchanged
@@ -250,43 +291,51 @@ class Stage:
         m = self.method
         if m.backward == "predict":
             extra = m.extra(self.index)
-            if extra > 0 and self.params:
-                rec.weights = self.optimizer.predict(extra)
+            if extra > 0 and self.predictor is not None:
+                rec.weights = self.predictor.predict(extra)
                 self._buffer_used = True
                 self._count_versions()
             else:
                 rec.weights = [p.detach() for p in self.params]
-        if rec.forward_weights is not None:
+        if rec.track:
             self._record_error(rec)
         if rec.calib is not None:  # the weights the prediction aimed at are the live ones now
             start, prediction, scales = rec.calib
-            self.predictor.observe(start, prediction, [p.detach() for p in self.params], scales)
+            cast(ObservingPredictor, self.predictor).observe(start, prediction, [p.detach() for p in self.params],
+                                                             scales)
+            self._observed += 1
         if self.is_last:
+            assert rec.loss is not None
             torch.autograd.backward(rec.loss)
         else:
+            assert grads is not None, "a backward before the last stage needs the outputs' gradients"
             pairs = [(o, g) for o, g in zip(rec.outputs, grads) if o is not None and o.requires_grad and g is not None]
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        if m.backward == "forward" and not rec.predicted:
-            self._release(rec.version)
+        self._accumulate(rec)
         return tuple(x.grad if x is not None and x.requires_grad else None for x in rec.inputs)
 
     def step(self) -> None:
-        """One optimizer update: clip (``clip_grad_norm``), step, clear the gradients, step
-        the learning-rate scheduler."""
+        """One optimizer update: clip (``clip_grad_norm``), step through the method's
+        compensation, clear the gradients, step the learning-rate scheduler."""
         if self._refs.get(self.version):
-            # an in-flight micro-batch still needs the version this step overwrites
+            # an in-flight micro-batch (or this update's context) still needs the version this step overwrites
             self._stash[self.version] = [p.detach().clone() for p in self.params]
             self._count_versions()
         if self.check_finite:
             self._check_grads()
-        if self.optimizer is not None:
+        opt = self.optimizer
+        if opt is not None:
             if self.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.compensation(opt, opt.step, self._context())
+            opt.zero_grad(set_to_none=True)
             if self.scheduler is not None:
                 self.scheduler.step()
+        up = self._update
+        if up.key is not None and up.weights is None:
+            self._release(up.key[0])  # the live forward's version held for the context
+        self._update = _Update()
         self.version += 1
 
     def grads(self) -> List[Tensor]:
@@ -300,6 +349,7 @@ class Stage:
         self._replays.clear()
         self._stash.clear()
         self._refs.clear()
+        self._update = _Update()
         load_pending_stats(self.module, {})
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
@@ -310,14 +360,17 @@ class Stage:
 
     def loss_of(self, unit: Unit) -> Tensor:
         """The (weighted) loss tensor of an in-flight micro-batch at the last stage."""
-        return self._records[unit].loss
+        loss = self._records[unit].loss
+        assert loss is not None, f"stage {self.index} is not the last: it has no loss"
+        return loss
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything of this stage between two actions: module, optimizer (with the
-        predictor's state; a calibrated or roll-out predictor's own state too), STEPs done, stashed versions, accumulated gradients and a
-        :class:`Replay` per micro-batch in flight (each must be in :attr:`retain`)."""
+        predictor's state; a calibrated or roll-out predictor's own state too), STEPs done,
+        stashed versions, accumulated gradients (and what the update context knows of them)
+        and a :class:`Replay` per micro-batch in flight (each must be in :attr:`retain`)."""
         missing = [u for u in self._records if u not in self._replays]
         if missing:
             raise RuntimeError(f"stage {self.index}: micro-batches {missing} are in flight but their forwards were "
@@ -328,9 +381,12 @@ class Stage:
             "version": self.version,
             "stash": self._stash,
             "grads": [p.grad for p in self.params],
+            "update": (self._update.delay, self._update.key, self._update.weights),
             "replays": [self._replays[u] for u in self._records],
             # the calibrated scales' statistics / the roll-out's last gradients
-            "predictor": None if self.predictor is self.optimizer else self.predictor.state_dict(),
+            "predictor": None if self.predictor is None or self.predictor is self.optimizer
+            else self.predictor.state_dict(),
+            "observed": self._observed,
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "rng": self._rng,
             "pending_stats": pending_stats(self.module),  # a DeferredBatchNorm's partial minibatch
@@ -342,14 +398,18 @@ class Stage:
         self.clear()
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("predictor") is not None:
+        if self.predictor is not None and state.get("predictor") is not None:
             self.predictor.load_state_dict(state["predictor"])
+        self._observed = state.get("observed", 0)  # (the get()s: checkpoints of 0.1.0)
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.version = state["version"]
         self._stash = {v: list(ws) for v, ws in state["stash"].items()}
         for p, g in zip(self.params, state["grads"]):
             p.grad = g
+        self._update = _Update(*state.get("update", (0, None, None)))
+        if self._update.key is not None and self._update.weights is None:
+            self._refs[self._update.key[0]] += 1
         for r in state["replays"]:
             self._forward(r.unit, r.inputs, r.s, r.target, r.weight, r)
             self._replays[r.unit] = r
@@ -390,12 +450,14 @@ class Stage:
             finally:
                 swapped.undo()
         else:
-            self.predictor.swap_in(distance)
+            predictor = self.predictor
+            assert predictor is not None  # a stage without parameters predicts nothing
+            predictor.swap_in(distance)
             self._buffer_used = True
             try:
                 yield
             finally:
-                self.predictor.swap_out()
+                predictor.swap_out()
 
     def _resolver(self, rec: _Record) -> Callable[[int], Tensor]:
         policy, params = self.method.backward, self.params
@@ -404,7 +466,7 @@ class Stage:
         if policy == "forward" and not rec.predicted:
             stash, v = self._stash, rec.version
             return lambda i: stash[v][i] if v in stash else params[i].detach()
-        return lambda i: rec.weights[i]
+        return rec.backward_weight
 
     def _release(self, version: int) -> None:
         self._refs[version] -= 1
@@ -418,7 +480,40 @@ class Stage:
             held += 1  # the predictor's reusable buffer
         self.peak_versions = max(self.peak_versions, held)
 
+    def _accumulate(self, rec: _Record) -> None:
+        """Count micro-batch ``rec``, just backwarded, into the next STEP's context; release
+        what its backward needed."""
+        up = self._update
+        up.delay = max(up.delay, rec.s)
+        holds = not rec.predicted and (self.method.backward == "forward" or self._needs_forward_weights)
+        if self._needs_forward_weights:
+            if up.key is None:
+                up.key, up.weights = rec.key, rec.forward_weights
+                return  # a live forward's hold on its version passes to the update
+            if up.key != rec.key:
+                m = self.method
+                raise StageError(
+                    f"stage {self.index}: method {m.name!r} has compensation {m.compensation!r}, which needs the "
+                    f"weights an update's gradients were computed at, but update {self.version} adds micro-batches "
+                    f"that ran on different weights ({_describe(up.key)}, then {_describe(rec.key)}); use chunks=1 "
+                    f"or a flush schedule (shape 'gpipe' or '1f1b-flush')")
+        if holds:
+            self._release(rec.version)
+
+    def _context(self) -> StepContext:
+        """The :class:`~lookahead_opt.compensation.StepContext` of the update about to be applied."""
+        up, weights = self._update, None
+        if self._needs_forward_weights:
+            if up.weights is not None:
+                weights = up.weights
+            elif up.key is not None:
+                weights = self._stash[up.key[0]]  # held since the forward, stashed by this STEP at the latest
+            else:  # no micro-batch in this update: its gradients (if any) are at the live weights
+                weights = [p.detach().clone() for p in self.params]
+        return StepContext(up.delay, self.version, self.index, self.num_stages, weights)
+
     def _record_error(self, rec: _Record) -> None:
+        assert rec.forward_weights is not None and rec.start_weights is not None
         live = [p.detach() for p in self.params]
         num = _norm(torch._foreach_sub(rec.forward_weights, live))
         den = _norm(torch._foreach_sub(live, rec.start_weights))
@@ -461,7 +556,12 @@ def _cuda_devices(params: Sequence[Tensor]) -> List[torch.device]:
     return sorted({p.device for p in params if p.device.type == "cuda"}, key=str)[:1]
 
 
-def _norm(ts: List[Tensor]) -> Tensor:
+def _describe(key: Key) -> str:
+    version, distance, _ = key
+    return f"version {version}" + (f" predicted {distance} ahead" if distance else "")
+
+
+def _norm(ts: Union[List[Tensor], Tuple[Tensor, ...]]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(ts)]))
 
 
