@@ -12,14 +12,14 @@ against) on several devices of one process, or across processes.
 from .checkpoint import CheckpointError
 from .executor import Info
 from .feed import DataMismatch
-from .methods import METHODS, Method, get_method
+from .methods import METHODS, RECOMMENDED, Method, get_method
 from .partition import balance_by_size, balance_by_time, split_by_balance, split_by_size, split_by_time
 from .pipeline import Pipeline
 from .schedule import ScheduleError
 from .stage import StageError
 
 __all__ = [
-    "Pipeline", "Info", "METHODS", "Method", "get_method",
+    "Pipeline", "Info", "METHODS", "RECOMMENDED", "Method", "get_method",
     "split_by_balance", "split_by_size", "split_by_time", "balance_by_size", "balance_by_time",
     "StageError", "ScheduleError", "CheckpointError", "DataMismatch",
 ]

@@ -1,6 +1,8 @@
 """The method table (docs/methods.rst, "The seven methods") as data."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -8,10 +10,10 @@ from torch.testing import assert_close
 
 from lookahead_opt import PredictiveOptimizer
 from lookahead_opt.calibrated import CalibratedPredictor
-from lookahead_opt.compensation import Compensation
+from lookahead_opt.compensation import Compensation, DelayMomentum
 from lookahead_opt.predictors import Calibrated, Rollout, Rule
 from lookahead_opt.rollout import RolloutPredictor
-from pipeline_rt.methods import METHODS, Method, get_method, half_stage
+from pipeline_rt.methods import METHODS, RECOMMENDED, Method, get_method, half_stage
 from pipeline_rt.schedule import ScheduleError
 
 DT = torch.float64
@@ -19,8 +21,8 @@ DT = torch.float64
 PINNED = {"sync", "1f1b-flush", "async", "pipedream", "2bw", "spectrain", "pipeoptim"}
 
 
-EXTRA = {"pipeoptim-cal", "pipeoptim-rollout", "pipeoptim-calroll"}  # issue 6; tested in tests/test_calibrated.py,
-# tests/test_rollout.py, tests/test_calroll.py
+EXTRA = {"pipeoptim-cal", "pipeoptim-rollout", "pipeoptim-calroll",  # issue 6; tested in tests/test_calibrated.py,
+         "2bw-dm"}  # tests/test_rollout.py, tests/test_calroll.py; 2bw-dm (issue 14) below
 
 
 def test_pinned_names():
@@ -82,8 +84,12 @@ def test_named_methods_are_compositions_of_pieces():
     assert METHODS["pipeoptim-rollout"].predictor == Rollout()
     assert METHODS["pipeoptim-calroll"].predictor == Calibrated(Rollout())
     assert [n for n, m in METHODS.items() if m.predictor.observes] == ["pipeoptim-cal", "pipeoptim-calroll"]
+    dm = METHODS["2bw-dm"]
+    assert replace(dm, compensation=METHODS["2bw"].compensation) == replace(METHODS["2bw"], name="2bw-dm")
+    assert type(dm.compensation) is DelayMomentum and (dm.compensation.target, dm.compensation.floor) == (None, 0.0)
     for m in METHODS.values():
-        assert type(m.compensation) is Compensation, m.name  # the identity
+        if m.name != "2bw-dm":
+            assert type(m.compensation) is Compensation, m.name  # the identity
         assert (m.offset is half_stage) == (m.name == "spectrain"), m.name
 
 
@@ -172,3 +178,25 @@ def test_pieces_build_the_predictors_of_the_named_methods():
     assert Calibrated(Rollout()).rule is None and Calibrated(Rule("smoothed_gradient")).rule == "smoothed_gradient"
     smoothed = PredictiveOptimizer(torch.optim.SGD(ps, lr=0.1), rule="smoothed_gradient")
     assert Rule("smoothed_gradient").build(smoothed) is smoothed
+
+
+def test_2bw_dm_is_2bw_with_each_stage_s_momentum_lowered_by_its_delay():
+    """The oracle: plain ``2bw`` where every stage but the last (whose updates have delay 1
+    from the second on; the first has delay 0, where SGD's momentum does not matter yet)
+    runs SGD with momentum ``0.9 - 1/2``, the last stage (delay 0) with 0.9."""
+    from test_pipeline import data, mlp, params_of, pipe_of
+    assert RECOMMENDED in METHODS
+    balance = [2, 2, 2, 1]
+
+    def per_stage():
+        calls = iter(range(len(balance)))
+        return lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9 if next(calls) == len(balance) - 1 else 0.9 - 1 / 2)
+
+    runs = []
+    for method, make_opt in (("2bw-dm", lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)), ("2bw", per_stage())):
+        pipe = pipe_of(mlp(), balance, make_opt, method)
+        runs.append((pipe.train(data(8, 8)), params_of(pipe), pipe))
+    (got, w_got, dm), (want, w_want, _) = runs
+    assert all(g["momentum"] == 0.9 for s in dm.stage_runtimes for g in s.optimizer.param_groups)  # restored
+    assert got == want
+    assert all(torch.equal(a, b) for a, b in zip(w_got, w_want))
