@@ -42,6 +42,7 @@ CANDIDATES: Dict[str, Method] = {m.name: m for m in (
     Method("pd-dc", "async-1f1b", backward="forward", compensation=DCASGD()),
     Method("pd-lr", "async-1f1b", backward="forward", compensation=PipeMareLR(FOREVER)),
     # the momentum lowered by the delay, on a shrunk delay (2BW's: the library's 2bw-dm)
+    Method("2bw-sc", "async-1f1b", chunks=None, backward="forward", compensation=SpikeCompensation()),
     Method("la2-dm", "async-1f1b", chunks=2, backward="forward", compensation=DelayMomentum()),
     # the update compensated on top of calroll's prediction
     _predicting("calroll-dm", compensation=DelayMomentum()),

@@ -38,11 +38,13 @@ method                 shape       forward  backward  predictor
 Every named method has the identity compensation and ``chunks=1`` unless shown (``sync`` and
 ``1f1b-flush``: ``N``).
 
-``2bw-dm`` (:data:`RECOMMENDED`) is ``2bw`` with the momentum lowered by the update's delay
+``2bw`` is :data:`RECOMMENDED`, chosen by measurement (docs/choosing.rst). ``2bw-dm`` is
+``2bw`` with the momentum lowered by the update's delay
 (:class:`lookahead_opt.compensation.DelayMomentum`: :math:`m_D = \max(0, m - D/(D+1))`, the
 explicit momentum minus the implicit momentum a delay of :math:`D` adds; SGD's ``momentum``,
 Adam's :math:`\beta_1`). In 2BW's schedule every stage but the last has :math:`D = 1`, so
-:math:`m = 0.9` becomes 0.4 there. Chosen by measurement (docs/choosing.rst).
+:math:`m = 0.9` becomes 0.4 there: lower losses than ``2bw`` in most measured cells, but the
+effective SGD step :math:`lr/(1-m)` shrinks six-fold, which loses at small learning rates.
 
 ``pipeoptim-cal`` scales each tensor's predicted displacement by a factor in [0, 1] fitted
 online by least squares against the weights each backward finds
@@ -180,8 +182,8 @@ METHODS = {
 }
 
 #: The method the project recommends, by measurement (docs/choosing.rst: the learning-efficiency
-#: table over three seeds and the time to a target loss on a simulated pipeline).
-RECOMMENDED = "2bw-dm"
+#: table and the time to a target loss on a simulated pipeline).
+RECOMMENDED = "2bw"
 
 
 def get_method(name: Union[str, Method], *, backward: Optional[str] = None, chunks: Optional[int] = None) -> Method:

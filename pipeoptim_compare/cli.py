@@ -1,8 +1,9 @@
 """``pipeoptim compare``: train one task with every method and optimizer, side by side.
 
 With no arguments it trains the built-in ``teacher`` task on an 8-stage CPU pipeline with
-the seven methods (``sync``, ``1f1b-flush``, ``async``, ``pipedream``, ``2bw``,
-``spectrain``, ``pipeoptim``) for SGD-momentum, Adam and AdamW, prints a table and writes
+``sync`` (the reference: sequential training), the recommended method
+(:data:`pipeline_rt.RECOMMENDED`), the paper's ``pipeoptim`` and ``pipedream`` for
+SGD-momentum, Adam and AdamW (``--methods`` takes any of ``METHODS``), prints a table and writes
 ``results.md``, ``results.csv``, ``losses.csv`` and ``loss_curves.png`` into
 ``./runs/compare-<time>``. ``--readme README.md`` also rewrites the block of ``README.md``
 between :data:`README_BEGIN` and :data:`README_END` with that table, the command line, the
@@ -33,15 +34,16 @@ import torch
 from torch import nn
 
 from pipeline_rt import Pipeline
-from pipeline_rt.methods import METHODS, get_method
+from pipeline_rt.methods import METHODS, RECOMMENDED, get_method
 
 from .tasks import TASKS, EntryPointError, Task, entry_parts, evaluate, get_task
 
 __all__ = ["main", "compare", "load_task", "run_one", "RunResult", "OPTIMIZERS", "METHOD_NAMES", "readme_block",
            "replace_block", "describe_devices", "ReadmeError", "README_BEGIN", "README_END"]
 
-#: the methods of the method table (:doc:`methods`), run by default; ``--methods`` takes any of ``METHODS``
-METHOD_NAMES = ("sync", "1f1b-flush", "async", "pipedream", "2bw", "spectrain", "pipeoptim")
+#: run by default: the reference, the recommended method, the paper's and PipeDream; ``--methods`` takes any of
+#: ``METHODS``
+METHOD_NAMES = ("sync", RECOMMENDED, "pipeoptim", "pipedream")
 
 OptFactory = Callable[[Sequence[nn.Parameter], float], torch.optim.Optimizer]
 #: optimizer name -> ``factory(params, lr)``; SGD with momentum 0.9, AdamW with decay 0.01
@@ -200,7 +202,8 @@ def _smooth(xs: Sequence[float], k: int) -> List[float]:
 STYLES = {"sync": ("k", "-"), "1f1b-flush": ("0.55", "--"), "async": ("tab:orange", ":"),
           "pipedream": ("tab:red", "-"), "2bw": ("tab:purple", "-."), "spectrain": ("tab:green", "--"),
           "pipeoptim": ("tab:blue", "-"), "pipeoptim-cal": ("tab:cyan", "--"),
-          "pipeoptim-rollout": ("tab:pink", "-."), "pipeoptim-calroll": ("tab:brown", "-")}
+          "pipeoptim-rollout": ("tab:pink", "-."), "pipeoptim-calroll": ("tab:brown", "-"),
+          "2bw-dm": ("tab:olive", "-")}
 
 
 def figure(results: Sequence[RunResult], title: str, metric_name: str) -> Any:
@@ -462,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--depth", type=_positive, default=None,
                    help=f"pipeline stages [{DEFAULT_DEPTH}; a list of stages from --entry sets it]")
     c.add_argument("--methods", type=_csv_list(tuple(METHODS)), default=list(METHOD_NAMES),
-                   help=f"comma-separated, from {', '.join(METHODS)} [the first seven]")
+                   help=f"comma-separated, from {', '.join(METHODS)} [{','.join(METHOD_NAMES)}]")
     c.add_argument("--optimizers", type=_csv_list(tuple(OPTIMIZERS)), default=list(OPTIMIZERS),
                    help="comma-separated optimizers [sgd,adam,adamw]")
     c.add_argument("--epochs", type=_positive, default=None, help="epochs [the task's default]")
