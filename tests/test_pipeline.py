@@ -329,4 +329,5 @@ def test_all_methods_are_covered():
     tested |= {"pipeoptim-cal"}  # against pipedream and pipeoptim(backward=predicted): tests/test_calibrated.py
     tested |= {"pipeoptim-rollout"}  # against pipeoptim(backward=predicted) with plain SGD: tests/test_rollout.py
     tested |= {"pipeoptim-calroll"}  # against pipedream and pipeoptim-rollout: tests/test_calroll.py
+    tested |= {"2bw-dm"}  # against 2bw with each stage's momentum lowered by its delay: tests/test_methods.py
     assert tested == set(METHODS)
