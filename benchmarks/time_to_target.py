@@ -5,7 +5,7 @@ whose dumps keep each run's training-loss curve: the mean of each 1/20 of an epo
 method's curve on the clock of a simulated N-device pipeline and reports the simulated time at
 which the curve first reaches ``--factor`` (1.1) times sync's last-epoch loss of the same seed.
 
-The clock (:func:`stage_clock`): the method's schedule (:func:`pipeline_rt.schedule.build` with
+The clock (:func:`utilisation.stage_clock`): the method's schedule (:func:`pipeline_rt.schedule.build` with
 its shape and ``chunks``, over the run's whole number of minibatches: warm-up, steady state and
 drain) run on N ideal devices where stage k's F, B and STEP take that stage's measured costs,
 transfers are free and every stage runs its actions in order, each as soon as its inputs are
@@ -52,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import learning_efficiency as le  # noqa: E402
-from pipeline_rt.schedule import B, F, STEP, RECV_B, RECV_F, SEND_B, SEND_F, build  # noqa: E402
+from pipeline_rt.schedule import B, F, STEP, build  # noqa: E402
+from utilisation import stage_clock  # noqa: E402
 
 FIELD = ("sync", "1f1b-flush", "2bw", "pipedream", "pipeoptim")
 RECOMMENDED = "pipeoptim-calroll"
@@ -64,52 +65,12 @@ Costs = Dict[str, object]  # {"t_f": [per stage], "t_b": [...], "t_step": [...],
 
 # ----------------------------------------------------------------------------- the clock
 
-def stage_clock(sched, t_f: Sequence[float], t_b: Sequence[float], t_step: Sequence[float]) -> List[List[float]]:
-    """Per stage, the end time of each of its STEPs when stage k's F takes ``t_f[k]``, B ``t_b[k]``,
-    STEP ``t_step[k]``, transfers nothing, and every stage runs its actions in order, each as soon
-    as the neighbour's send it receives has happened."""
-    n = sched.num_stages
-    clock, pos = [0.0] * n, [0] * n
-    sent: Dict[tuple, float] = {}
-    steps: List[List[float]] = [[] for _ in range(n)]
-    remaining = sum(len(a) for a in sched.actions)
-    while remaining:
-        progressed = False
-        for k in range(n):
-            acts = sched.actions[k]
-            while pos[k] < len(acts):
-                a = acts[pos[k]]
-                kind = a.kind
-                if kind == RECV_F or kind == RECV_B:
-                    src = (SEND_F, k - 1, a.mb, a.micro) if kind == RECV_F else (SEND_B, k + 1, a.mb, a.micro)
-                    t = sent.get(src)
-                    if t is None:
-                        break
-                    if t > clock[k]:
-                        clock[k] = t
-                elif kind == SEND_F or kind == SEND_B:
-                    sent[(kind, k, a.mb, a.micro)] = clock[k]
-                elif kind == F:
-                    clock[k] += t_f[k]
-                elif kind == B:
-                    clock[k] += t_b[k]
-                elif kind == STEP:
-                    clock[k] += t_step[k]
-                    steps[k].append(clock[k])
-                pos[k] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:
-            raise RuntimeError("schedule cannot make progress")
-    return steps
-
-
 def minibatch_times(shape: str, num_stages: int, num_minibatches: int, chunks: int, t_f: Sequence[float],
                     t_b: Sequence[float], t_step: Sequence[float]) -> List[float]:
     """``T[j]``: the simulated time at which minibatch j's STEP has run at every stage (each stage's
     j-th STEP applies minibatch j's gradient in every shape)."""
     sched = build(shape, num_stages, num_minibatches, chunks)
-    steps = stage_clock(sched, t_f, t_b, t_step)
+    steps, _ = stage_clock(sched, t_f, t_b, t_step)
     return [max(s[j] for s in steps) for j in range(num_minibatches)]
 
 

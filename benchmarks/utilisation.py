@@ -29,7 +29,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -99,14 +99,16 @@ class BusyStage(nn.Module):
         return _Busy.apply(x, self.scale, self.fwd * rows, self.bwd * rows)
 
 
-def ideal_time(sched: Schedule, t_f: float, t_b: float, t_step: float = 0.0) -> float:
-    """Makespan of ``sched`` when each F takes ``t_f``, B ``t_b``, STEP ``t_step`` and
-    transfers nothing; every stage runs its actions in order, each as soon as its inputs
-    (the neighbour's send) are there."""
+def stage_clock(sched: Schedule, t_f: Sequence[float], t_b: Sequence[float],
+                t_step: Sequence[float]) -> Tuple[List[List[float]], List[float]]:
+    """Run ``sched`` on ideal devices where stage k's F takes ``t_f[k]``, B ``t_b[k]`` and STEP
+    ``t_step[k]``, transfers take nothing, and every stage runs its actions in order, each as
+    soon as its inputs (the neighbour's send) are there. Returns, per stage, the end time of each
+    of its STEPs, and each stage's final clock."""
     n = sched.num_stages
     clock, pos = [0.0] * n, [0] * n
     sent: Dict[tuple, float] = {}
-    cost = {F: t_f, B: t_b, STEP: t_step}
+    steps: List[List[float]] = [[] for _ in range(n)]
     remaining = sum(len(a) for a in sched.actions)
     while remaining:
         progressed = False
@@ -114,21 +116,36 @@ def ideal_time(sched: Schedule, t_f: float, t_b: float, t_step: float = 0.0) -> 
             acts = sched.actions[k]
             while pos[k] < len(acts):
                 a = acts[pos[k]]
-                if a.kind in (RECV_F, RECV_B):
-                    src = (SEND_F, k - 1, a.unit) if a.kind == RECV_F else (SEND_B, k + 1, a.unit)
-                    if src not in sent:
+                kind = a.kind
+                if kind == RECV_F or kind == RECV_B:
+                    src = (SEND_F, k - 1, a.mb, a.micro) if kind == RECV_F else (SEND_B, k + 1, a.mb, a.micro)
+                    t = sent.get(src)
+                    if t is None:
                         break
-                    clock[k] = max(clock[k], sent[src])
-                elif a.kind in (SEND_F, SEND_B):
-                    sent[(a.kind, k, a.unit)] = clock[k]
-                else:
-                    clock[k] += cost[a.kind]
+                    if t > clock[k]:
+                        clock[k] = t
+                elif kind == SEND_F or kind == SEND_B:
+                    sent[(kind, k, a.mb, a.micro)] = clock[k]
+                elif kind == F:
+                    clock[k] += t_f[k]
+                elif kind == B:
+                    clock[k] += t_b[k]
+                elif kind == STEP:
+                    clock[k] += t_step[k]
+                    steps[k].append(clock[k])
                 pos[k] += 1
                 remaining -= 1
                 progressed = True
         if not progressed:
             raise RuntimeError("schedule cannot make progress")
-    return max(clock)
+    return steps, clock
+
+
+def ideal_time(sched: Schedule, t_f: float, t_b: float, t_step: float = 0.0) -> float:
+    """Makespan of ``sched`` when each F takes ``t_f``, B ``t_b``, STEP ``t_step`` at every stage
+    and transfers nothing (:func:`stage_clock` with equal costs)."""
+    n = sched.num_stages
+    return max(stage_clock(sched, [t_f] * n, [t_b] * n, [t_step] * n)[1])
 
 
 def measure(method: str, depth: int, devices: List[str], minibatches: int, rows: int, fwd_s: float, bwd_s: float,
