@@ -248,7 +248,6 @@ class Executor(abc.ABC):
     def _take(self, kind: str, k: int, unit: Unit) -> Tensors:
         """The received tensors stage ``k``'s F or B of ``unit`` uses."""
 
-
     #: called after every action when not None (it runs once per action: keep it cheap)
     _after_action: Optional[Callable[[], None]] = None
 

@@ -177,8 +177,7 @@ class LocalExecutor(Executor):
 
     def _input(self, k: int, unit: Unit, tensors: Tensors) -> Tensors:
         parcel = self._move_in(tensors, self.devices[k])
-        if self._keeps:
-            self._hold(k, unit, parcel.tensors)
+        self._hold(k, unit, parcel.tensors)
         wait(self.compute[k], parcel.ready)
         return parcel.tensors
 
@@ -190,8 +189,7 @@ class LocalExecutor(Executor):
         else:
             return target
         parcel = self._move_in(tensors, self.devices[k])
-        if self._keeps:
-            self._hold(k, unit, parcel.tensors)
+        self._hold(k, unit, parcel.tensors)
         wait(self.compute[k], parcel.ready)
         return rebuild(parcel.tensors)
 
@@ -199,8 +197,6 @@ class LocalExecutor(Executor):
         self._produced_[(kind, k, unit)] = _Parcel(tensors, record(self.compute[k]))
 
     def _after_backward(self, k: int, unit: Unit) -> None:
-        if not self._keeps:
-            return
         held = self._held.pop((k, unit), None)
         if held:
             self.lifetimes.keep(record(self.compute[k]), held)
@@ -226,8 +222,7 @@ class LocalExecutor(Executor):
             parcel = _Parcel(moved, ready)
         else:
             parcel = _Parcel(tensors, parcel.ready)
-        if self._keeps:
-            self._hold(dst, u, parcel.tensors)
+        self._hold(dst, u, parcel.tensors)
         self._parcels[(kind, dst, u)] = parcel
         if control is not None:
             self._control[(kind, dst, u)] = control
@@ -254,6 +249,9 @@ class LocalExecutor(Executor):
     # ------------------------------------------------------------------ helpers
 
     def _hold(self, k: int, unit: Unit, tensors: Sequence[Optional[Tensor]]) -> None:
+        """Keep ``tensors`` alive until ``unit``'s backward at stage ``k`` (only with CUDA)."""
+        if not self._keeps:
+            return
         held = self._held.get((k, unit))
         if held is None:
             held = self._held[(k, unit)] = []
