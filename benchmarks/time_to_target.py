@@ -31,6 +31,7 @@ the fastest among ``--field`` (sync, 1f1b-flush, 2bw, pipedream, pipeoptim) and 
 
     python benchmarks/time_to_target.py --load benchmarks/le_curves_lr1.json benchmarks/le_2bw_flush.json --measure
     python benchmarks/time_to_target.py --load benchmarks/le_*.json               # table from measured costs
+    python benchmarks/time_to_target.py --load benchmarks/le_*.json --compute-bound  # and on compute_bound() costs
     # a new candidate (a CANDIDATES name of learning_efficiency.py, or NAME=EXPR): its curves, costs, the table
     python benchmarks/time_to_target.py --load benchmarks/le_curves_lr1.json benchmarks/le_2bw_flush.json \
         --methods +mynew --run benchmarks/le_candidates.json --measure
@@ -173,6 +174,23 @@ def load_costs(path: Path) -> Dict[str, Dict[str, Costs]]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def compute_bound(costs_all: Dict[str, Dict[str, Costs]]) -> Dict[str, Dict[str, Costs]]:
+    """The costs a compute-bound device would have: in every cell, each method's F and B of a
+    micro-batch at stage k cost ``sync``'s measured F and B of a whole minibatch there times the
+    micro-batch's share of its rows (``rows / sync's rows``); STEP keeps the method's own measured
+    cost. A method's own extra host work in F and B (prediction, weight swaps) is left out: the
+    counterfactual of a device where a micro-batch costs its share. Cells without ``sync`` are
+    dropped."""
+    out: Dict[str, Dict[str, Costs]] = {}
+    for cell, per in costs_all.items():
+        if "sync" not in per:
+            continue
+        sy = per["sync"]
+        out[cell] = {m: dict(c, t_f=[t * c["rows"] / sy["rows"] for t in sy["t_f"]],
+                             t_b=[t * c["rows"] / sy["rows"] for t in sy["t_b"]]) for m, c in per.items()}
+    return out
+
+
 def cell_key(k: le.Key) -> str:
     return f"{k[0]}|{k[1]}|{k[2]}"
 
@@ -295,6 +313,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--factor", type=float, default=1.1, help="target: this times sync's last-epoch loss")
     ap.add_argument("--mult", type=float, default=1.0, help="the lr factor of the cells (the default lr)")
     ap.add_argument("--costs-table", action="store_true", help="also print the per-stage costs")
+    ap.add_argument("--compute-bound", action="store_true",
+                    help="also the table on the costs of a compute-bound device (compute_bound: a micro-batch's F and "
+                         "B cost its share of sync's measured minibatch)")
     ap.add_argument("--run", type=Path, default=None,
                     help="first train the --methods the loaded dumps lack, on their cells at --mult and every seed "
                          "there, into this dump (rewritten after every run; what it holds is skipped)")
@@ -346,6 +367,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(cost_table({ck: v for ck, v in costs_all.items()
                           if any(cell_key(k) == ck for k in cells)}, methods))
     print(report(runs, costs_all, methods, factor=a.factor, mult=a.mult))
+    if a.compute_bound:
+        print("On a compute-bound device (a micro-batch's F and B cost its share of sync's measured minibatch):\n")
+        print(report(runs, compute_bound(costs_all), methods, factor=a.factor, mult=a.mult))
 
 
 if __name__ == "__main__":

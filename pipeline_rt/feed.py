@@ -107,10 +107,13 @@ class Feed:
         chunks: micro-batches per minibatch.
         epochs: passes over ``batches``.
         weight: ``weight(rows, total_rows) -> float``, a micro-batch's share of the loss.
+        fingerprint: fold every minibatch into the running hash (needed by a run that
+            checkpoints or resumes; ``False`` saves the hashing, and :meth:`fingerprint` then
+            refuses).
     """
 
     def __init__(self, batches: Iterable[Tuple[Any, Any]], chunks: int, *, epochs: int = 1,
-                 weight: Callable[[int, int], float] = lambda n, total: n / total) -> None:
+                 weight: Callable[[int, int], float] = lambda n, total: n / total, fingerprint: bool = True) -> None:
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {epochs!r}")
         try:
@@ -122,6 +125,7 @@ class Feed:
             raise TypeError(f"epochs={epochs} re-iterates batches, but {type(batches).__name__} is an iterator that "
                             f"runs out after one pass; pass a re-iterable (a list, a DataLoader) or epochs=1")
         self.batches, self.chunks, self.epochs, self.weight = batches, chunks, epochs, weight
+        self._hashing = fingerprint
         self._it: Optional[Iterator[Any]] = first
         self._epoch, self._in_epoch = 0, 0
         self.pulled = 0                    # minibatches read from the iterable so far
@@ -181,11 +185,13 @@ class Feed:
                              f"into; pass chunks= or larger batches (or drop the smaller last batch: "
                              f"DataLoader(drop_last=True))")
         self._fold(xs, y)
-        parts_x = split_batch(x, self.chunks)
-        parts_y = split_batch(y, self.chunks) if isinstance(y, Tensor) or isinstance(y, (tuple, list)) else [y] * self.chunks
-        micro: List[Optional[MicroBatch]] = []
-        for xm, ym in zip(parts_x, parts_y):
-            micro.append(MicroBatch(as_tuple(xm), ym, self.weight(rows(xm), n)))
+        micro: List[Optional[MicroBatch]]
+        if self.chunks == 1:  # the minibatch is its one micro-batch (a target tuple or list as a tuple)
+            micro = [MicroBatch(xs, as_tuple(y) if isinstance(y, (tuple, list)) else y, self.weight(n, n))]
+        else:
+            parts_x = split_batch(x, self.chunks)
+            parts_y = split_batch(y, self.chunks) if isinstance(y, (Tensor, tuple, list)) else [y] * self.chunks
+            micro = [MicroBatch(as_tuple(xm), ym, self.weight(rows(xm), n)) for xm, ym in zip(parts_x, parts_y)]
         self._held[j] = micro
         self._left[j] = 2 * self.chunks
         self._epochs[j] = self._epoch
@@ -241,6 +247,9 @@ class Feed:
         from a positioned iterable: the skipped minibatches were never seen)."""
         if self._positioned:
             return None
+        if not self._hashing:
+            raise RuntimeError("this feed was made with fingerprint=False (a run that neither checkpoints nor "
+                               "resumes): it keeps no fingerprint")
         for n, h in self._hashes:
             if n == count:
                 return h.hex()
@@ -278,7 +287,8 @@ class Feed:
 
     def _fold(self, inputs: Tuple[Optional[Tensor], ...], target: Any) -> None:
         """Count one more minibatch read, folding it into the running hash."""
-        self._hash.update(b"|")
-        _digest(self._hash, (inputs, target))
         self.pulled += 1
-        self._hashes.append((self.pulled, self._hash.digest()))
+        if self._hashing:
+            self._hash.update(b"|")
+            _digest(self._hash, (inputs, target))
+            self._hashes.append((self.pulled, self._hash.digest()))

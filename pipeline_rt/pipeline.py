@@ -219,7 +219,8 @@ class Pipeline:
         feed = None
         if 0 in mine or n - 1 in mine:
             feed = Feed(batches, self.chunks, epochs=epochs,
-                        weight=lambda rows, total: micro_batch_weight(self.reduction, rows, total))
+                        weight=lambda rows, total: micro_batch_weight(self.reduction, rows, total),
+                        fingerprint=checkpoint_dir is not None or resume_from is not None)
         run = Run(feed, {k: StageRun(self._schedule, k) for k in mine}, max_steps=max_steps, callback=callback,
                   clip_global=self._clip_global)
         saver = None

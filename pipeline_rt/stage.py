@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from lookahead_opt import PredictiveOptimizer
-from lookahead_opt.compensation import StepContext
+from lookahead_opt.compensation import Compensation, StepContext
 from lookahead_opt.redirect import Swapped, redirect
 from lookahead_opt.swapping import ObservingPredictor, WeightPredictor
 
@@ -197,6 +197,10 @@ class Stage:
             method.predictor.build(optimizer) if optimizer is not None and method.predicts else optimizer
         self.observes = method.predictor.observes
         self.compensation = method.compensation
+        #: whether the compensation changes the step (one that does not override ``__call__`` is
+        #: the identity: the stage then calls the optimizer's step itself, without a context)
+        self._compensates = type(method.compensation).__call__ is not Compensation.__call__
+        self._extra = method.extra(index)  # the method's offset at this stage
         self._needs_forward_weights = method.compensation.needs_forward_weights and bool(self.params)
         self._observed = 0  # observations handed to the predictor
         self._update = _Update()
@@ -219,7 +223,7 @@ class Stage:
     def _forward(self, unit: Unit, inputs: Tuple[Optional[Tensor], ...], s: int, target: Any, weight: float,
                  replay: Optional[Replay]) -> Tuple[Optional[Tensor], ...]:
         m = self.method
-        distance = m.extra(self.index) + s
+        distance = self._extra + s
         # predict(0) is the live weights: no prediction, no buffer
         predicted = m.forward == "predict" and distance > 0 and bool(self.params)
         observed = self._observed
@@ -290,7 +294,7 @@ class Stage:
         self._replays.pop(unit, None)
         m = self.method
         if m.backward == "predict":
-            extra = m.extra(self.index)
+            extra = self._extra
             if extra > 0 and self.predictor is not None:
                 rec.weights = self.predictor.predict(extra)
                 self._buffer_used = True
@@ -328,7 +332,10 @@ class Stage:
         if opt is not None:
             if self.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm)
-            self.compensation(opt, opt.step, self._context())
+            if self._compensates:
+                self.compensation(opt, opt.step, self._context())
+            else:
+                opt.step()
             opt.zero_grad(set_to_none=True)
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -528,7 +535,8 @@ class Stage:
 
 
 class _OwnRng:
-    """See :meth:`Stage._own_rng` (a plain context object: it is entered at every forward)."""
+    """See :meth:`Stage._own_rng` (a plain context object: it is entered at every forward;
+    a stage off CUDA swaps the CPU generator's state only, inline)."""
 
     __slots__ = ("stage", "replay", "process")
 
@@ -537,13 +545,27 @@ class _OwnRng:
 
     def __enter__(self) -> None:
         stage = self.stage
-        self.process = stage.rng_state()
-        stage.set_rng_state(stage._rng if self.replay is None else self.replay.rng)  # type: ignore[arg-type]
+        own = stage._rng if self.replay is None else self.replay.rng
+        assert own is not None
+        if stage._cuda:
+            self.process = stage.rng_state()
+            stage.set_rng_state(own)
+        else:
+            cpu = torch.default_generator
+            self.process = (cpu.get_state(), None)
+            cpu.set_state(own[0])
 
     def __exit__(self, *exc: Any) -> None:
-        if self.replay is None:
-            self.stage._rng = self.stage.rng_state()
-        self.stage.set_rng_state(self.process)
+        stage = self.stage
+        if stage._cuda:
+            if self.replay is None:
+                stage._rng = stage.rng_state()
+            stage.set_rng_state(self.process)
+        else:
+            cpu = torch.default_generator
+            if self.replay is None:
+                stage._rng = (cpu.get_state(), None)
+            cpu.set_state(self.process[0])
 
 
 def retain_none(unit: Unit) -> bool:

@@ -120,3 +120,17 @@ def test_fingerprint_sees_values_and_order():
     fa.has(3), fb.has(3)
     assert fa.fingerprint(2) != fb.fingerprint(2) and fa.fingerprint(0) == fb.fingerprint(0)
     assert fa.fingerprint(3)[:8] != fb.fingerprint(3)[:8] or fa.fingerprint(3) != fb.fingerprint(3)
+
+
+def test_without_fingerprint_the_feed_is_the_same_and_refuses_to_fingerprint():
+    data = [(torch.arange(8.0).reshape(4, 2) + i, (torch.ones(4) * i, torch.zeros(4))) for i in range(3)]
+    for chunks in (1, 2):
+        plain, bare = Feed(data, chunks), Feed(data, chunks, fingerprint=False)
+        for j in range(3):
+            for m in range(chunks):
+                a, b = plain.micro(j, m), bare.micro(j, m)
+                assert a.weight == b.weight and type(a.target) is type(b.target) is tuple
+                assert all(torch.equal(x, y) for x, y in zip(a.inputs + a.target, b.inputs + b.target))
+        assert plain.pulled == bare.pulled == 3 and not bare.has(3)
+        with pytest.raises(RuntimeError, match="fingerprint=False"):
+            bare.fingerprint(3)

@@ -182,3 +182,13 @@ def test_time_to_target_report():
     rep = tt.report(runs, costs, ["sync", "pipedream", "2bw"], field=("sync", "pipedream", "2bw"))
     assert "| teacher | sgdm | 2 | 29200.0 (1.24) | never | 23600.0 (1.00) * |" in rep  # ms
     assert "never" in rep and "* 2bw: 1/1" in rep and "* pipedream: 0/1" in rep and "* sync: 0/1" in rep
+
+
+def test_compute_bound_costs_give_a_micro_batch_its_share():
+    sync = {"t_f": [4.0, 8.0], "t_b": [6.0, 10.0], "t_step": [1.0, 1.0], "rows": 32.0, "chunks": 1, "shape": "gpipe"}
+    mb = {"t_f": [3.0, 3.0], "t_b": [3.0, 3.0], "t_step": [0.5, 2.0], "rows": 8.0, "chunks": 4, "shape": "async-1f1b"}
+    out = tt.compute_bound({"c": {"sync": sync, "2bw": mb}, "no sync": {"2bw": mb}})
+    assert list(out) == ["c"] and out["c"]["sync"]["t_f"] == [4.0, 8.0]
+    two = out["c"]["2bw"]
+    assert two["t_f"] == [1.0, 2.0] and two["t_b"] == [1.5, 2.5] and two["t_step"] == [0.5, 2.0]
+    assert two["chunks"] == 4 and mb["t_f"] == [3.0, 3.0]  # the input is left as it was
