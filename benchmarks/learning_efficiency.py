@@ -383,7 +383,8 @@ def plot(runs: Runs, methods: Sequence[str], path: Path) -> None:
     fig, axes = plt.subplots(len(depths), len(panels), figsize=(3.2 * len(panels), 2.8 * len(depths)),
                              squeeze=False)
     colors = {"sync": "k", "pipedream": "tab:blue", "pipeoptim": "tab:orange", "pipeoptim-cal": "tab:green",
-              "pipeoptim-rollout": "tab:red", "pipeoptim-calroll": "tab:purple"}
+              "pipeoptim-rollout": "tab:red", "pipeoptim-calroll": "tab:purple", "2bw": "tab:green",
+              "1f1b-flush": "tab:gray"}
     nseeds = len(runs)
     for r, depth in enumerate(depths):
         for c, (task, opt) in enumerate(panels):
