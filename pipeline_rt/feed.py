@@ -11,11 +11,12 @@ Epochs. ``epochs=E`` iterates ``batches`` ``E`` times back to back, as one run o
 concatenation (no drain between epochs); ``batches`` must then be re-iterable (a list, a
 ``DataLoader``), not an iterator.
 
-Fingerprint. Every minibatch pulled is folded into a running hash of its tensors' dtypes,
-shapes and up to 64 evenly spaced values per tensor (values of CUDA tensors are left out: no
-host sync); a checkpoint stores the hash of the minibatches it consumed and a resume that
-skips them recomputes it, so resuming with different data is refused. It is a cheap
-fingerprint, not a hash of every byte.
+Fingerprint. In a run that checkpoints or resumes, every minibatch pulled is folded into a
+running hash of its tensors' dtypes, shapes and up to 64 evenly spaced values per tensor
+(values of CUDA tensors are left out: no host sync); a checkpoint stores the hash of the
+minibatches it consumed and a resume that skips them recomputes it, so resuming with different
+data is refused. It is a cheap fingerprint, not a hash of every byte (a run that does neither
+skips it).
 """
 from __future__ import annotations
 
