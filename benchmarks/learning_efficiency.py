@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline_rt import Pipeline  # noqa: E402
-from pipeoptim_compare.tasks import evaluate, get_task  # noqa: E402
+from pipeoptim_compare.tasks import evaluate, get_task, set_bn_chunks  # noqa: E402
 
 METHODS = ("sync", "pipedream", "pipeoptim", "pipeoptim-cal", "pipeoptim-rollout", "pipeoptim-calroll")
 SHORT = {"sync": "sync", "pipedream": "pd", "pipeoptim": "po", "pipeoptim-cal": "cal", "pipeoptim-rollout": "roll",
@@ -79,7 +79,7 @@ Key = Tuple[str, str, int, float]
 CANDIDATES: Dict[str, object] = {}
 
 #: The table's training length: epochs per task, and the first N minibatches of an epoch.
-EPOCHS, MINIBATCHES = "teacher=2,charlm=1,denoise=2", "charlm=60"
+EPOCHS, MINIBATCHES = "teacher=2,charlm=1,denoise=2,cnnbn=2", "charlm=60"
 
 
 def per_task(text: str) -> Dict[str, int]:
@@ -149,7 +149,11 @@ def make_pipeline(task_name: str, opt: str, depth: int, mult: float, method: str
     lr = task.lr[key] * mult
     batches = task.batches[:minibatches] if minibatches else task.batches
     name, meth = resolve_method(method)
-    pipe = Pipeline(task.split(depth), ["cpu"] * depth, make(lr), task.loss_fn, method=meth,
+    stages = task.split(depth)
+    # a task's DeferredBatchNorm layers (cnnbn's GhostBatchNorm2d) commit running statistics once per
+    # minibatch: tell them the micro-batches per minibatch (the pipeline refuses a mismatch)
+    set_bn_chunks(stages, 1 if name == "sync" else meth.num_chunks(depth))
+    pipe = Pipeline(stages, ["cpu"] * depth, make(lr), task.loss_fn, method=meth,
                     chunks=1 if name == "sync" else None)
     return pipe, task, batches, lr
 
@@ -425,7 +429,7 @@ def plot(runs: Runs, methods: Sequence[str], path: Path) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tasks", default="teacher,charlm,denoise")
+    ap.add_argument("--tasks", default="teacher,charlm,denoise", help="also: cnnbn (BatchNorm CNN)")
     ap.add_argument("--optimizers", default="sgdm,adam,adamw")
     ap.add_argument("--depths", default="4,8")
     ap.add_argument("--lr-mults", default="0.3,1,3", help="factors of each task's default lr")
