@@ -36,7 +36,7 @@ from torch import nn
 from pipeline_rt import Pipeline
 from pipeline_rt.methods import METHODS, RECOMMENDED, get_method
 
-from .tasks import TASKS, EntryPointError, Task, entry_parts, evaluate, get_task
+from .tasks import TASKS, EntryPointError, Task, entry_parts, evaluate, get_task, set_bn_chunks
 
 __all__ = ["main", "compare", "load_task", "run_one", "RunResult", "OPTIMIZERS", "METHOD_NAMES", "readme_block",
            "replace_block", "describe_devices", "ReadmeError", "README_BEGIN", "README_END"]
@@ -101,7 +101,9 @@ def run_one(task: Task, method: str, optimizer: str, lr: float, depth: int, devi
     for st, dev in zip(stages, devices):
         st.to(dev)
     make = OPTIMIZERS[optimizer]
-    predicts = get_method(method).predicts
+    meth = get_method(method)
+    predicts = meth.predicts
+    set_bn_chunks(stages, meth.num_chunks(depth))  # a task's DeferredBatchNorms commit once per minibatch
     pipe = Pipeline(stages, devices, lambda ps: make(list(ps), lr), task.loss_fn, method=method,
                     track_error=predicts)
     batches = list(task.batches)[:minibatches] * epochs

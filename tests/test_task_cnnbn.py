@@ -195,6 +195,17 @@ def test_benchmark_runs_flush_and_2bw_with_their_chunks():
     assert losses["2bw"][0] == pytest.approx(losses["sync"][0], abs=1e-5)  # same weights before any update
 
 
+def test_compare_runs_cnnbn_with_every_methods_chunks():
+    """``pipeoptim compare``'s run_one tells the batch norms the method's chunks (sync and 2bw split
+    into depth micro-batches there); the first minibatch's loss is the same whatever the split."""
+    from pipeoptim_compare.cli import run_one
+    task = get_task("cnnbn", depth=4)
+    first = {m: run_one(task, m, "sgd", 0.1, 4, ["cpu"] * 4, 1, minibatches=2) for m in ("sync", "2bw", "pipedream")}
+    assert all(math.isfinite(r.final_loss) for r in first.values())
+    for m in ("2bw", "pipedream"):  # minibatch 0 runs on the initial weights in every method
+        assert first[m].losses[0] == pytest.approx(first["sync"].losses[0], abs=1e-5)
+
+
 def test_refused_not_silently_wrong():
     """Plain BatchNorm under micro-batches, ghost batch norms told the wrong chunks, and
     micro-batches that split a group of rows: each refused."""
