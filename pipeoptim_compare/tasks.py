@@ -152,6 +152,19 @@ def _stack(blocks: int, seed: int, block: Callable[[], nn.Module], first: Callab
 # ----------------------------------------------------------------------------- teacher
 
 
+def _minibatches(x: Tensor, y: Tensor, batch_size: int) -> List[Batch]:
+    """``(x, y)`` cut into consecutive minibatches of ``batch_size`` rows (a short rest dropped)."""
+    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x) - batch_size + 1, batch_size)]
+
+
+def _noisy_shapes(n: int, g: torch.Generator, size: int, rotate: float, clutter: float,
+                  noise: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`render_shapes` images plus Gaussian pixel noise of standard deviation ``noise``:
+    ``(noisy, clean, shape index)``."""
+    clean, kind = render_shapes(n, g, size, rotate, clutter)
+    return clean + noise * torch.randn(clean.shape, generator=g), clean, kind
+
+
 class ResidualBlock(nn.Module):
     """``x + W2 tanh(W1 LN(x))``: the unit of the ``teacher`` task's student."""
 
@@ -196,8 +209,7 @@ def teacher_task(depth: int = 8, seed: int = 0, *, blocks: int = 8, width: int =
     x_train = torch.randn(train_size, in_dim, generator=g)
     x_eval = torch.randn(eval_size, in_dim, generator=g)
     y_train, y_eval = label(x_train), label(x_eval)
-    batches = [(x_train[i:i + batch_size], y_train[i:i + batch_size])
-               for i in range(0, train_size - batch_size + 1, batch_size)]
+    batches = _minibatches(x_train, y_train, batch_size)
 
     model = _stack(blocks, seed, lambda: ResidualBlock(width, hidden), first=lambda: [nn.Linear(in_dim, width)],
                    last=lambda: [nn.LayerNorm(width), nn.Linear(width, classes)])
@@ -395,13 +407,12 @@ def denoise_task(depth: int = 8, seed: int = 0, *, blocks: int = 8, channels: in
     g = torch.Generator().manual_seed(seed)
 
     def pairs(n: int) -> Batch:
-        clean, _ = render_shapes(n, g, size, rotate, clutter)
-        return clean + noise * torch.randn(clean.shape, generator=g), clean
+        noisy, clean, _ = _noisy_shapes(n, g, size, rotate, clutter, noise)
+        return noisy, clean
 
     x_train, y_train = pairs(train_size)
     eval_data = pairs(eval_size)
-    batches = [(x_train[i:i + batch_size], y_train[i:i + batch_size])
-               for i in range(0, train_size - batch_size + 1, batch_size)]
+    batches = _minibatches(x_train, y_train, batch_size)
     blocks = max(blocks, depth)
     model = _stack(blocks, seed, lambda: ConvBlock(channels),
                    first=lambda: [nn.Conv2d(1, channels, 3, padding=1)],
@@ -544,13 +555,12 @@ def cnnbn_task(depth: int = 8, seed: int = 0, *, blocks: int = 8, channels: int 
     g = torch.Generator().manual_seed(seed)
 
     def images(n: int) -> Batch:
-        x, y = render_shapes(n, g, size, rotate, clutter)
-        return x + noise * torch.randn(x.shape, generator=g), y
+        noisy, _, kind = _noisy_shapes(n, g, size, rotate, clutter, noise)
+        return noisy, kind
 
     x_train, y_train = images(train_size)
     eval_data = images(eval_size)
-    batches = [(x_train[i:i + batch_size], y_train[i:i + batch_size])
-               for i in range(0, train_size - batch_size + 1, batch_size)]
+    batches = _minibatches(x_train, y_train, batch_size)
     blocks = max(blocks, depth)
     model = _stack(blocks, seed, lambda: BNConvBlock(channels, bn_rows, bn_momentum),
                    first=lambda: [nn.Conv2d(1, channels, 3, padding=1, bias=False)],
