@@ -152,9 +152,9 @@ def make_pipeline(task_name: str, opt: str, depth: int, mult: float, method: str
     stages = task.split(depth)
     # a task's DeferredBatchNorm layers (cnnbn's GhostBatchNorm2d) commit running statistics once per
     # minibatch: tell them the micro-batches per minibatch (the pipeline refuses a mismatch)
-    set_bn_chunks(stages, 1 if name == "sync" else meth.num_chunks(depth))
-    pipe = Pipeline(stages, ["cpu"] * depth, make(lr), task.loss_fn, method=meth,
-                    chunks=1 if name == "sync" else None)
+    chunks = 1 if name == "sync" else meth.num_chunks(depth)
+    set_bn_chunks(stages, chunks)
+    pipe = Pipeline(stages, ["cpu"] * depth, make(lr), task.loss_fn, method=meth, chunks=chunks)
     return pipe, task, batches, lr
 
 
