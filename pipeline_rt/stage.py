@@ -535,8 +535,7 @@ class Stage:
 
 
 class _OwnRng:
-    """See :meth:`Stage._own_rng` (a plain context object: it is entered at every forward;
-    a stage off CUDA swaps the CPU generator's state only, inline)."""
+    """See :meth:`Stage._own_rng` (a plain context object: it is entered at every forward)."""
 
     __slots__ = ("stage", "replay", "process")
 
@@ -545,27 +544,13 @@ class _OwnRng:
 
     def __enter__(self) -> None:
         stage = self.stage
-        own = stage._rng if self.replay is None else self.replay.rng
-        assert own is not None
-        if stage._cuda:
-            self.process = stage.rng_state()
-            stage.set_rng_state(own)
-        else:
-            cpu = torch.default_generator
-            self.process = (cpu.get_state(), None)
-            cpu.set_state(own[0])
+        self.process = stage.rng_state()
+        stage.set_rng_state(stage._rng if self.replay is None else self.replay.rng)  # type: ignore[arg-type]
 
     def __exit__(self, *exc: Any) -> None:
-        stage = self.stage
-        if stage._cuda:
-            if self.replay is None:
-                stage._rng = stage.rng_state()
-            stage.set_rng_state(self.process)
-        else:
-            cpu = torch.default_generator
-            if self.replay is None:
-                stage._rng = (cpu.get_state(), None)
-            cpu.set_state(self.process[0])
+        if self.replay is None:
+            self.stage._rng = self.stage.rng_state()
+        self.stage.set_rng_state(self.process)
 
 
 def retain_none(unit: Unit) -> bool:
