@@ -40,7 +40,7 @@ Every named method has the identity compensation and ``chunks=1`` unless shown (
 
 ``2bw`` is :data:`RECOMMENDED`, chosen by measurement (docs/choosing.rst). ``2bw-dm`` is
 ``2bw`` with the momentum lowered by the update's delay
-(:class:`lookahead_opt.compensation.DelayMomentum`: :math:`m_D = \max(0, m - D/(D+1))`, the
+(:class:`lookahead_opt.compensation.DelayMomentum`: :math:`m_D = \\max(0, m - D/(D+1))`, the
 explicit momentum minus the implicit momentum a delay of :math:`D` adds; SGD's ``momentum``,
 Adam's :math:`\beta_1`). In 2BW's schedule every stage but the last has :math:`D = 1`, so
 :math:`m = 0.9` becomes 0.4 there: lower losses than ``2bw`` in most measured cells, but the

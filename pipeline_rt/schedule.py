@@ -24,7 +24,10 @@ of an action does not depend on the length of the run, and nothing grows with it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from .tickorder import Period
 
 __all__ = [
     "Action", "Schedule", "SHAPES", "build", "simulate", "versions", "Simulation",
@@ -503,6 +506,7 @@ class LazySchedule:
                 raise ScheduleError(f"{name} must be a positive int, got {v!r}")
         self.shape, self.num_stages, self.chunks = shape, num_stages, chunks
         self._ahead: Dict[Tuple[int, int, int, int, int], int] = {}
+        self._period: object = False  # not looked for yet
         for length in sorted({1, 2, num_stages + 2}):
             sched = self.finite(length)
             validate(sched)
@@ -544,47 +548,19 @@ class LazySchedule:
         waiting for its send (the ideal machine of :func:`simulate`). Each action is
         yielded before it is counted as done, so ``exists`` is asked only after the
         actions before it have run. ``ready``: messages already in transit, as ``(RECV_F or
-        RECV_B, receiving stage, minibatch, micro)``. Raises :class:`ScheduleError` on a deadlock."""
-        waiting = set(ready)  # the receives whose message is sent and not yet received
-        while True:
-            progressed = alive = False
-            for it in stages:
-                computed = False
-                while True:
-                    # it.peek() and it.pop(), inlined: this loop runs once per action of the run
-                    if it._i == it._n:
-                        if it.peek() is None:
-                            break
-                    a = it._pending[it._i]
-                    alive = True
-                    kind = a.kind
-                    if kind == RECV_F or kind == RECV_B:
-                        key = (kind, a.stage, a.mb, a.micro)
-                        if key not in waiting:
-                            break
-                        waiting.discard(key)
-                    elif kind == SEND_F:
-                        waiting.add((RECV_F, a.stage + 1, a.mb, a.micro))
-                    elif kind == SEND_B:
-                        waiting.add((RECV_B, a.stage - 1, a.mb, a.micro))
-                    elif computed:
-                        break
-                    else:
-                        computed = True
-                    yield a
-                    it._i += 1
-                    if kind == F:  # it.cursor.advance(a), inlined
-                        it.cursor.nf += 1
-                    elif kind == B:
-                        it.cursor.nb += 1
-                    elif kind == STEP:
-                        it.cursor.steps += 1
-                    progressed = True
-            if not alive:
-                return
-            if not progressed:
-                stuck = [(it.k, it.peek()) for it in stages if it.peek() is not None]
-                raise ScheduleError("schedule deadlocks; waiting: " + ", ".join(f"stage {k} {a}" for k, a in stuck))
+        RECV_B, receiving stage, minibatch, micro)``. The steady state is replayed from one
+        recorded period (:mod:`pipeline_rt.tickorder`). Raises :class:`ScheduleError` on a deadlock."""
+        from .tickorder import tick_order
+        return tick_order(self.period, stages, set(ready))
+
+    @property
+    def period(self) -> Optional["Period"]:
+        """The steady state's period of the tick order (found once; :class:`pipeline_rt.tickorder.Period`)."""
+        if self._period is False:
+            from .tickorder import Period
+            self._period = Period.find(lambda k, exists: StageActions(self, k, exists), self.num_stages, self.chunks,
+                                       limit=16 * (self.num_stages + 2) * self.chunks)
+        return self._period  # type: ignore[return-value]
 
     def finite(self, num_minibatches: int) -> Schedule:
         """The lazily produced schedule of a run of ``num_minibatches``, as a :class:`Schedule`."""
