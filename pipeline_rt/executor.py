@@ -84,7 +84,7 @@ class LossLog:
             self._buf = torch.zeros(self.block, dtype=torch.float64, device=loss.device)
         while j - self._base >= self.block:
             self._retire()
-        self._buf[j - self._base] += loss.reshape(())
+        self._buf[j - self._base].add_(loss.reshape(()))  # a view: no write-back as with +=
 
     def current(self, j: int) -> Tensor:
         """Minibatch ``j``'s loss so far, on the device (``j`` in the current block)."""

@@ -229,6 +229,8 @@ class Pipeline:
             for s in mine.values():
                 s.retain = saver.retain
         run.checkpoint = saver
+        for s in mine.values():
+            s.start_run()
         done = 0
         try:
             if resume_from is not None:

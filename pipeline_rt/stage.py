@@ -37,7 +37,9 @@ Randomness. Each stage draws random numbers (dropout) from its own stream: the p
 RNG state when the stage first runs a forward, then carried from forward to forward (the
 process's own RNG is left as it was). So the stages of one process do not depend on the
 order in which the executor interleaves them, and the local executor draws exactly what
-one process per stage (``backend="dist"``, every rank seeded alike) draws.
+one process per stage (``backend="dist"``, every rank seeded alike) draws. A stage whose
+forward provably cannot draw (:func:`pipeline_rt.randomness.may_draw`, read at every
+:meth:`start_run`) skips the swap: its stream would be left as it was anyway.
 
 Checkpoints. An autograd graph cannot be saved, so a micro-batch in flight at a checkpoint
 is re-run at resume: the forwards of the units :attr:`Stage.retain` selects (chosen from the
@@ -64,6 +66,7 @@ from lookahead_opt.swapping import ObservingPredictor, WeightPredictor
 from .batchnorm import load_pending_stats, pending_stats
 from .guards import as_message
 from .methods import Method
+from .randomness import may_draw
 
 __all__ = ["Stage", "StageError", "Replay", "as_tuple", "as_leaf", "retain_none"]
 
@@ -189,6 +192,7 @@ class Stage:
         self.scheduler = None if lr_scheduler is None or optimizer is None else lr_scheduler(optimizer)
         self.clip_grad_norm = clip_grad_norm
         self._rng: Optional[Tuple[Tensor, Optional[Tensor]]] = None  # the stage's own RNG stream
+        self._draws = True  # whether a forward may draw (the RNG swap is skipped otherwise): start_run()
         self._cuda = _cuda_devices(self.params)
         self._replays: Dict[Unit, Replay] = {}
         #: what predicts (and swaps in) the predicted weights: ``method.predictor`` built on the
@@ -204,10 +208,16 @@ class Stage:
         self._needs_forward_weights = method.compensation.needs_forward_weights and bool(self.params)
         self._observed = 0  # observations handed to the predictor
         self._update = _Update()
+        self.start_run()
 
     @property
     def is_last(self) -> bool:
         return self.index == self.num_stages - 1
+
+    def start_run(self) -> None:
+        """Read what a run needs of the module as it is now: whether its forward (and, at
+        the last stage, the loss) may draw random numbers (:func:`~pipeline_rt.randomness.may_draw`)."""
+        self._draws = may_draw(self.module, self.loss_fn if self.is_last else None)
 
     # ------------------------------------------------------------------ actions
 
@@ -244,7 +254,7 @@ class Stage:
         # the backward uses the weights the forward saved unless a swap or a step comes between
         # them or its policy is a prediction: only then are the saved weights redirected
         same = replay is None and not predicted and s == 0 and m.backward != "predict"
-        with self._weights_for(distance, predicted, replay), self._own_rng(replay), \
+        with self._weights_for(distance, predicted, replay), (self._own_rng(replay) if self._draws else _NO_CONTEXT), \
                 (_NO_CONTEXT if same else redirect(self.params, self._resolver(rec))):
             try:
                 out = self.module(*inputs)
