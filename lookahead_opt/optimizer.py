@@ -199,7 +199,9 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
         :attr:`~lookahead_opt.rules.Rule.skips_without_grad`): their predicted displacement
         is 0 until a step updates them. One ``is None`` test per parameter (the base step
         makes the same test); the kept plan is rebuilt only when the set changes."""
-        self._set_skipped(tuple([p for g in self.base.param_groups for p in g["params"] if p.grad is None]))
+        skipped = tuple([p for g in self.base.param_groups for p in g["params"] if p.grad is None])
+        if skipped or self._skipped:  # (both empty: nothing changes)
+            self._set_skipped(skipped)
 
     def _set_skipped(self, skipped: Tuple[Tensor, ...]) -> None:
         old = self._skipped

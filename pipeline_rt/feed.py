@@ -53,7 +53,7 @@ class MicroBatch:
 
 def rows(x: Any) -> int:
     """Dim-0 size of a tensor or of the first tensor of a tuple (0 for a scalar)."""
-    t = next(t for t in as_tuple(x) if t is not None)
+    t = x if isinstance(x, Tensor) else next(t for t in as_tuple(x) if t is not None)
     return t.shape[0] if t.dim() else 0
 
 
@@ -172,15 +172,17 @@ class Feed:
         if pair is None:
             return
         x, y = as_pair(j, pair)
-        xs = as_tuple(x, f"minibatch {j}'s input")
+        xs = (x,) if isinstance(x, Tensor) else as_tuple(x, f"minibatch {j}'s input")
         n = rows(x)
         for name, v in (("input", x), ("target", y)):
-            if isinstance(v, Tensor) or (isinstance(v, (tuple, list)) and v and all(
-                    t is None or isinstance(t, Tensor) for t in v)):
-                sizes = {rows(t) for t in as_tuple(v) if t is not None}
-                if sizes != {n}:
-                    raise ValueError(f"minibatch {j}: every {name} tensor must have {n} rows (dim 0), "
-                                     f"got {sorted(sizes)}")
+            if isinstance(v, Tensor):
+                sizes = {rows(v)}
+            elif isinstance(v, (tuple, list)) and v and all(t is None or isinstance(t, Tensor) for t in v):
+                sizes = {rows(t) for t in v if t is not None}
+            else:
+                continue
+            if sizes != {n}:
+                raise ValueError(f"minibatch {j}: every {name} tensor must have {n} rows (dim 0), got {sorted(sizes)}")
         if n < self.chunks:
             raise ValueError(f"minibatch {j} has {n} rows, fewer than the {self.chunks} micro-batches it is split "
                              f"into; pass chunks= or larger batches (or drop the smaller last batch: "

@@ -282,7 +282,7 @@ class Stage:
         if keep:
             self._replays[unit] = Replay(unit, inputs, snap, rec.version, predicted, rng, s, target, weight,
                                          rec.calib, observed)
-        outs = as_tuple(out, f"stage {self.index}'s output")
+        outs = (out,) if isinstance(out, Tensor) else as_tuple(out, f"stage {self.index}'s output")
         if self.is_last:
             rec.loss = loss = outs[0]
             assert loss is not None
