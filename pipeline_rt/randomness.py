@@ -80,7 +80,7 @@ def _module_draws(m: nn.Module) -> bool:
         return True
     cls = type(m)
     if cls in _DROPOUTS:
-        return m.p != 0  # type: ignore[attr-defined]
+        return bool(m.p != 0)
     return cls not in QUIET_MODULES
 
 

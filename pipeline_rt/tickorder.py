@@ -27,7 +27,7 @@ runs resumed mid-way). A replayed action costs a tuple and a counter; nothing gr
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, cast
 
 from .schedule import RECV_B, RECV_F, SEND_B, SEND_F, STEP, F, B, Action, Cursor, ScheduleError, StageActions, _new
 
@@ -200,7 +200,8 @@ class Period:
         recording yet, the loop (recorded for the next time)."""
         if not found:
             return
-        seg, base = found[0]
+        seg: Optional[_Segment] = found[0][0]
+        base = found[0][1]
         cursors = [it.cursor for it in stages]
         exists = [it.exists for it in stages]
         steps = [_new(Action, (STEP, k, -1, -1)) for k in range(self.num_stages)]
@@ -209,7 +210,7 @@ class Period:
             branch = None
             for op, k, mb, micro, kind in (seg.entries if at == 0 else seg.entries[at:]):
                 if op < _STEP:  # a transfer, F or B
-                    yield _new(Action, (kind, k, mb + base, micro))  # type: ignore[arg-type]
+                    yield _new(Action, (kind, k, mb + base, micro))
                     if op == _F:
                         cursors[k].nf += 1
                     elif op == _B:
@@ -226,7 +227,8 @@ class Period:
             if branch is not None:
                 seg, at = branch, micro + 1
             else:
-                seg, base, at = seg.then, base + seg.shift, 0
+                base += seg.shift
+                seg, at = seg.then, 0
 
     def _leave(self, stages: Sequence[StageActions], waiting: Set[Message], seg: _Segment, base: int,
                at: int) -> Iterator[Action]:
@@ -234,7 +236,7 @@ class Period:
         ``at`` (already yielded; their questions get the answers recorded), recorded as
         ``seg``'s branch at ``at`` if it ends within the limit."""
         done = seg.entries[:at]
-        answered = {(k, j + base): ans for op, k, j, _, ans in done if op == _ASK}
+        answered = {(k, j + base): bool(ans) for op, k, j, _, ans in done if op == _ASK}
         rec = _Recording(list(done))
         c = self.chunks
         for it, (nf, nb, st, i, pending) in zip(stages, seg.start[0]):
@@ -267,7 +269,7 @@ def _entries(log: List[object], b: int) -> List[Tuple[int, int, int, int, object
         if isinstance(e, Action):
             out.append((_OPS[e.kind], e.stage, e.mb - b, e.micro, e.kind))
         else:
-            _, k, j = e  # type: ignore[misc]
+            _, k, j = cast(Tuple[int, int, int], e)
             out.append((_ASK, k, j - b, len(out), True))
     return out
 
