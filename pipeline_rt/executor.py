@@ -62,71 +62,89 @@ class Info:
 
 
 class LossLog:
-    """Per-minibatch losses, summed on the device and read back a block at a time.
+    """Per-minibatch losses, kept on the device and read back a block at a time.
 
-    The last stage adds every micro-batch's weighted loss into a device buffer of ``block``
-    minibatches; a full buffer is copied to the host without waiting (pinned memory and an
-    event on CUDA) and read once the copy is done, so no host sync per minibatch.
+    The last stage hands every micro-batch's weighted loss (a one-element tensor) to
+    :meth:`add`, in order, and nothing is computed then. Once ``block`` of them are held, at
+    the next minibatch's first, they are stacked, converted to float64 and copied to the host
+    without waiting (pinned memory and an event on CUDA), and summed per minibatch there in
+    arrival order once the copy is done: minibatch ``j``'s loss is
+    :math:`(\\ldots((0 + l_{j,0}) + l_{j,1}) + \\ldots)` in float64. No host sync per minibatch.
     """
 
     def __init__(self, values: Sequence[float] = (), block: int = 1024) -> None:
         self.values: List[float] = list(values)
         self.block = block
-        self._base = len(self.values)
-        self._buf: Optional[Tensor] = None
-        self._pending: Deque[Tuple[Any, Tensor]] = deque()
+        self._parts: List[Tensor] = []    # the losses not yet retired, in order ...
+        self._owners: List[int] = []      # ... and the minibatch of each
+        self._pending: Deque[Tuple[Any, Tensor, List[int]]] = deque()
 
     def add(self, j: int, loss: Tensor) -> None:
-        """Add a micro-batch's loss into minibatch ``j``'s (call on the last stage's stream)."""
+        """A micro-batch's loss of minibatch ``j`` (call on the last stage's stream)."""
         if loss.numel() != 1:
             raise ValueError(f"loss_fn must return a scalar (reduce the loss), got shape {tuple(loss.shape)}")
-        if self._buf is None:
-            self._buf = torch.zeros(self.block, dtype=torch.float64, device=loss.device)
-        while j - self._base >= self.block:
+        owners = self._owners
+        if len(owners) >= self.block and owners[-1] != j:  # a minibatch's losses are retired together
             self._retire()
-        self._buf[j - self._base].add_(loss.reshape(()))  # a view: no write-back as with +=
+            owners = self._owners
+        self._parts.append(loss)
+        owners.append(j)
 
     def current(self, j: int) -> Tensor:
-        """Minibatch ``j``'s loss so far, on the device (``j`` in the current block)."""
-        assert self._buf is not None
-        return self._buf[j - self._base]
+        """Minibatch ``j``'s loss so far, on the device (``j``: the last minibatch added)."""
+        i = len(self._owners)
+        while i > 0 and self._owners[i - 1] == j:
+            i -= 1
+        total = torch.zeros((), dtype=torch.float64, device=self._parts[-1].device)
+        for part in self._parts[i:]:
+            total = total + part.reshape(())
+        return total
 
     def _retire(self) -> None:
-        buf = self._buf
-        assert buf is not None
-        if buf.device.type == "cuda":
-            host = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
-            host.copy_(buf, non_blocking=True)
+        flat = torch.stack(self._parts).reshape(-1).to(torch.float64)
+        owners = self._owners
+        self._parts, self._owners = [], []
+        if flat.device.type == "cuda":
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._pending.append((event, host))
+            self._pending.append((event, host, owners))
             self._collect(wait=False)
         else:
-            self.values.extend(buf.tolist())
-        self._buf = torch.zeros_like(buf)
-        self._base += self.block
+            _sum_into(self.values, flat.tolist(), owners)
 
     def _collect(self, wait: bool) -> None:
         while self._pending and (wait or self._pending[0][0].query()):
-            event, host = self._pending.popleft()
+            event, host, owners = self._pending.popleft()
             event.synchronize()
-            self.values.extend(host.tolist())
+            _sum_into(self.values, host.tolist(), owners)
 
     def upto(self, count: int) -> List[float]:
         """The losses of minibatches ``0 .. count-1`` as floats, a copy (waits for the device)."""
         self._collect(wait=True)
-        out = self.values[:count]
-        if len(out) < count and self._buf is not None:
-            out += self._buf[:count - self._base].tolist()
-        return out
+        out = list(self.values)
+        if len(out) < count and self._parts:
+            _sum_into(out, torch.stack(self._parts).reshape(-1).to(torch.float64).tolist(), self._owners)
+        return out[:count]
 
     def finish(self, count: int) -> List[float]:
         """All ``count`` losses, the run being over: the list itself (no copy)."""
+        if self._parts:
+            self._retire()
         self._collect(wait=True)
-        if len(self.values) < count and self._buf is not None:
-            self.values += self._buf[:count - self._base].tolist()
-        self._buf = None
+        del self.values[count:]
         return self.values
+
+
+def _sum_into(values: List[float], losses: List[float], owners: List[int]) -> None:
+    """Add each loss into its minibatch's entry of ``values`` (appended at its first loss;
+    minibatches in order), in order: Python floats add as float64 tensors do."""
+    for j, loss in zip(owners, losses):
+        if j < len(values):
+            values[j] += loss
+        else:
+            values.append(0.0 + loss)
 
 
 class StageRun:

@@ -350,9 +350,12 @@ class Stage:
             if self.scheduler is not None:
                 self.scheduler.step()
         up = self._update
-        if up.key is not None and up.weights is None:
-            self._release(up.key[0])  # the live forward's version held for the context
-        self._update = _Update()
+        if up.key is not None:
+            if up.weights is None:
+                self._release(up.key[0])  # the live forward's version held for the context
+            self._update = _Update()
+        else:
+            up.delay = 0  # (all there is to clear)
         self.version += 1
 
     def grads(self) -> List[Tensor]:

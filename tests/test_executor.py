@@ -16,6 +16,7 @@ from torch.testing import assert_close
 
 import oracle
 from pipeline_rt import Pipeline, split_by_balance
+from pipeline_rt.executor import LossLog
 from test_pipeline import ADAM, MSE, SGDM, TIGHT, data, mlp, params_of, pipe_of, single_device
 
 BALANCE = [3, 2, 2]
@@ -177,3 +178,31 @@ def test_progress_bar(capsys):
     pipe = pipe_of(mlp(), BALANCE, SGDM, "pipeoptim")
     pipe.train(data(3, 6), epochs=2, progress=True)
     assert "6/6" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("block", [1, 2, 5, 1024])
+def test_loss_log_sums_each_minibatch_in_float64_in_order(block):
+    """Against the closed form: minibatch j's loss is ((0 + l_j0) + l_j1) + l_j2 in float64,
+    whatever the block size (blocks end between minibatches); current() and upto() agree."""
+    g = torch.Generator().manual_seed(3)
+    parts = torch.randn(7, 3, generator=g, dtype=torch.float32) * 1e3
+    want = []
+    for row in parts.tolist():  # float32 values, as Python floats (exact)
+        acc = 0.0
+        for v in row:
+            acc += v
+        want.append(acc)
+    log = LossLog([], block=block)
+    for j in range(7):
+        for m in range(3):
+            log.add(j, parts[j, m].reshape(1))
+        assert log.current(j).dtype == torch.float64 and float(log.current(j)) == want[j]
+        assert log.upto(j + 1) == want[:j + 1]
+    assert log.finish(7) == want
+    resumed = LossLog(want[:4], block=block)
+    for j in range(4, 7):
+        for m in range(3):
+            resumed.add(j, parts[j, m])
+    assert resumed.finish(7) == want
+    with pytest.raises(ValueError, match="scalar"):
+        LossLog().add(0, torch.zeros(2))
