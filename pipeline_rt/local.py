@@ -56,10 +56,12 @@ _Key = Tuple[str, int, Unit]  # (kind "F"/"B", receiving or producing stage, uni
 
 @dataclass
 class _Parcel:
-    """Tensors in transit to a stage, usable on its compute stream once ``ready`` completes."""
+    """Tensors in transit to a stage, usable on its compute stream once ``ready`` completes
+    (with the control integers of a minibatch's last micro-batch)."""
 
     tensors: Tensors
     ready: AnyEvent
+    control: Optional[Tuple[int, int]] = None
 
 
 class _Lifetimes:
@@ -116,7 +118,6 @@ class LocalExecutor(Executor):
         self._parcels: Dict[_Key, _Parcel] = {}
         self._produced_: Dict[_Key, _Parcel] = {}
         self._held: Dict[Tuple[int, Unit], List[Tensor]] = {}
-        self._control: Dict[_Key, Tuple[int, int]] = {}
         # each stage computes on its stream (made current once per action; off CUDA a no-op)
         self._contexts = [use_streams(c) if isinstance(c, CPUStream) else torch.cuda.stream(c) for c in self.compute]
         #: whether tensors must be kept alive across streams (CPU events are complete at once)
@@ -142,7 +143,6 @@ class LocalExecutor(Executor):
             self._parcels.clear()
             self._produced_.clear()
             self._held.clear()
-            self._control.clear()
         return super()._end(run, ok)
 
     def _total_norm(self, run: Run, k: int, norms: Tensor) -> Tensor:
@@ -219,13 +219,11 @@ class LocalExecutor(Executor):
             # memory, on the source's)
             ready = record(dst_s if dst_dev.type == "cuda" else src_s)
             self.lifetimes.keep(ready, tensors)
-            parcel = _Parcel(moved, ready)
+            parcel = _Parcel(moved, ready, control)
         else:
-            parcel = _Parcel(tensors, parcel.ready)
+            parcel = _Parcel(tensors, parcel.ready, control)
         self._hold(dst, u, parcel.tensors)
         self._parcels[(kind, dst, u)] = parcel
-        if control is not None:
-            self._control[(kind, dst, u)] = control
 
     def _recv(self, a: Action, control: bool) -> Optional[Tuple[int, int]]:
         """Order the parcel before the stage's compute; activations become leaf tensors."""
@@ -235,7 +233,7 @@ class LocalExecutor(Executor):
         wait(self.compute[a.stage], parcel.ready)
         if kind == F:
             self._parcels[key] = _Parcel(tuple([as_leaf(t) for t in parcel.tensors]), parcel.ready)
-        return self._control.pop(key, None) if control else None
+        return parcel.control if control else None
 
     def _take(self, kind: str, k: int, unit: Unit) -> Tensors:
         return self._parcels.pop((kind, k, unit)).tensors
