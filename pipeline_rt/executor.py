@@ -406,7 +406,8 @@ class Executor(abc.ABC):
 
     def _stepped(self, run: Run, k: int, j: int) -> None:
         if run.checkpoint is not None:
-            run.checkpoint.after_step(self, run, k, j)
+            with self._contexts[k]:  # the cut reads the stage's tensors in order after its work (its stream)
+                run.checkpoint.after_step(self, run, k, j)
         run.views[k].peer_nf.pop(j, None)
 
     # ------------------------------------------------------------------ transfers and control
