@@ -341,13 +341,12 @@ class Executor(abc.ABC):
                 loss = outs[0]  # the last stage's output is its weighted loss
                 assert loss is not None
                 run.losses.add(a.mb, loss.detach())
+                if a.micro == self.chunks - 1:  # on the stage's stream: the loss is read after its work
+                    self._minibatch_done(run, st, a.mb, epoch)
         if not last:
             self._produced(F, k, u, outs)
-        if a.micro == self.chunks - 1:
-            if last:
-                self._minibatch_done(run, st, a.mb, epoch)
-            if k == 0:
-                st.known[a.mb + 1] = run.decide(a.mb + 1, st)
+        if k == 0 and a.micro == self.chunks - 1:
+            st.known[a.mb + 1] = run.decide(a.mb + 1, st)
 
     def _minibatch_done(self, run: Run, st: StageRun, j: int, epoch: int) -> None:
         if run.progress is not None:

@@ -247,3 +247,13 @@ def test_cuda_checkpoint_resume_is_exact(method, tmp_path):
     assert losses == want_losses
     for p, q in zip(got, want):
         assert torch.equal(p, q)
+
+
+def test_cuda_callback_reads_each_minibatch_loss_after_the_stage_wrote_it():
+    """The callback's ``info.loss`` (read on the host) is the loss train() returns, for
+    every minibatch, though the last stage computes on its own stream."""
+    seen = []
+    stages = split_by_balance(copy.deepcopy(mlp()), [2, 2, 2, 1])
+    pipe = Pipeline(stages, ["cuda:0"] * 4, SGDM, nn.functional.mse_loss, method="sync", chunks=4)
+    losses = pipe.train(data(num=6, rows=256), callback=lambda info: seen.append(info.loss))
+    assert seen == losses
