@@ -495,7 +495,9 @@ class LazySchedule:
     (runs of 1, 2 and ``N + 2`` minibatches: warm-up, the steady state's period of one
     minibatch, and the drain) with :func:`validate` and :func:`simulate`;
     ``tests/test_schedule.py`` proves that this one equals :func:`build`'s for lengths
-    1..40. ``print()`` shows the table of an ``N + 2``-minibatch window.
+    1..40. It also finds the tick order's steady-state :attr:`period` then (once, so the
+    first forward of a run waits for nothing). ``print()`` shows the table of an
+    ``N + 2``-minibatch window.
     """
 
     def __init__(self, shape: str, num_stages: int, chunks: int = 1) -> None:
@@ -511,6 +513,7 @@ class LazySchedule:
             sched = self.finite(length)
             validate(sched)
             sched.simulation  # noqa: B018  (raises on deadlock)
+        self.period  # noqa: B018  (found now, not at the first forward)
 
     def actions(self, k: int, exists: Callable[[int], bool], cursor: Optional[Cursor] = None) -> StageActions:
         """Stage ``k``'s lowered actions from ``cursor`` (default: the start)."""
