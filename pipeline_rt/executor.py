@@ -100,8 +100,12 @@ class LossLog:
             total = total + part.reshape(())
         return total
 
+    def _flat(self) -> Tensor:
+        """The held losses as one float64 vector (on their device)."""
+        return torch.stack(self._parts).reshape(-1).to(torch.float64)
+
     def _retire(self) -> None:
-        flat = torch.stack(self._parts).reshape(-1).to(torch.float64)
+        flat = self._flat()
         owners = self._owners
         self._parts, self._owners = [], []
         if flat.device.type == "cuda":
@@ -125,7 +129,7 @@ class LossLog:
         self._collect(wait=True)
         out = list(self.values)
         if len(out) < count and self._parts:
-            _sum_into(out, torch.stack(self._parts).reshape(-1).to(torch.float64).tolist(), self._owners)
+            _sum_into(out, self._flat().tolist(), self._owners)
         return out[:count]
 
     def finish(self, count: int) -> List[float]:

@@ -24,10 +24,7 @@ of an action does not depend on the length of the run, and nothing grows with it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
-
-if TYPE_CHECKING:
-    from .tickorder import Period
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 __all__ = [
     "Action", "Schedule", "SHAPES", "build", "simulate", "versions", "Simulation",
@@ -508,12 +505,15 @@ class LazySchedule:
                 raise ScheduleError(f"{name} must be a positive int, got {v!r}")
         self.shape, self.num_stages, self.chunks = shape, num_stages, chunks
         self._ahead: Dict[Tuple[int, int, int, int, int], int] = {}
-        self._period: object = False  # not looked for yet
         for length in sorted({1, 2, num_stages + 2}):
             sched = self.finite(length)
             validate(sched)
             sched.simulation  # noqa: B018  (raises on deadlock)
-        self.period  # noqa: B018  (found now, not at the first forward)
+        from .tickorder import Period  # (it imports this module)
+        #: the steady state's period of the tick order (:class:`pipeline_rt.tickorder.Period`;
+        #: ``None``: none found, the order is decided action by action)
+        self.period: Optional[Period] = Period.find(
+            lambda k, exists: StageActions(self, k, exists), num_stages, chunks, limit=16 * (num_stages + 2) * chunks)
 
     def actions(self, k: int, exists: Callable[[int], bool], cursor: Optional[Cursor] = None) -> StageActions:
         """Stage ``k``'s lowered actions from ``cursor`` (default: the start)."""
@@ -555,15 +555,6 @@ class LazySchedule:
         recorded period (:mod:`pipeline_rt.tickorder`). Raises :class:`ScheduleError` on a deadlock."""
         from .tickorder import tick_order
         return tick_order(self.period, stages, set(ready))
-
-    @property
-    def period(self) -> Optional["Period"]:
-        """The steady state's period of the tick order (found once; :class:`pipeline_rt.tickorder.Period`)."""
-        if self._period is False:
-            from .tickorder import Period
-            self._period = Period.find(lambda k, exists: StageActions(self, k, exists), self.num_stages, self.chunks,
-                                       limit=16 * (self.num_stages + 2) * self.chunks)
-        return self._period  # type: ignore[return-value]
 
     def finite(self, num_minibatches: int) -> Schedule:
         """The lazily produced schedule of a run of ``num_minibatches``, as a :class:`Schedule`."""

@@ -192,7 +192,6 @@ class Stage:
         self.scheduler = None if lr_scheduler is None or optimizer is None else lr_scheduler(optimizer)
         self.clip_grad_norm = clip_grad_norm
         self._rng: Optional[Tuple[Tensor, Optional[Tensor]]] = None  # the stage's own RNG stream
-        self._draws = True  # whether a forward may draw (the RNG swap is skipped otherwise): start_run()
         self._cuda = _cuda_devices(self.params)
         self._replays: Dict[Unit, Replay] = {}
         #: what predicts (and swaps in) the predicted weights: ``method.predictor`` built on the
@@ -217,7 +216,7 @@ class Stage:
     def start_run(self) -> None:
         """Read what a run needs of the module as it is now: whether its forward (and, at
         the last stage, the loss) may draw random numbers (:func:`~pipeline_rt.randomness.may_draw`)."""
-        self._draws = may_draw(self.module, self.loss_fn if self.is_last else None)
+        self._draws = may_draw(self.module, self.loss_fn if self.is_last else None)  # else the RNG swap is skipped
 
     # ------------------------------------------------------------------ actions
 
