@@ -159,7 +159,7 @@ class StageRun:
         known: minibatch -> EXISTS / ENDED / STOPPED, as decided by the first stage (only
             the few minibatches around the stage's position).
         stop_at: the earliest minibatch whose callback asked to stop, as far as this stage knows.
-        peer_nf: the next stage's forward count at its STEP of minibatch ``j`` (checkpoints).
+        peer_nf: the next stage's forward count at its STEP of minibatch ``j`` (kept for checkpoints only).
     """
 
     def __init__(self, schedule: LazySchedule, k: int) -> None:
@@ -411,7 +411,7 @@ class Executor(abc.ABC):
         if run.checkpoint is not None:
             with self._contexts[k]:  # the cut reads the stage's tensors in order after its work (its stream)
                 run.checkpoint.after_step(self, run, k, j)
-        run.views[k].peer_nf.pop(j, None)
+            run.views[k].peer_nf.pop(j, None)
 
     # ------------------------------------------------------------------ transfers and control
 
@@ -445,7 +445,8 @@ class Executor(abc.ABC):
         else:
             if control[0] and (st.stop_at is None or a.mb < st.stop_at):
                 st.stop_at = a.mb
-            st.peer_nf[a.mb] = control[1]
+            if run.checkpoint is not None:
+                st.peer_nf[a.mb] = control[1]
 
 
 class Evaluation:

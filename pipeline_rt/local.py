@@ -34,7 +34,6 @@ at once (no worker thread, no peer waiting on a message), so it cannot hang.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -54,14 +53,14 @@ Tensors = Tuple[Optional[Tensor], ...]
 _Key = Tuple[str, int, Unit]  # (kind "F"/"B", receiving or producing stage, unit): a parcel's key
 
 
-@dataclass
 class _Parcel:
     """Tensors in transit to a stage, usable on its compute stream once ``ready`` completes
     (with the control integers of a minibatch's last micro-batch)."""
 
-    tensors: Tensors
-    ready: AnyEvent
-    control: Optional[Tuple[int, int]] = None
+    __slots__ = ("tensors", "ready", "control")
+
+    def __init__(self, tensors: Tensors, ready: AnyEvent, control: Optional[Tuple[int, int]] = None) -> None:
+        self.tensors, self.ready, self.control = tensors, ready, control
 
 
 class _Lifetimes:
@@ -208,8 +207,8 @@ class LocalExecutor(Executor):
         dst = k + 1 if kind == "F" else k - 1
         src_dev, dst_dev = self.devices[k], self.devices[dst]
         parcel = self._produced_.pop((kind, k, u))
-        tensors = tuple([None if t is None else t.detach() for t in parcel.tensors])
         if src_dev != dst_dev:
+            tensors = tuple([None if t is None else t.detach() for t in parcel.tensors])
             copy = self.copy_f if kind == "F" else self.copy_b
             src_s, dst_s = copy[src_dev], copy[dst_dev]
             wait(src_s, parcel.ready)
@@ -220,8 +219,8 @@ class LocalExecutor(Executor):
             ready = record(dst_s if dst_dev.type == "cuda" else src_s)
             self.lifetimes.keep(ready, tensors)
             parcel = _Parcel(moved, ready, control)
-        else:
-            parcel = _Parcel(tensors, parcel.ready, control)
+        else:  # the same tensors (RECV_F detaches activations; input gradients have no graph)
+            parcel.control = control
         self._hold(dst, u, parcel.tensors)
         self._parcels[(kind, dst, u)] = parcel
 
@@ -232,7 +231,7 @@ class LocalExecutor(Executor):
         parcel = self._parcels[key]
         wait(self.compute[a.stage], parcel.ready)
         if kind == F:
-            self._parcels[key] = _Parcel(tuple([as_leaf(t) for t in parcel.tensors]), parcel.ready)
+            parcel.tensors = tuple([as_leaf(t) for t in parcel.tensors])
         return parcel.control if control else None
 
     def _take(self, kind: str, k: int, unit: Unit) -> Tensors:

@@ -174,6 +174,7 @@ class Stage:
                  check_finite: bool = False, track_error: bool = False,
                  lr_scheduler: Optional[Callable[[Any], Any]] = None, clip_grad_norm: Optional[float] = None) -> None:
         self.index, self.num_stages = index, num_stages
+        self.is_last = index == num_stages - 1
         self.module, self.optimizer, self.method, self.loss_fn = module, optimizer, method, loss_fn
         self.check_finite, self.track_error = check_finite, track_error
         self.params: List[Tensor] = [] if optimizer is None else list(optimizer.params)
@@ -208,10 +209,6 @@ class Stage:
         self._observed = 0  # observations handed to the predictor
         self._update = _Update()
         self.start_run()
-
-    @property
-    def is_last(self) -> bool:
-        return self.index == self.num_stages - 1
 
     def start_run(self) -> None:
         """Read what a run needs of the module as it is now: whether its forward (and, at
