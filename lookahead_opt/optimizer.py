@@ -166,8 +166,10 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
         keep_later = rule.keep is not None and not keep_now  # after the closure made the gradients
         mark = rule.skips_without_grad
         if keep_now:
-            self._keep()
-        if mark and closure is None:
+            skipped = self._keep()
+            if mark and closure is None:
+                self._set_skipped(skipped)
+        elif mark and closure is None:
             self._mark_skipped()
         if closure is not None and (keep_later or mark):
             user_closure = closure
@@ -199,30 +201,33 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
         :attr:`~lookahead_opt.rules.Rule.skips_without_grad`): their predicted displacement
         is 0 until a step updates them. One ``is None`` test per parameter (the base step
         makes the same test); the kept plan is rebuilt only when the set changes."""
-        skipped = tuple([p for g in self.base.param_groups for p in g["params"] if p.grad is None])
-        if skipped or self._skipped:  # (both empty: nothing changes)
-            self._set_skipped(skipped)
+        self._set_skipped(tuple([p for g in self.base.param_groups for p in g["params"] if p.grad is None]))
 
     def _set_skipped(self, skipped: Tuple[Tensor, ...]) -> None:
         old = self._skipped
+        if not skipped and not old:  # (both empty: nothing changes)
+            return
         if len(skipped) != len(old) or not all(map(operator.is_, skipped, old)):
             self._skipped = skipped
             self._skipped_ids = frozenset(map(id, skipped))
             self._skip_generation += 1
 
-    def _keep(self) -> None:
+    def _keep(self) -> Tuple[Tensor, ...]:
+        """Keeps what the rule needs of every parameter; returns those without a gradient
+        (what :meth:`_mark_skipped` finds, found in the same pass)."""
         keep = self.rule.keep
         assert keep is not None
+        skipped: List[Tensor] = []
         for g0, g in self._groups():
             lr = group_lr(g0)
             for p in g0["params"]:
                 grad = p.grad
                 if grad is not None:
                     t = keep(g, self.base.state.get(p, {}), p.detach(), grad)
-                elif self.rule.keeps_grad:
-                    t = None
-                else:  # a rule keeping the weights takes grad=None (Rule.keeps_grad); KeepFn cannot say so
-                    t = keep(g, self.base.state.get(p, {}), p.detach(), None)  # type: ignore[arg-type]
+                else:
+                    skipped.append(p)
+                    # a rule keeping the weights takes grad=None (Rule.keeps_grad); KeepFn cannot say so
+                    t = None if self.rule.keeps_grad else keep(g, self.base.state.get(p, {}), p.detach(), None)  # type: ignore[arg-type]
                 if t is None:
                     self._kept.pop(p, None)
                     continue
@@ -231,6 +236,7 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
                     and old.tensor.device == p.device else torch.empty_like(p, memory_format=torch.preserve_format)
                 buf.copy_(t)
                 self._kept[p] = Kept(buf, lr)
+        return tuple(skipped)
 
     # -- prediction --------------------------------------------------------------------
     def _weights(self) -> List[Tensor]:
