@@ -30,6 +30,7 @@ named by a hash of the source, the compiler, the flags and the CPU, and loaded w
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -38,7 +39,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -168,13 +169,20 @@ def supports(key: Tuple, items: Sequence[Tuple[Tensor, ...]]) -> bool:
     return items[0][1].device.type == "cpu" and fits(key, items, _DTYPES, "cpu") and available()
 
 
+@functools.lru_cache(maxsize=256)
+def _array(ctype: Any, n: int) -> Any:
+    """The ctypes array type ``ctype * n``, kept: ctypes keeps it only while it is in use, and a
+    new one is a reference cycle (freed only by the cyclic garbage collector)."""
+    return ctype * n
+
+
 def table(items: Sequence[Tuple[Tensor, ...]], key: Tuple) -> tuple:
     """(address table, numels, total elements, number of tensors) for the bucket."""
     ncols = 2 + len(key[3]) + len(key[4]) + (key[5] is not None)
     ptrs: List[int] = [t.data_ptr() for it in items for t in it[:ncols]]
     numels = [it[1].numel() for it in items]
-    cptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
-    cnumels = (ctypes.c_int64 * len(numels))(*numels)
+    cptrs = _array(ctypes.c_void_p, len(ptrs))(*ptrs)
+    cnumels = _array(ctypes.c_int64, len(numels))(*numels)
     return cptrs, cnumels, sum(numels), len(items)
 
 
@@ -184,7 +192,7 @@ def launch(table: tuple, key: Tuple, dtype: torch.dtype) -> None:
     cptrs, cnumels, total, nt = table
     _, _, _, alphas, plain, den, wscale, shift = key
     inner, eps = (den[1], den[2]) if den is not None else (0.0, 0.0)
-    coef = (ctypes.c_double * (4 + len(alphas) + len(plain)))(wscale, shift, inner, eps, *alphas, *plain)
+    coef = _array(ctypes.c_double, 4 + len(alphas) + len(plain))(wscale, shift, inner, eps, *alphas, *plain)
     # a forked child must not use the parent's OpenMP pool (libgomp does not survive fork)
     threads = torch.get_num_threads() if total >= MIN_PARALLEL and os.getpid() == _pid else 1
     rc = _lib.lookahead_predict(_DTYPES[dtype], nt, cnumels, cptrs, len(alphas), len(plain),

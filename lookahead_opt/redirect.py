@@ -20,7 +20,8 @@ works while the parameters' ``.data`` has been pointed at predicted weights
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+import functools
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -53,21 +54,26 @@ class redirect(torch.autograd.graph.saved_tensors_hooks):
             key = p.untyped_storage().data_ptr()
             if key and key not in self._by_storage:
                 self._by_storage[key] = (i, int(p.storage_offset()))
-        super().__init__(self._pack, self._unpack)
+        # the hooks hold what they use, not this object: a bound method kept in its own
+        # attributes would make a reference cycle per forward, freed only by the cyclic GC
+        super().__init__(functools.partial(_pack, self._by_storage, self.resolve), _unpack)
 
-    def _pack(self, t: Tensor):
-        if t.layout is torch.strided and t.device.type != "meta":
-            hit = self._by_storage.get(t.untyped_storage().data_ptr())
-            if hit is not None:
-                i, base_offset = hit
-                return _Ref(i, tuple(t.shape), tuple(t.stride()), int(t.storage_offset()) - base_offset, self.resolve)
-        return t
 
-    @staticmethod
-    def _unpack(packed):
-        if isinstance(packed, _Ref):
-            return packed.get()
-        return packed
+def _pack(by_storage: Dict[int, Tuple[int, int]], resolve: Callable[[int], Tensor], t: Tensor) -> Any:
+    """What autograd saves for ``t``: a :class:`_Ref` if it lives in a redirected parameter's storage."""
+    if t.layout is torch.strided and t.device.type != "meta":
+        hit = by_storage.get(t.untyped_storage().data_ptr())
+        if hit is not None:
+            i, base_offset = hit
+            return _Ref(i, tuple(t.shape), tuple(t.stride()), int(t.storage_offset()) - base_offset, resolve)
+    return t
+
+
+def _unpack(packed: Any) -> Tensor:
+    """The saved tensor back, a :class:`_Ref` resolved at the backward."""
+    if isinstance(packed, _Ref):
+        return packed.get()
+    return packed
 
 
 class _Ref:

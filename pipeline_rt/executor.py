@@ -372,15 +372,15 @@ class Executor(abc.ABC):
 
     def _step(self, run: Run, a: Action) -> None:
         k = a.stage
-        j = run.views[k].actions.cursor.steps
         if run.clip_global is not None:
-            self._global_step(run, k, j)
+            self._global_step(run, k, run.views[k].actions.cursor.steps)
             return
         stage = self.stages[k]
         assert stage is not None
         with self._contexts[k]:
             stage.step()
-        self._stepped(run, k, j)
+        if run.checkpoint is not None:
+            self._stepped(run, k, run.views[k].actions.cursor.steps)  # (the cursor counts this STEP after it)
 
     def _global_step(self, run: Run, k: int, j: int) -> None:
         """Clip by the norm over every stage's gradients, then step (flush methods only:
@@ -405,13 +405,15 @@ class Executor(abc.ABC):
                 torch._foreach_mul_(grads, coef)
             with self._contexts[i]:
                 stage.step()
-            self._stepped(run, i, j)
+            if run.checkpoint is not None:
+                self._stepped(run, i, j)
 
     def _stepped(self, run: Run, k: int, j: int) -> None:
-        if run.checkpoint is not None:
-            with self._contexts[k]:  # the cut reads the stage's tensors in order after its work (its stream)
-                run.checkpoint.after_step(self, run, k, j)
-            run.views[k].peer_nf.pop(j, None)
+        """Stage ``k`` has run its STEP of minibatch ``j``: the checkpoint's cut (a run that
+        checkpoints)."""
+        with self._contexts[k]:  # the cut reads the stage's tensors in order after its work (its stream)
+            run.checkpoint.after_step(self, run, k, j)
+        run.views[k].peer_nf.pop(j, None)
 
     # ------------------------------------------------------------------ transfers and control
 
@@ -429,17 +431,14 @@ class Executor(abc.ABC):
         if a.micro != self.chunks - 1:
             self._recv(a, False)
             return
-        control = self._recv(a, True)
-        if control is not None:
-            self._control_in(run, a, control)
-
-    def _control_in(self, run: Run, a: Action, control: Tuple[int, int]) -> None:
+        control = self._recv(a, True)  # the control that rides with a minibatch's last micro-batch
+        if control is None:
+            return
         st = run.views[a.stage]
         if a.kind == RECV_F:
             st.known[a.mb + 1] = control[0]
-            stage = self.stages[a.stage]
-            if control[0] == ENDED and stage is not None and stage.is_last and run.feed is not None \
-                    and run.feed.has(a.mb + 1):
+            stage = self.stages[a.stage] if control[0] == ENDED else None
+            if stage is not None and stage.is_last and run.feed is not None and run.feed.has(a.mb + 1):
                 raise DataMismatch(f"stage {a.stage}: the first stage's batches ended after {a.mb + 1} minibatches, but "
                                    f"this rank's have more; every rank must be given the same batches")
         else:
