@@ -272,9 +272,9 @@ class Executor(abc.ABC):
 
     #: called after every action when not None (it runs once per action: keep it cheap)
     _after_action: Optional[Callable[[], None]] = None
-
-    def _after_backward(self, k: int, unit: Unit) -> None:
-        """Stage ``k`` is done with ``unit`` (the tensors it held may go)."""
+    #: ``(k, unit)``: stage ``k`` is done with ``unit`` (the tensors it held may go); called
+    #: after every backward when not None
+    _after_backward: Optional[Callable[[int, Unit], None]] = None
 
     def _begin(self, run: Run) -> None:
         """Before the first action of a run."""
@@ -366,7 +366,8 @@ class Executor(abc.ABC):
         grads = None if stage.is_last else self._take(B, k, u)
         with self._contexts[k]:
             grads_in = stage.backward(u, grads)
-        self._after_backward(k, u)
+        if self._after_backward is not None:
+            self._after_backward(k, u)
         if k > 0:
             self._produced(B, k, u, grads_in)
 

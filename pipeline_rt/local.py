@@ -43,7 +43,7 @@ from .executor import Evaluation, Executor, Run, eval_mode
 from .feed import as_pair, rows, to_device
 from .schedule import F, Action, LazySchedule
 from .stage import Stage, as_leaf, as_tuple
-from .streams import AnyEvent, AnyStream, CPUEvent, CPUStream, new_stream, record, use_streams, wait
+from .streams import COMPLETE, AnyEvent, AnyStream, CPUEvent, CPUStream, new_stream, record, use_streams, wait
 
 __all__ = ["LocalExecutor"]
 
@@ -122,7 +122,7 @@ class LocalExecutor(Executor):
         #: whether tensors must be kept alive across streams (CPU events are complete at once)
         self._keeps = any(d.type == "cuda" for d in self.devices)
         if self._keeps:
-            self._after_action = self._collect
+            self._after_action, self._after_backward = self._collect, self._release
 
     # ------------------------------------------------------------------ the loop
 
@@ -195,7 +195,8 @@ class LocalExecutor(Executor):
     def _produced(self, kind: str, k: int, unit: Unit, tensors: Tensors) -> None:
         self._produced_[(kind, k, unit)] = _Parcel(tensors, record(self.compute[k]))
 
-    def _after_backward(self, k: int, unit: Unit) -> None:
+    def _release(self, k: int, unit: Unit) -> None:
+        """Stage ``k``'s backward of ``unit`` is enqueued: what it held lives until that is done."""
         held = self._held.pop((k, unit), None)
         if held:
             self.lifetimes.keep(record(self.compute[k]), held)
@@ -273,7 +274,7 @@ class LocalExecutor(Executor):
     @staticmethod
     def _current_event(device: torch.device) -> AnyEvent:
         if device.type != "cuda":
-            return CPUEvent()
+            return COMPLETE
         return record(torch.cuda.current_stream(device))
 
     def _streams_on(self, device: torch.device) -> List[AnyStream]:

@@ -12,7 +12,7 @@ from typing import ContextManager, Iterator, List, Sequence, Union
 
 import torch
 
-__all__ = ["CPUStream", "CPUEvent", "AnyStream", "AnyEvent", "new_stream", "use_streams", "record", "wait"]
+__all__ = ["CPUStream", "CPUEvent", "COMPLETE", "AnyStream", "AnyEvent", "new_stream", "use_streams", "record", "wait"]
 
 
 class CPUStream:
@@ -35,7 +35,8 @@ class CPUEvent:
         return None
 
 
-_COMPLETE = CPUEvent()
+#: the placeholder event (every one is complete: one object serves)
+COMPLETE = CPUEvent()
 _NO_CONTEXT = contextlib.nullcontext()
 
 AnyStream = Union[CPUStream, "torch.cuda.Stream"]
@@ -78,7 +79,7 @@ def record(stream: AnyStream) -> AnyEvent:
     """An event marking all work enqueued on ``stream`` so far (one shared complete event
     for a placeholder)."""
     if isinstance(stream, CPUStream):
-        return _COMPLETE
+        return COMPLETE
     event = torch.cuda.Event()
     event.record(stream)
     return event
