@@ -51,9 +51,9 @@ same redirected weights.
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -289,7 +289,8 @@ class Stage:
         if not predicted and (m.backward == "forward" or self._needs_forward_weights):
             self._refs[rec.version] += 1  # the version is needed after the next STEP: stash it then
         self._records[unit] = rec
-        self.peak_in_flight = max(self.peak_in_flight, len(self._records))
+        if len(self._records) > self.peak_in_flight:
+            self.peak_in_flight = len(self._records)
         if predicted or rec.weights is not None:  # otherwise the count of versions held is unchanged
             self._count_versions()
         return outs
@@ -455,25 +456,7 @@ class Stage:
     def _weights_for(self, distance: int, predicted: bool, replay: Optional[Replay]) -> ContextManager[None]:
         """The parameters hold the forward's weights inside the block: a replay's, a
         prediction, or the live ones."""
-        return self._swapped_in(distance, replay) if predicted or replay is not None else _NO_CONTEXT
-
-    @contextmanager
-    def _swapped_in(self, distance: int, replay: Optional[Replay]) -> Iterator[None]:
-        if replay is not None:
-            swapped = Swapped(self.params, replay.weights)
-            try:
-                yield
-            finally:
-                swapped.undo()
-        else:
-            predictor = self.predictor
-            assert predictor is not None  # a stage without parameters predicts nothing
-            predictor.swap_in(distance)
-            self._buffer_used = True
-            try:
-                yield
-            finally:
-                predictor.swap_out()
+        return _SwappedIn(self, distance, replay) if predicted or replay is not None else _NO_CONTEXT
 
     def _resolver(self, rec: _Record) -> Callable[[int], Tensor]:
         policy, params = self.method.backward, self.params
@@ -500,7 +483,8 @@ class Stage:
         """Count micro-batch ``rec``, just backwarded, into the next STEP's context; release
         what its backward needed."""
         up = self._update
-        up.delay = max(up.delay, rec.s)
+        if rec.s > up.delay:
+            up.delay = rec.s
         holds = not rec.predicted and (self.method.backward == "forward" or self._needs_forward_weights)
         if self._needs_forward_weights:
             if up.key is None:
@@ -560,6 +544,33 @@ class _OwnRng:
         if self.replay is None:
             self.stage._rng = self.stage.rng_state()
         self.stage.set_rng_state(self.process)
+
+
+class _SwappedIn:
+    """See :meth:`Stage._weights_for`: a replay's weights (``replay``) or the prediction
+    ``distance`` ahead swapped in for the block (a plain context object: it is entered at
+    every predicted forward)."""
+
+    __slots__ = ("stage", "distance", "replay", "swapped")
+
+    def __init__(self, stage: Stage, distance: int, replay: Optional[Replay]) -> None:
+        self.stage, self.distance, self.replay = stage, distance, replay
+
+    def __enter__(self) -> None:
+        stage = self.stage
+        if self.replay is not None:
+            self.swapped = Swapped(stage.params, self.replay.weights)
+            return
+        predictor = stage.predictor
+        assert predictor is not None  # a stage without parameters predicts nothing
+        predictor.swap_in(self.distance)
+        stage._buffer_used = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.replay is not None:
+            self.swapped.undo()
+        else:
+            self.stage.predictor.swap_out()  # type: ignore[union-attr]
 
 
 def retain_none(unit: Unit) -> bool:
