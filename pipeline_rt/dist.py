@@ -48,6 +48,7 @@ Device = Union[torch.device, str, int]
 Key = Tuple[str, int, Unit]
 DEFAULT_TIMEOUT = 300.0
 _TABLE_WIDTH = 200
+_JOINED = [0]  # default process groups this process has joined (init_distributed)
 
 
 class PipelineCommError(RuntimeError):
@@ -92,7 +93,15 @@ def init_distributed(device: torch.device, timeout: float) -> None:
             f"(or initialise torch.distributed yourself); missing environment variables {missing}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+    # torchrun's store outlives the process groups, and a default group made again after
+    # close() gets the name of the one before it: its keys there are the old group's (gloo
+    # then connects to addresses that are gone). Each group this process joins gets its own
+    # prefix (every rank joins and closes in the same order, so the counts agree).
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout)))
+    store = dist.PrefixStore(f"pipeline_rt/{_JOINED[0]}/", store)
+    _JOINED[0] += 1
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=timeout))
 
 
 class DistExecutor(Executor):

@@ -279,7 +279,8 @@ class Pipeline:
     def close(self) -> None:
         """End this process's distributed work cleanly (``backend="dist"``: waits for every
         posted transfer and destroys the process group, :func:`pipeline_rt.p2p.shutdown`);
-        call it on every rank after the last ``train``/``evaluate``. Nothing to do locally."""
+        call it on every rank after the last ``train``/``evaluate``. A ``backend="dist"``
+        pipeline built after it joins a new process group. Nothing to do locally."""
         if self._stages.count(None):
             from .p2p import shutdown
             shutdown()

@@ -7,7 +7,8 @@ group that ``destroy_process_group()`` could not tear down was still releasing t
 broadcast's tensor while the interpreter finalised (the chain: ``pipeline_rt/p2p.py`` module
 docs). The fast tests check the mechanism (after :func:`pipeline_rt.p2p.shutdown` no gloo
 thread is left; what the transport keeps and refuses); the slow one runs the example many
-times and asserts every run exits 0.
+times and asserts every run exits 0. Also under torchrun: a second pipeline after ``close()``
+joins a new process group.
 """
 from __future__ import annotations
 
@@ -100,6 +101,15 @@ def test_shutdown_warns_when_the_group_cannot_be_torn_down(one_rank_group):
         p2p.shutdown()
     assert any(k[0] is x for k in p2p._KEPT[kept:])
     del p2p._KEPT[kept:], pinned
+
+
+def test_a_pipeline_after_close_joins_a_new_group():
+    """Under torchrun the store outlives the process group: a second ``backend="dist"``
+    pipeline built after ``close()`` must not read the first group's keys (gloo then failed
+    to connect to the addresses of the group before). Both runs return the same losses."""
+    run = torchrun(Path(__file__).with_name("rejoin_worker.py"), 3, [])
+    assert not failure(run), failure(run)
+    assert run.stdout.count("two groups") == 3, run.stdout + run.stderr
 
 
 RUNS, RANKS, AT_ONCE = 20, 4, 2
