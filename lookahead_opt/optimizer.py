@@ -165,22 +165,14 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
         keep_now = rule.keep is not None and (closure is None or not rule.keeps_grad)
         keep_later = rule.keep is not None and not keep_now  # after the closure made the gradients
         mark = rule.skips_without_grad
-        if keep_now:
-            skipped = self._keep()
-            if mark and closure is None:
-                self._set_skipped(skipped)
-        elif mark and closure is None:
-            self._mark_skipped()
+        self._see_grads(keep_now, mark and closure is None)
         if closure is not None and (keep_later or mark):
             user_closure = closure
 
             def closure() -> Any:  # see the gradients the step is about to use
                 with torch.enable_grad():
                     loss = user_closure()
-                if mark:
-                    self._mark_skipped()
-                if keep_later:
-                    self._keep()
+                self._see_grads(keep_later, mark)
                 return loss
         loss = self.base.step() if closure is None else self.base.step(closure)
         self._generation.bump()
@@ -195,6 +187,16 @@ class PredictiveOptimizer(torch.optim.Optimizer, SwapMixin):
         settings = self.rule.settings
         for i, g in enumerate(self.base.param_groups):
             yield g, (g if settings is None else ChainMap(settings(self.base, i), g))
+
+    def _see_grads(self, keep: bool, mark: bool) -> None:
+        """Before a step, from the gradients it will use: what the rule keeps (``keep``) and
+        which parameters it skips (``mark``), in one pass over the parameters when both."""
+        if keep:
+            skipped = self._keep()
+            if mark:
+                self._set_skipped(skipped)
+        elif mark:
+            self._mark_skipped()
 
     def _mark_skipped(self) -> None:
         """Records the parameters the coming step skips (``grad`` is ``None``; see

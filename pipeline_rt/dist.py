@@ -25,6 +25,7 @@ broadcast, so every rank returns the same floats.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from datetime import timedelta
@@ -48,7 +49,7 @@ Device = Union[torch.device, str, int]
 Key = Tuple[str, int, Unit]
 DEFAULT_TIMEOUT = 300.0
 _TABLE_WIDTH = 200
-_JOINED = [0]  # default process groups this process has joined (init_distributed)
+_GROUPS = itertools.count()  # numbers the default process groups this process joins (init_distributed)
 
 
 class PipelineCommError(RuntimeError):
@@ -98,8 +99,7 @@ def init_distributed(device: torch.device, timeout: float) -> None:
     # then connects to addresses that are gone). Each group this process joins gets its own
     # prefix (every rank joins and closes in the same order, so the counts agree).
     store, rank, world_size = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout)))
-    store = dist.PrefixStore(f"pipeline_rt/{_JOINED[0]}/", store)
-    _JOINED[0] += 1
+    store = dist.PrefixStore(f"pipeline_rt/{next(_GROUPS)}/", store)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=timeout))
 
