@@ -174,7 +174,7 @@ class Pipeline:
             module = spec if isinstance(spec, nn.Module) else spec()
             if not isinstance(module, nn.Module):
                 raise TypeError(f"stage {k} must be an nn.Module or a factory of one, got {type(module).__name__}")
-            params = self._ties.params_of(k, module, devices[k])
+            params = self._ties.params_of(k, module, torch.device(devices[k]))
             module.to(devices[k])
             opt = PredictiveOptimizer(optimizer(params), rule=self.method.rule, strict=strict,
                                       check_finite=check_finite) if params else None

@@ -1,16 +1,15 @@
 """Tied parameters across stages (pipeline_rt.ties): the flush methods against single-device
 training, locally and across gloo ranks; the asynchronous methods refused.
 
-The model: a 4-stage token model whose output projection is its input embedding (GPT-2's
-tie): stage 0 embeds, stages 1-2 are tanh layers, stage 3 projects back with the
-embedding's weight. The oracle: the same modules as one model, one AdamW over its
+The model (tests/ties_worker.py): a 4-stage token model whose output projection is its input
+embedding (GPT-2's tie). The oracle: the same modules as one model, one AdamW over its
 (deduplicated) parameters, one step per minibatch on the whole minibatch's mean loss.
 """
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import pytest
 import torch
@@ -20,42 +19,12 @@ from pipeline_rt import Pipeline
 from pipeline_rt.methods import METHODS
 from pipeline_rt.ties import TieError, Ties
 
+from dist_worker import launch
+from ties_worker import N, TIE, TieRuns, adamw, data, modules
+
 pytestmark = pytest.mark.usefixtures("float64")
 
-VOCAB, WIDTH, ROWS, MINIBATCHES, N = 11, 6, 8, 5, 4
 FLUSH = ("sync", "1f1b-flush")
-
-
-class Head(nn.Module):
-    """The output projection: logits = h @ weight.T (weight: the embedding's when tied)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(VOCAB, WIDTH) * 0.5)
-
-    def forward(self, h: Tensor) -> Tensor:
-        return h @ self.weight.t()
-
-
-def modules(seed: int = 0, tied: bool = True) -> List[nn.Module]:
-    """The four stages; the head shares the embedding's Parameter when ``tied``."""
-    torch.manual_seed(seed)
-    embed = nn.Embedding(VOCAB, WIDTH)
-    mid = [nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()) for _ in range(2)]
-    head = Head()
-    if tied:
-        head.weight = embed.weight
-    return [embed, *mid, head]
-
-
-def data(count: int = MINIBATCHES) -> List[Tuple[Tensor, Tensor]]:
-    g = torch.Generator().manual_seed(3)
-    return [(torch.randint(VOCAB, (ROWS,), generator=g), torch.randint(VOCAB, (ROWS,), generator=g))
-            for _ in range(count)]
-
-
-def adamw(params: Any) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=0.05, weight_decay=0.1)
 
 
 def single_device(stages: Sequence[nn.Module], batches: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[List[float], nn.Module]:
@@ -97,7 +66,7 @@ def test_declared_tie_of_separate_copies_equals_single_device():
     apart = modules(tied=False)
     factories = [lambda m=m: m for m in apart]
     pipe = Pipeline(factories, ["cpu"] * N, adamw, nn.functional.cross_entropy, method="1f1b-flush",
-                    ties=[{0: "weight", 3: "weight"}])
+                    ties=[TIE])
     torch.testing.assert_close(pipe.train(data()), want_losses)
     assert_trained_as(oracle, pipe.stages)
 
@@ -132,3 +101,28 @@ def test_resume_with_a_tie_is_exact(tmp_path: Path):
     for a, b in zip(again.stages, whole.stages):
         for p, q in zip(a.parameters(), b.parameters()):
             assert torch.equal(p, q)
+
+
+def test_dist_equals_single_device(tmp_path: Path):
+    """One launch of 4 gloo ranks: a declared tie of copies built apart (the owner's value
+    broadcast), a tie found among modules, and a resume; copies bit-identical across ranks."""
+    want_losses, oracle = single_device(modules(), data())
+    out = launch(TieRuns(str(tmp_path / "ckpt")), tmp_path, deadline=120.0)
+    assert out.exitcodes == [0] * N, out.errors
+    for case in ("declared", "found", "resumed"):
+        for rank, result in enumerate(out.results):
+            losses, weights = result[case]
+            torch.testing.assert_close(losses, want_losses, msg=lambda m: f"{case}, rank {rank}: {m}")
+            for (name, w), (got_name, p) in zip(oracle[rank].named_parameters(), weights.items()):
+                torch.testing.assert_close(p, w, msg=lambda m: f"{case}, stage {rank} {name}: {m}")
+        assert torch.equal(out.results[0][case][1]["weight"], out.results[N - 1][case][1]["weight"]), case
+    for result in out.results:  # a resume is the uninterrupted run, bit for bit
+        assert result["resumed"][0] == result["declared"][0]
+        assert all(torch.equal(result["resumed"][1][n], w) for n, w in result["declared"][1].items())
+    assert out.results[0]["found_ties"] == [TIE]
+
+
+def test_dist_refuses_clipping_a_tie():
+    with pytest.raises(TieError, match="clip_grad_norm with tied parameters and backend='dist'"):
+        Pipeline(modules(), ["cpu"] * N, adamw, nn.functional.cross_entropy, method="sync", backend="dist",
+                 clip_grad_norm=1.0)
