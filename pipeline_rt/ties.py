@@ -65,7 +65,6 @@ __all__ = ["Ties", "TieError"]
 
 #: one tie: stage index -> the parameter's name in that stage's module
 TieSpec = Mapping[int, str]
-_Member = Tuple[int, str]
 
 
 class TieError(ValueError):
@@ -86,7 +85,7 @@ class Ties:
 
     def __init__(self, declared: Optional[Sequence[TieSpec]], specs: Sequence[Any], method: Method, backend: str,
                  clip: bool) -> None:
-        self.num_stages, self.method, self.local, self.clip = len(specs), method, backend == "local", clip
+        self.method, self.local, self.clip = method, backend == "local", clip
         self.groups: List[Dict[int, str]] = [dict(sorted(t.items())) for t in _checked(declared, len(specs))]
         if not self.local:
             for tie in _shared([s if isinstance(s, nn.Module) else None for s in specs]):
@@ -229,7 +228,6 @@ class Ties:
                                     f"{sorted(tie)} [timeout {ex.timeout:g} s]: {e}\n"
                                     f"A holder that died or stalls leaves the others waiting; check their logs.",
                                     ex.rank, None, None) from e
-
 
 
 def _meta(p: Tensor) -> Tensor:

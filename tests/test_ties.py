@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -27,15 +27,20 @@ pytestmark = pytest.mark.usefixtures("float64")
 FLUSH = ("sync", "1f1b-flush")
 
 
-def single_device(stages: Sequence[nn.Module], batches: Sequence[Tuple[Tensor, Tensor]]) -> Tuple[List[float], nn.Module]:
-    """The oracle: the stages as one model (the tie one parameter), trained on one device."""
+def single_device(stages: Sequence[nn.Module], batches: Sequence[Tuple[Tensor, Tensor]],
+                  loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
+                  clip: Optional[float] = None) -> Tuple[List[float], nn.Module]:
+    """The oracle: the stages as one model (the tie one parameter), trained on one device
+    (gradients clipped to the total norm ``clip``)."""
     model = copy.deepcopy(nn.Sequential(*stages))  # deepcopy keeps the tie: one parameter
     opt = adamw(model.parameters())
     losses = []
     for x, y in batches:
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = loss_fn(model(x), y)
         opt.zero_grad()
         loss.backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         losses.append(loss.item())
     return losses, model
@@ -68,6 +73,72 @@ def test_declared_tie_of_separate_copies_equals_single_device():
     pipe = Pipeline(factories, ["cpu"] * N, adamw, nn.functional.cross_entropy, method="1f1b-flush",
                     ties=[TIE])
     torch.testing.assert_close(pipe.train(data()), want_losses)
+    assert_trained_as(oracle, pipe.stages)
+
+
+def test_global_clipping_counts_a_tie_once():
+    stages = modules()
+    want_losses, oracle = single_device(stages, data(), clip=0.3)
+    pipe = Pipeline(stages, ["cpu"] * N, adamw, nn.functional.cross_entropy, method="sync", clip_grad_norm=0.3,
+                    clip_grad_scope="global")
+    torch.testing.assert_close(pipe.train(data()), want_losses)
+    assert_trained_as(oracle, pipe.stages)
+
+
+def _hidden(out: Any) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out  # a GPT2Block returns a tuple in older transformers
+
+
+class GPT2Embed(nn.Module):
+    """GPT-2's embeddings and first block."""
+
+    def __init__(self, t: nn.Module) -> None:
+        super().__init__()
+        self.wte, self.wpe, self.block = t.wte, t.wpe, t.h[0]
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return _hidden(self.block(self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, h: Tensor) -> Tensor:
+        return _hidden(self.block(h))
+
+
+class GPT2Head(nn.Module):
+    """The final norm and the output projection (tied to ``wte``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.ln_f, self.lm_head = model.transformer.ln_f, model.lm_head
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.lm_head(self.ln_f(h))
+
+
+def token_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+@pytest.mark.parametrize("method", FLUSH)
+def test_transformers_gpt2_split_by_hand_equals_single_device(method):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=13, n_positions=8, n_embd=8, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).double()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    stages = [GPT2Embed(model.transformer), GPT2Block(model.transformer.h[1]), GPT2Head(model)]
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(13, (4, 6), generator=g), torch.randint(13, (4, 6), generator=g)) for _ in range(4)]
+    want_losses, oracle = single_device(stages, batches, token_loss)
+    pipe = Pipeline(stages, ["cpu"] * 3, adamw, token_loss, method=method)
+    assert pipe.ties == [{0: "wte.weight", 2: "lm_head.weight"}]
+    torch.testing.assert_close(pipe.train(batches), want_losses)
     assert_trained_as(oracle, pipe.stages)
 
 
