@@ -160,6 +160,17 @@ def test_holders_on_different_devices_are_refused():
         ties.params_of(3, stages[3], torch.device("cuda", 1))
 
 
+@pytest.mark.parametrize("ties, error", [
+    ([{0: "weight"}], r"each tie must map two or more stage indices \(0\.\.3\)"),
+    ([{0: "weight", 4: "weight"}], r"each tie must map two or more stage indices"),
+    ([{0: "weight", 3: "head.weight"}], r"stage 3 has no parameter 'head.weight'\nits parameters: weight"),
+    ([{0: "weight", 1: "0.weight"}], r"stage 1's '0.weight' \(6, 6\):torch.float64 cannot be tied .* \(11, 6\)"),
+])
+def test_a_wrong_declaration_is_refused(ties, error):
+    with pytest.raises(TieError, match=error):
+        Pipeline(modules(tied=False), ["cpu"] * N, adamw, nn.functional.cross_entropy, method="sync", ties=ties)
+
+
 def test_resume_with_a_tie_is_exact(tmp_path: Path):
     """A checkpoint cut of the last stage precedes the owner's STEP: the shared tensor's value
     is the owner's at resume."""
