@@ -235,6 +235,9 @@ class Executor(abc.ABC):
         self._deferred: List[int] = []
         #: the context each stage computes in (its stream), entered around its F, B and STEP
         self._contexts: List[ContextManager[Any]] = [_NO_CONTEXT] * self.num_stages
+        #: ``hook(k)`` called in order right before stage ``k``'s STEP (its gradients are
+        #: complete), e.g. the tied parameters' gradient sum (:mod:`pipeline_rt.ties`)
+        self.before_step: List[Callable[[int], None]] = []
 
     # ------------------------------------------------------------------ transport (subclasses)
 
@@ -373,6 +376,8 @@ class Executor(abc.ABC):
 
     def _step(self, run: Run, a: Action) -> None:
         k = a.stage
+        for hook in self.before_step:
+            hook(k)
         if run.clip_global is not None:
             self._global_step(run, k, run.views[k].actions.cursor.steps)
             return

@@ -48,6 +48,7 @@ from .guards import check_batch_dependent, check_device, loss_reduction, micro_b
 from .methods import Method, get_method
 from .schedule import LazySchedule
 from .stage import Stage, retain_none
+from .ties import TieSpec, Ties
 
 __all__ = ["Pipeline", "make_executor"]
 
@@ -120,6 +121,12 @@ class Pipeline:
         strict: refuse optimizers without a closed-form prediction rule.
         timeout: ``backend="dist"``: seconds a rank waits for a peer before it fails with
             the schedule table (default ``$PIPELINE_RT_TIMEOUT`` or 300).
+        ties: parameters held by several stages, one mapping per tie, stage index ->
+            parameter name in that stage's module, e.g. ``[{0: "wte.weight", 3:
+            "lm_head.weight"}]``; the same ``Parameter`` object in several stage modules is
+            found without it. The flush methods train a tie exactly (one update per
+            minibatch on the sum of its holders' gradients); the others refuse it
+            (:mod:`pipeline_rt.ties`).
     """
 
     def __init__(self, stages: Sequence[StageSpec], devices: Sequence[Device],
@@ -129,7 +136,7 @@ class Pipeline:
                  lr_scheduler: Optional[Callable[[torch.optim.Optimizer], Any]] = None,
                  clip_grad_norm: Optional[float] = None, clip_grad_scope: str = "stage",
                  check_finite: bool = False, track_error: bool = False, strict: bool = False,
-                 timeout: Optional[float] = None) -> None:
+                 timeout: Optional[float] = None, ties: Optional[Sequence[TieSpec]] = None) -> None:
         stages, devices = list(stages), [torch.device(d) for d in devices]
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
@@ -159,6 +166,7 @@ class Pipeline:
             else None
         stage_clip = None if clip_grad_norm is None or clip_grad_scope == "global" else float(clip_grad_norm)
         self._schedule = LazySchedule(self.method.shape, self.num_stages, self.chunks)
+        self._ties = Ties(ties, stages, self.method, backend, clip_grad_norm is not None)
 
         def build_stage(k: int) -> Stage:
             spec = stages[k]
@@ -166,14 +174,15 @@ class Pipeline:
             module = spec if isinstance(spec, nn.Module) else spec()
             if not isinstance(module, nn.Module):
                 raise TypeError(f"stage {k} must be an nn.Module or a factory of one, got {type(module).__name__}")
+            params = self._ties.params_of(k, module, torch.device(devices[k]))
             module.to(devices[k])
-            params = list(module.parameters())
             opt = PredictiveOptimizer(optimizer(params), rule=self.method.rule, strict=strict,
                                       check_finite=check_finite) if params else None
             return Stage(k, self.num_stages, module, opt, self.method, loss_fn, check_finite=check_finite,
                          track_error=track_error, lr_scheduler=lr_scheduler, clip_grad_norm=stage_clip)
 
         self.executor, self._stages = make_executor(backend, build_stage, devices, self._schedule, timeout)
+        self._ties.attach(self.executor)
         check_batch_dependent([None if s is None else s.module for s in self._stages], self.chunks, self.method.name)
 
     # ------------------------------------------------------------------ training
@@ -291,6 +300,11 @@ class Pipeline:
     def stages(self) -> List[Optional[nn.Module]]:
         """The stage modules, weights as trained (``None`` for stages of other ranks)."""
         return [None if s is None else s.module for s in self._stages]
+
+    @property
+    def ties(self) -> List[Dict[int, str]]:
+        """The tied parameters, declared or found, as ``{stage: parameter name}`` each."""
+        return self._ties.found
 
     @property
     def stage_runtimes(self) -> List[Optional[Stage]]:
