@@ -116,7 +116,8 @@ def test_flush_methods_under_bfloat16_equal_single_device_training(method):
     assert_same(got, single_device(model, batches, adam, pipe.chunks, BF16))
     ev = pipe.evaluate(batches[:1])["loss"]  # evaluation under the same autocast
     with torch.autocast("cpu", BF16):
-        assert ev == pytest.approx(float(MSE(nn.Sequential(*pipe.stages)(batches[0][0]), batches[0][1])), rel=1e-6)
+        want = MSE(nn.Sequential(*pipe.stages)(batches[0][0]), batches[0][1]).item()
+    assert ev == pytest.approx(want, rel=1e-6)
 
 
 # -------------------------------------------------------------- asynchronous methods: a sequential simulation
@@ -162,7 +163,7 @@ def simulate(model: nn.Sequential, batches, make_opt: Callable, method: str,
         with torch.autocast("cpu", dtype):
             loss = MSE(out, y)
         (g,) = torch.autograd.grad(loss, out)
-        losses.append(float(loss))
+        losses.append(loss.item())
         for k in reversed(range(n)):
             inputs, wb = kept[k]
             wb = [w.detach().requires_grad_(True) for w in wb]
@@ -189,9 +190,7 @@ def test_async_methods_under_bfloat16_equal_the_simulation(method):
     model, batches = mlp(), data(8)
     pipe = pipe_of(model, sgd, method, autocast=BF16)
     got = pipe.train(batches), weights(pipe)
-    # pipeoptim: the prediction W - lr s m is computed with other roundings here (fused or not)
-    tol = {"rtol": 1e-5, "atol": 1e-6} if method == "pipeoptim" else {}
-    assert_same(got, simulate(model, batches, sgd, method, BF16), **tol)
+    assert_same(got, simulate(model, batches, sgd, method, BF16))
 
 
 # -------------------------------------------------------------- torch.autocast entered around train()
