@@ -59,8 +59,10 @@ def weights(pipe: Pipeline) -> List[Tensor]:
 
 
 def single_device(model: nn.Module, batches, make_opt: Callable, chunks: int, dtype: torch.dtype,
-                  scaler: "torch.amp.GradScaler | None" = None) -> Tuple[List[float], List[Tensor]]:
-    """Plain training of a copy of ``model`` with each forward (and loss) under autocast."""
+                  scaler: "torch.amp.GradScaler | None" = None, clip: "float | None" = None
+                  ) -> Tuple[List[float], List[Tensor]]:
+    """Plain training of a copy of ``model`` with each forward (and loss) under autocast
+    (with a GradScaler: unscale, clip to ``clip``, step, update)."""
     model = copy.deepcopy(model)
     opt = make_opt(list(model.parameters()))
     losses = []
@@ -74,6 +76,9 @@ def single_device(model: nn.Module, batches, make_opt: Callable, chunks: int, dt
         if scaler is None:
             opt.step()
         else:
+            if clip is not None:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
             scaler.step(opt)
             scaler.update()
         opt.zero_grad()
@@ -225,17 +230,19 @@ def test_float16_refused_without_a_flush():
 
 # -------------------------------------------------------------- float16: loss scaling, one skip for all stages
 
-def test_float16_skips_the_update_at_every_stage_and_backs_off_the_scale():
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_float16_skips_the_update_at_every_stage_and_backs_off_the_scale(clip):
     """An input too large for float16 (inf after autocast's cast) in minibatch 2: stage 0's
     weight gradient is NaN (0 * inf through tanh's saturation), stages 1 and 2 stay finite.
     Every stage skips that update, and the scale backs off, as GradScaler does in
-    single-device training."""
+    single-device training. Global clipping sees the unscaled gradients."""
     model, batches = mlp(), data(5)
     batches[2][0][1, 3] = 1e6
-    pipe = pipe_of(model, adam, "sync", autocast=torch.float16)
+    kw = {} if clip is None else {"clip_grad_norm": clip, "clip_grad_scope": "global"}
+    pipe = pipe_of(model, adam, "sync", autocast=torch.float16, **kw)
     got = pipe.train(batches), weights(pipe)
     scaler = torch.amp.GradScaler("cpu")
-    want = single_device(model, batches, adam, pipe.chunks, torch.float16, scaler)
+    want = single_device(model, batches, adam, pipe.chunks, torch.float16, scaler, clip)
     assert want[0][2] == want[0][2]  # the loss is finite: the inf is in stage 0's gradient only
     assert_same(got, want)
     assert pipe.loss_scaling is not None and pipe.loss_scaling.skipped == 1
