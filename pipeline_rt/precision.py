@@ -1,8 +1,8 @@
 """Mixed precision: each stage's forward under :class:`torch.autocast`; float16 with loss scaling.
 
 ``Pipeline(..., autocast=torch.bfloat16)`` (or ``torch.float16``) runs every forward of every
-stage (the loss included, at the last stage; a checkpoint's re-run forwards and a
-recomputation too) inside :func:`autocast`: ``torch.autocast(device.type, dtype)`` whose cache
+stage (the loss included, at the last stage; a checkpoint's re-run forwards too, and a
+recomputation enters the same context: ``stage.autocast()``) inside :func:`autocast`: ``torch.autocast(device.type, dtype)`` whose cache
 of weight casts lives for that one forward (cleared when it is entered and when it is left,
 also when an autocast of the caller is active around it). The backward and the optimizer step
 run outside autocast, as torch recommends. The weights stay in their own dtype (float32
@@ -18,11 +18,14 @@ gradients are complete (the flush methods: their STEPs wait for one another, as 
 clipping), every stage's gradients are unscaled (``scaler.unscale_``, per stage optimizer),
 and if any stage found an inf or a NaN, every stage skips the update: its gradients are
 dropped (``None``) before its STEP, which torch optimizers take as "no update" (weights and
-state unchanged; the learning-rate scheduler still steps, as in torch's GradScaler loop), and
-a predictor sees a zero update. Then ``scaler.update()`` backs the scale off (or grows it)
+state unchanged; the learning-rate scheduler still steps, as in torch's GradScaler loop; a
+:class:`~lookahead_opt.PredictiveOptimizer` marks the parameters skipped, a zero update to its
+prediction). Then ``scaler.update()`` backs the scale off (or grows it)
 exactly as in single-device training with a GradScaler. The asynchronous methods are refused
 with float16: a stage's update there holds gradients scaled at other times than its
-neighbours', and no single decision skips "the minibatch" everywhere.
+neighbours', and no single decision skips "the minibatch" everywhere; so is ``backend="dist"``
+(the decision would need a collective: not implemented yet), and checkpoints (the scale is not
+saved yet).
 
 ``torch.autocast`` entered by the caller around :meth:`~pipeline_rt.Pipeline.train`
 (:func:`caller_autocast`) is taken as ``autocast=`` its dtype for that call: its cache would
