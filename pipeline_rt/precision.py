@@ -2,15 +2,15 @@
 
 ``Pipeline(..., autocast=torch.bfloat16)`` (or ``torch.float16``) runs every forward of every
 stage (the loss included, at the last stage; a checkpoint's re-run forwards too, and a
-recomputation enters the same context: ``stage.autocast()``) inside :func:`autocast`: ``torch.autocast(device.type, dtype)`` whose cache
-of weight casts lives for that one forward (cleared when it is entered and when it is left,
-also when an autocast of the caller is active around it). The backward and the optimizer step
-run outside autocast, as torch recommends. The weights stay in their own dtype (float32
-master weights): predicted, stashed and replayed weights are float32 tensors, and autocast
-casts whichever the forward runs on; the backward's weights are cast the same way
-(:mod:`lookahead_opt.redirect` follows autocast's casts), so a method whose backward uses other
-weights than its forward (``async``, ``pipedream``, ``pipeoptim``, ``spectrain``, ...) gets, at
-its backward, the cast of exactly those weights.
+recomputation enters the same context: ``stage.autocast()``) inside :func:`autocast`:
+``torch.autocast(device.type, dtype)`` whose cache of weight casts lives for that one forward
+(cleared when it is entered and when it is left, also when an autocast of the caller is active
+around it). The backward and the optimizer step run outside autocast, as torch recommends. The
+weights stay in their own dtype (float32 master weights): predicted, stashed and replayed
+weights are float32 tensors, and autocast casts whichever the forward runs on; the backward's
+weights are cast the same way (:mod:`lookahead_opt.redirect` follows autocast's casts), so a
+method whose backward uses other weights than its forward (``async``, ``pipedream``,
+``pipeoptim``, ``spectrain``, ...) gets, at its backward, the cast of exactly those weights.
 
 float16 (:class:`LossScaling`, on :class:`torch.amp.GradScaler`): the last stage's backward
 differentiates ``scaler.scale(loss)``; at the STEP of a minibatch, once every stage's
