@@ -230,8 +230,8 @@ def test_float16_refused_without_a_flush():
 
 # -------------------------------------------------------------- float16: loss scaling, one skip for all stages
 
-@pytest.mark.parametrize("clip", [None, 0.05])
-def test_float16_skips_the_update_at_every_stage_and_backs_off_the_scale(clip):
+@pytest.mark.parametrize("method,clip", [("sync", None), ("sync", 0.05), ("1f1b-flush", 0.05)])
+def test_float16_skips_the_update_at_every_stage_and_backs_off_the_scale(method, clip):
     """An input too large for float16 (inf after autocast's cast) in minibatch 2: stage 0's
     weight gradient is NaN (0 * inf through tanh's saturation), stages 1 and 2 stay finite.
     Every stage skips that update, and the scale backs off, as GradScaler does in
@@ -239,7 +239,7 @@ def test_float16_skips_the_update_at_every_stage_and_backs_off_the_scale(clip):
     model, batches = mlp(), data(5)
     batches[2][0][1, 3] = 1e6
     kw = {} if clip is None else {"clip_grad_norm": clip, "clip_grad_scope": "global"}
-    pipe = pipe_of(model, adam, "sync", autocast=torch.float16, **kw)
+    pipe = pipe_of(model, adam, method, autocast=torch.float16, **kw)
     got = pipe.train(batches), weights(pipe)
     scaler = torch.amp.GradScaler("cpu")
     want = single_device(model, batches, adam, pipe.chunks, torch.float16, scaler, clip)
