@@ -220,10 +220,12 @@ def test_autocast_around_train_refused_where_it_cannot_be_exact():
         pipe_of(model, sgd, "sync", autocast=BF16).train(batches)
 
 
-def test_float16_refused_without_a_flush():
+def test_float16_refused_where_one_skip_decision_is_not_made(tmp_path):
     for method, backend, what in (("pipeoptim", "local", "flush method"), ("sync", "dist", "backend='local'")):
         with pytest.raises(ValueError, match=what):
             pipe_of(mlp(), sgd, method, autocast=torch.float16, backend=backend)
+    with pytest.raises(ValueError, match="loss scale"):
+        pipe_of(mlp(), sgd, "sync", autocast=torch.float16).train(data(2), checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="autocast must be None"):
         pipe_of(mlp(), sgd, "sync", autocast=torch.float64)
 
