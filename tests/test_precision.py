@@ -139,8 +139,8 @@ def simulate(model: nn.Sequential, batches, make_opt: Callable, method: str,
     M = [[[torch.zeros_like(p) for p in ps]] for ps in params]              # momentum buffer at version v
     lr = [o.param_groups[0]["lr"] for o in opts]
 
-    def at(k: int, v: int, s: int) -> List[Tensor]:  # version v, or pipeoptim's prediction s ahead
-        if method != "pipeoptim" or s == 0:
+    def at(k: int, v: int, s: int) -> List[Tensor]:  # version v, or the prediction s ahead (SGD: the momentum)
+        if method not in ("pipeoptim", "spectrain") or s == 0:
             return W[k][v]
         return [w - lr[k] * s * m for w, m in zip(W[k][v], M[k][v])]
 
@@ -156,8 +156,9 @@ def simulate(model: nn.Sequential, batches, make_opt: Callable, method: str,
         h, kept = x, []
         for k in range(n):
             vf, vb = versions(n, k, j, 1)
-            wf = at(k, vf, vb - vf)
-            wb = wf if method == "pipedream" else W[k][vb]
+            extra = k // 2 if method == "spectrain" else 0  # SpecTrain's offset
+            wf = at(k, vf, extra + vb - vf)
+            wb = wf if method == "pipedream" else at(k, vb, extra)
             inputs = []
             with torch.no_grad(), torch.autocast("cpu", dtype):
                 for layer, lw in zip(stages[k], layer_weights(k, wf)):
@@ -187,11 +188,12 @@ def simulate(model: nn.Sequential, batches, make_opt: Callable, method: str,
     return losses, [w for ws in W for w in ws[-1]]
 
 
-@pytest.mark.parametrize("method", ["async", "pipedream", "pipeoptim"])
+@pytest.mark.parametrize("method", ["async", "pipedream", "pipeoptim", "spectrain"])
 def test_async_methods_under_bfloat16_equal_the_simulation(method):
     """The backward's weights are cast as autocast casts them (``async``, ``pipeoptim``: the
-    live ones; ``pipedream``: the forward's, stashed in float32); ``pipeoptim``'s forward
-    runs on the cast of its float32 prediction."""
+    live ones; ``pipedream``: the forward's, stashed in float32; ``spectrain``: a float32
+    prediction made at the backward); the predicting methods' forwards run on the cast of
+    their float32 prediction."""
     model, batches = mlp(), data(8)
     pipe = pipe_of(model, sgd, method, autocast=BF16)
     got = pipe.train(batches), weights(pipe)
