@@ -17,17 +17,16 @@ The parameters are matched by storage at the time the context is entered, so it 
 works while the parameters' ``.data`` has been pointed at predicted weights
 (:meth:`PredictiveOptimizer.swap_in`).
 
-Copies of a parameter are followed too. Under :class:`torch.autocast` an op does not see the
+Casts of a parameter are followed too. Under :class:`torch.autocast` an op does not see the
 parameter but a cast of it (``weight.to(bfloat16)``, a new tensor outside the parameter's
-storage), and that cast (or a view of it) is what autograd saves. A saved tensor whose
-storage belongs to a cast made by ``aten::_to_copy`` directly from one of the parameters
-(its dtype is none of the parameters', its ``grad_fn`` is ``ToCopyBackward0`` and the next
-node accumulates into the parameter) is redirected as well: at backward it is
-``resolve(index)`` cast the same way (``.to(dtype, device)``, which is autocast's cast),
-viewed as the saved tensor was. So
-the backward of a forward under autocast sees the cast of the weights it is to use, not the
-cast of the forward's. (A parameter with ``requires_grad=False`` has no such node: its copies
-are kept as saved, which is right for weights that never change.)
+storage), and that cast (or a view of it) is what autograd saves. A saved tensor whose storage
+belongs to a cast made by ``aten::_to_copy`` directly from one of the parameters (its dtype is
+none of the parameters', its ``grad_fn`` is ``ToCopyBackward0`` and the next node accumulates
+into the parameter) is redirected as well: at backward it is ``resolve(index)`` cast the same
+way (``.to(dtype, device)``, which is autocast's cast), viewed as the saved tensor was. So the
+backward of a forward under autocast sees the cast of the weights it is to use, not the cast
+of the forward's. (A parameter with ``requires_grad=False`` has no such node: its copies are
+kept as saved, which is right for weights that never change.)
 """
 from __future__ import annotations
 

@@ -209,7 +209,8 @@ class Stage:
         self._needs_forward_weights = method.compensation.needs_forward_weights and bool(self.params)
         self._observed = 0  # observations handed to the predictor
         self._update = _Update()
-        #: the context every forward of the stage runs in (:func:`pipeline_rt.precision.autocast`)
+        #: the context every forward (and recomputation) of the stage runs in: ``with stage.autocast():``
+        #: (:func:`pipeline_rt.precision.autocast`, set by the pipeline for each run)
         self.autocast: Callable[[], ContextManager[Any]] = no_autocast
         #: float16: the loss scaling the last stage's backward applies (:mod:`pipeline_rt.precision`)
         self.loss_scaling: Optional[LossScaling] = None
