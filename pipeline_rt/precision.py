@@ -182,6 +182,7 @@ class LossScaling:
         optimizers: stages without parameters."""
         found = False
         states = self.scaler._per_optimizer_states
+        states.clear()  # (what a round interrupted by an error left between unscale_ and update)
         for opt, ctx in zip(optimizers, contexts):
             if opt is not None:
                 with ctx:
