@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .feed import DataMismatch, Feed
+from .precision import LossScaling
 from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, Cursor, LazySchedule, StageActions
 from .stage import Stage
 
@@ -194,6 +195,8 @@ class Run:
         progress: a tqdm-like bar updated once per minibatch on the last stage, or None.
         checkpoint: decides and writes the checkpoint cuts (:mod:`pipeline_rt.checkpoint`).
         clip_global: clip the total gradient norm over all stages (flush methods).
+        scaling: float16 loss scaling (flush methods): the STEPs wait for one another, unscale,
+            and all skip when any stage's gradients are not finite (:mod:`pipeline_rt.precision`).
         losses: the per-minibatch losses (on the last stage).
         ready: messages already in transit when the run starts (a resume), as
             ``(kind of the receive, receiving stage, minibatch, micro)``.
@@ -206,6 +209,7 @@ class Run:
     progress: Any = None
     checkpoint: Any = None
     clip_global: Optional[float] = None
+    scaling: Optional[LossScaling] = None
     losses: LossLog = field(default_factory=LossLog)
     ready: List[Tuple[str, int, int, int]] = field(default_factory=list)
 
@@ -378,7 +382,7 @@ class Executor(abc.ABC):
         k = a.stage
         for hook in self.before_step:
             hook(k)
-        if run.clip_global is not None:
+        if run.clip_global is not None or run.scaling is not None:
             self._global_step(run, k, run.views[k].actions.cursor.steps)
             return
         stage = self.stages[k]
@@ -389,30 +393,37 @@ class Executor(abc.ABC):
             self._stepped(run, k, run.views[k].actions.cursor.steps)  # (the cursor counts this STEP after it)
 
     def _global_step(self, run: Run, k: int, j: int) -> None:
-        """Clip by the norm over every stage's gradients, then step (flush methods only:
-        each stage's STEP waits for the last one, the first stage's, when nothing else
-        can run in between)."""
+        """Unscale (float16: every stage skips if any gradient is not finite), clip by the
+        norm over every stage's gradients, then step (flush methods only: each stage's STEP
+        waits for the last one, the first stage's, when nothing else can run in between)."""
         self._deferred.append(k)
         mine = [i for i, s in enumerate(self.stages) if s is not None]
         if len(self._deferred) < len(mine):
             return
         ks, self._deferred = sorted(self._deferred), []
-        norms = []
-        for i in ks:
-            grads = self.stages[i].grads()  # type: ignore[union-attr]
-            norms.append(torch.stack(torch._foreach_norm(grads)) if grads else None)
-        total = self._total_norm(run, k, _concat(norms))
+        if run.scaling is not None:
+            run.scaling.unscale([self.stages[i].optimizer for i in ks],  # type: ignore[union-attr]
+                                [self._contexts[i] for i in ks])
+        total = None
+        if run.clip_global is not None:
+            norms = []
+            for i in ks:
+                grads = self.stages[i].grads()  # type: ignore[union-attr]
+                norms.append(torch.stack(torch._foreach_norm(grads)) if grads else None)
+            total = self._total_norm(run, k, _concat(norms))
         for i, stage in ((i, self.stages[i]) for i in ks):
             assert stage is not None
             grads = stage.grads()
-            if grads:
-                assert run.clip_global is not None
+            if grads and run.clip_global is not None:
+                assert total is not None
                 coef = torch.clamp(run.clip_global / (total.to(grads[0].device) + 1e-6), max=1.0)
                 torch._foreach_mul_(grads, coef)
             with self._contexts[i]:
                 stage.step()
             if run.checkpoint is not None:
                 self._stepped(run, i, j)
+        if run.scaling is not None:
+            run.scaling.update()
 
     def _stepped(self, run: Run, k: int, j: int) -> None:
         """Stage ``k`` has run its STEP of minibatch ``j``: the checkpoint's cut (a run that

@@ -34,6 +34,7 @@ dropped (updates already applied stay) and the pipeline can train again.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 
 from lookahead_opt import PredictiveOptimizer
 
-from . import checkpoint
+from . import checkpoint, precision
 from .executor import EXISTS, Executor, Info, Run, StageRun, eval_mode
 from .feed import Feed
 from .guards import check_batch_dependent, check_device, loss_reduction, micro_batch_weight
@@ -127,6 +128,10 @@ class Pipeline:
             found without it. The flush methods train a tie exactly (one update per
             minibatch on the sum of its holders' gradients); the others refuse it
             (:mod:`pipeline_rt.ties`).
+        autocast: ``torch.bfloat16`` or ``torch.float16``: every forward of every stage (and
+            the loss) under ``torch.autocast``, the weights kept in their own dtype (float32
+            master weights); float16 with loss scaling (:attr:`loss_scaling`, flush methods).
+            See :mod:`pipeline_rt.precision`.
     """
 
     def __init__(self, stages: Sequence[StageSpec], devices: Sequence[Device],
@@ -136,7 +141,8 @@ class Pipeline:
                  lr_scheduler: Optional[Callable[[torch.optim.Optimizer], Any]] = None,
                  clip_grad_norm: Optional[float] = None, clip_grad_scope: str = "stage",
                  check_finite: bool = False, track_error: bool = False, strict: bool = False,
-                 timeout: Optional[float] = None, ties: Optional[Sequence[TieSpec]] = None) -> None:
+                 timeout: Optional[float] = None, ties: Optional[Sequence[TieSpec]] = None,
+                 autocast: Optional[torch.dtype] = None) -> None:
         stages, devices = list(stages), [torch.device(d) for d in devices]
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
@@ -159,7 +165,7 @@ class Pipeline:
                              f"at different times: use clip_grad_scope='stage'")
         self.num_stages = len(stages)
         self.chunks = self.method.num_chunks(self.num_stages)
-        self.devices = devices
+        self.devices: List[torch.device] = [torch.device(d) for d in devices]
         self.loss_fn = loss_fn
         self.reduction = loss_reduction(loss_fn)
         self._clip_global = float(clip_grad_norm) if clip_grad_norm is not None and clip_grad_scope == "global" \
@@ -167,6 +173,10 @@ class Pipeline:
         stage_clip = None if clip_grad_norm is None or clip_grad_scope == "global" else float(clip_grad_norm)
         self._schedule = LazySchedule(self.method.shape, self.num_stages, self.chunks)
         self._ties = Ties(ties, stages, self.method, backend, clip_grad_norm is not None)
+        precision.check_autocast(autocast, self.devices, self.method.shape != "async-1f1b", backend, self.method.name)
+        self.autocast = autocast
+        #: float16: the loss scaling (its ``scaler``, a torch.amp.GradScaler; ``skipped`` updates); else None
+        self.loss_scaling = precision.LossScaling(self.devices[-1].type) if autocast is torch.float16 else None
 
         def build_stage(k: int) -> Stage:
             spec = stages[k]
@@ -178,8 +188,10 @@ class Pipeline:
             module.to(devices[k])
             opt = PredictiveOptimizer(optimizer(params), rule=self.method.rule, strict=strict,
                                       check_finite=check_finite) if params else None
-            return Stage(k, self.num_stages, module, opt, self.method, loss_fn, check_finite=check_finite,
-                         track_error=track_error, lr_scheduler=lr_scheduler, clip_grad_norm=stage_clip)
+            stage = Stage(k, self.num_stages, module, opt, self.method, loss_fn, check_finite=check_finite,
+                          track_error=track_error, lr_scheduler=lr_scheduler, clip_grad_norm=stage_clip)
+            stage.loss_scaling = self.loss_scaling
+            return stage
 
         self.executor, self._stages = make_executor(backend, build_stage, devices, self._schedule, timeout)
         self._ties.attach(self.executor)
@@ -230,8 +242,14 @@ class Pipeline:
             feed = Feed(batches, self.chunks, epochs=epochs,
                         weight=lambda rows, total: micro_batch_weight(self.reduction, rows, total),
                         fingerprint=checkpoint_dir is not None or resume_from is not None)
+        if self.loss_scaling is not None and (checkpoint_dir is not None or resume_from is not None):
+            raise ValueError("checkpoints do not save the loss scale of autocast=torch.float16 yet; train without\n"
+                             "  checkpoint_dir/resume_from, or use autocast=torch.bfloat16 (no loss scale)")
+        dtype = precision.caller_autocast(self._local_devices(), self.autocast)
+        for k, s in mine.items():
+            s.autocast = partial(precision.autocast, self.devices[k], dtype)
         run = Run(feed, {k: StageRun(self._schedule, k) for k in mine}, max_steps=max_steps, callback=callback,
-                  clip_global=self._clip_global)
+                  clip_global=self._clip_global, scaling=self.loss_scaling)
         saver = None
         if checkpoint_dir is not None:
             saver = checkpoint.Checkpointer(checkpoint_dir, checkpoint_every, self._describe())
@@ -251,7 +269,8 @@ class Pipeline:
                     raise ValueError("train() needs at least one (input, target) minibatch; got no minibatches")
             if progress and n - 1 in mine:
                 run.progress = _progress_bar(batches, epochs, max_steps, done)
-            return self.executor.train(run)
+            with precision.outside_autocast(self._local_devices()):  # a caller's: F enters its own
+                return self.executor.train(run)
         except BaseException:
             for s in mine.values():
                 s.clear()
@@ -274,16 +293,22 @@ class Pipeline:
         after): the rows-weighted means over ``batches`` of ``loss_fn`` and of
         ``metric(output, target)`` (a scalar per minibatch, e.g. accuracy), as
         ``{"loss": ..., "metric": ...}`` (``metric`` None without one). With
-        ``backend="dist"`` every rank returns the same values."""
-        return self.executor.evaluate(batches, self.loss_fn, metric, self.reduction)
+        ``backend="dist"`` every rank returns the same values. Under ``autocast=`` the
+        forwards run under torch.autocast, as in training."""
+        with precision.everywhere(self._local_devices(), self.autocast):
+            return self.executor.evaluate(batches, self.loss_fn, metric, self.reduction)
 
     def forward(self, inputs: Any) -> Any:
         """Inference: the last stage's output for ``inputs`` (forward only, live weights,
         modules in eval mode and restored after, no autograd). With ``backend="dist"`` every
         rank calls it, and the output is returned on the last stage's rank (``None`` on the
         others)."""
-        with eval_mode([s.module for s in self._stages if s is not None]):
+        with eval_mode([s.module for s in self._stages if s is not None]), \
+                precision.everywhere(self._local_devices(), self.autocast):
             return self.executor.infer(inputs)
+
+    def _local_devices(self) -> List[torch.device]:
+        return [d for d, s in zip(self.devices, self._stages) if s is not None]
 
     def close(self) -> None:
         """End this process's distributed work cleanly (``backend="dist"``: waits for every

@@ -66,6 +66,7 @@ from lookahead_opt.swapping import ObservingPredictor, WeightPredictor
 from .batchnorm import load_pending_stats, pending_stats
 from .guards import as_message
 from .methods import Method
+from .precision import LossScaling, no_autocast
 from .randomness import may_draw
 
 __all__ = ["Stage", "StageError", "Replay", "as_tuple", "as_leaf", "retain_none"]
@@ -208,6 +209,11 @@ class Stage:
         self._needs_forward_weights = method.compensation.needs_forward_weights and bool(self.params)
         self._observed = 0  # observations handed to the predictor
         self._update = _Update()
+        #: the context every forward (and recomputation) of the stage runs in: ``with stage.autocast():``
+        #: (:func:`pipeline_rt.precision.autocast`, set by the pipeline for each run)
+        self.autocast: Callable[[], ContextManager[Any]] = no_autocast
+        #: float16: the loss scaling the last stage's backward applies (:mod:`pipeline_rt.precision`)
+        self.loss_scaling: Optional[LossScaling] = None
         self.start_run()
 
     def start_run(self) -> None:
@@ -251,7 +257,7 @@ class Stage:
         # them or its policy is a prediction: only then are the saved weights redirected
         same = replay is None and not predicted and s == 0 and m.backward != "predict"
         with self._weights_for(distance, predicted, replay), (self._own_rng(replay) if self._draws else _NO_CONTEXT), \
-                (_NO_CONTEXT if same else redirect(self.params, self._resolver(rec))):
+                (_NO_CONTEXT if same else redirect(self.params, self._resolver(rec))), self.autocast():
             try:
                 out = self.module(*inputs)
                 if self.is_last:
@@ -317,7 +323,7 @@ class Stage:
             self._observed += 1
         if self.is_last:
             assert rec.loss is not None
-            torch.autograd.backward(rec.loss)
+            torch.autograd.backward(rec.loss if self.loss_scaling is None else self.loss_scaling.scale(rec.loss))
         else:
             assert grads is not None, "a backward before the last stage needs the outputs' gradients"
             pairs = [(o, g) for o, g in zip(rec.outputs, grads) if o is not None and o.requires_grad and g is not None]
