@@ -509,7 +509,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     threads=args.threads, minibatches=args.minibatches, readme=args.readme,
                     command=shlex.join(["pipeoptim", *argv]), batch_norm=args.batch_norm)
         except (EntryPointError, ReadmeError, BatchNormError) as e:
-            print(f"pipeoptim compare: error: {e}", file=sys.stderr)
+            msg = str(e)
+            sep = "\n" if "\n" in msg else " "  # a message of several lines starts on its own line
+            print(f"pipeoptim compare: error:{sep}{msg}", file=sys.stderr)
             return 2
     return 0
 
