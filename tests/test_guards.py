@@ -248,3 +248,34 @@ def test_as_message_refuses_what_cannot_pass_naming_where(bad, what):
         with raises(TypeError, rf"^{where} must be a Tensor, or a tuple/list of Tensors "
                                             rf"\(None entries pass through unchanged\).*{what}"):
             as_message(bad, where)
+
+
+# ---------------------------------------------------------------------- readable messages
+
+def test_long_messages_are_short_lines_grouped(monkeypatch):
+    """Every long message the guards raise: problem, ``Where:``, ``Fix(es)``, lines of at most
+    guards.WIDTH columns (the batch-dependent one was one line of 1,700 characters)."""
+    from pipeline_rt import guards
+    from pipeline_rt.lossprobe import ReductionProbe
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    mismatch = _stages()
+    mismatch[1] = convert_deferred_batch_norm(mismatch[1], 4)
+    many = _stages() + [nn.Sequential(nn.Linear(2, 2), RowMixer()), nn.BatchNorm1d(2)]
+    calls = {
+        "batch-dependent": lambda: check_batch_dependent(many, 4, "2bw"),
+        "chunks mismatch": lambda: check_batch_dependent(mismatch, 2, "1f1b-flush"),
+        "device": lambda: check_device("cuda:3", 7),
+        "message": lambda: as_message({"hidden_states": 1, "attention_mask": 2}, "stage 3's output"),
+        "reduction none": lambda: loss_reduction(nn.CrossEntropyLoss(reduction="none")),
+        "loss probe": lambda: ReductionProbe(lambda o, t: o.sum() ** 2, strict=True)(torch.ones(4, 2), torch.ones(4)),
+    }
+    for name, call in calls.items():
+        with pytest.raises((ValueError, TypeError)) as e:
+            call()
+        lines = str(e.value).splitlines()
+        assert max(len(line) for line in lines) <= 100 == guards.WIDTH, (name, str(e.value))
+        if name != "message":
+            assert lines[-1].startswith(("Fix", "  ", "See ")), (name, lines)
+    text = str(pytest.raises(ValueError, calls["batch-dependent"]).value)
+    assert len(text.splitlines()) >= 10 and "\nWhere:\n" in text and "\nFixes (any one):\n  1. " in text
