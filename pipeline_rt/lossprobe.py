@@ -88,6 +88,8 @@ class ReductionProbe:
         return loss / _rows(out) if self.reduction == "sum" else loss
 
     def _probe(self, out: Any, target: Any, loss: Tensor) -> Optional[str]:
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            return "mean"  # not a scalar: the stage refuses it
         try:
             doubled_out, doubled_target = _doubled(out), _doubled(target)
         except TypeError:

@@ -32,11 +32,15 @@ __all__ = ["MODES", "BatchNormError", "ghost_rows", "prepare_batch_norm"]
 
 #: the values of ``--batch-norm``
 MODES = ("refuse", "deferred", "ghost")
+_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
-_CLI_FIXES = ["--batch-norm ghost: exact, every method trains the same model: ghost batch norm over fixed "
-              "groups of rows that divide every micro-batch",
-              "--batch-norm deferred: running statistics once per minibatch, normalisation per micro-batch "
-              "(methods that split minibatches then train another function)"]
+_CONVERT_FIXES = ["--batch-norm ghost: exact, every method trains the same model: ghost batch norm over fixed "
+                  "groups of rows that divide every micro-batch",
+                  "--batch-norm deferred: running statistics once per minibatch, normalisation per micro-batch "
+                  "(methods that split minibatches then train another function)"]
+_OTHER_FIXES = ["--methods without the methods that split minibatches (sync, 1f1b-flush, 2bw, 2bw-dm at depth > 1)",
+                "in your entry point, set `batch_dependent = False` on each such module to accept its "
+                "per-micro-batch behaviour"]
 
 
 class BatchNormError(ValueError):
@@ -72,30 +76,31 @@ def _convert(task: Task, convert: Type[DeferredBatchNorm], **options: int) -> in
 def prepare_batch_norm(task: Task, depth: int, methods: Sequence[str], mode: str) -> Optional[str]:
     """Apply ``mode`` (:data:`MODES`) to ``task``'s model, in place, before any run: return a
     line saying what was converted (``None`` if nothing), or raise :class:`BatchNormError`
-    (``refuse`` and a method that would split minibatches over batch norms; ``ghost`` where
-    micro-batches have no common group of at least 2 rows)."""
+    where a method would split minibatches over batch-dependent modules that are left (every
+    one under ``refuse``; those the conversion does not handle otherwise, e.g. a tracking
+    ``InstanceNorm``), or where ``ghost`` finds no common group of at least 2 rows."""
     if mode not in MODES:
         raise BatchNormError(f"--batch-norm must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "refuse":
-        stages = task.split(depth)
-        for method, chunks in zip(methods, _chunks(methods, depth)):
-            try:
-                check_batch_dependent(stages, chunks, method)
-            except BatchDependentError as e:
-                raise BatchNormError(error_text(e.problem, e.where, _CLI_FIXES, e.see)) from None
-        return None
+    note = None
     if mode == "deferred":
         count = _convert(task, DeferredBatchNorm)
-        return f"--batch-norm deferred: {count} batch norm(s) -> DeferredBatchNorm" if count else None
-    rows = ghost_rows(task, depth, methods)
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in task.model.modules()):
-        return None
-    if rows < 2:
-        raise BatchNormError(error_text(
-            f"--batch-norm ghost needs groups of at least 2 rows dividing every micro-batch, but the "
-            f"minibatches' micro-batches under methods {', '.join(methods)} at depth {depth} have no common "
-            f"divisor above {rows}.",
-            fixes=["use minibatches whose rows are a multiple of every method's number of micro-batches",
-                   "--batch-norm deferred"]))
-    count = _convert(task, GhostBatchNorm, group_rows=rows)
-    return f"--batch-norm ghost: {count} batch norm(s) -> GhostBatchNorm(group_rows={rows})" if count else None
+        note = f"--batch-norm deferred: {count} batch norm(s) -> DeferredBatchNorm" if count else None
+    elif mode == "ghost" and any(isinstance(m, _CONVERTIBLE) for m in task.model.modules()):
+        rows = ghost_rows(task, depth, methods)
+        if rows < 2:
+            raise BatchNormError(error_text(
+                f"--batch-norm ghost needs groups of at least 2 rows dividing every micro-batch, but the "
+                f"micro-batches of methods {', '.join(methods)} at depth {depth} have no common divisor above "
+                f"{rows}.",
+                fixes=["use minibatches whose rows are a multiple of every method's number of micro-batches",
+                       "--batch-norm deferred"]))
+        count = _convert(task, GhostBatchNorm, group_rows=rows)
+        note = f"--batch-norm ghost: {count} batch norm(s) -> GhostBatchNorm(group_rows={rows})"
+    stages = task.split(depth)  # what the conversion left (or, refusing, everything) is checked now
+    for method, chunks in zip(methods, _chunks(methods, depth)):
+        try:
+            check_batch_dependent(stages, chunks, method)
+        except BatchDependentError as e:
+            fixes = _CONVERT_FIXES + _OTHER_FIXES if mode == "refuse" else _OTHER_FIXES
+            raise BatchNormError(error_text(e.problem, e.where, fixes, e.see)) from None
+    return note

@@ -26,6 +26,11 @@ ENTRY = """
         model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.BatchNorm1d(8),
                               nn.ReLU(), nn.Linear(8, 2)).double()
         return model, batches
+
+    def with_instance_norm():
+        model, batches = build()
+        model[4] = nn.InstanceNorm1d(8, track_running_stats=True).double()  # not a batch norm to convert
+        return model, batches
 """
 ARGS = ["compare", "--entry", "bn_user_mod:build", "--depth", "2", "--methods", "sync,1f1b-flush,pipeoptim",
         "--no-progress", "--optimizers", "sgd", "--lr", "0.1"]
@@ -78,3 +83,11 @@ def test_ghost_rows_divide_every_micro_batch():
     assert ghost_rows(task(12, 10), 2, ["pipeoptim"]) == 2              # whole minibatches of 12 and 10
     assert ghost_rows(task(12, 10), 2, ["sync"]) == 1                   # 6, 6 and 5, 5
     assert ghost_rows(task(10), 3, ["sync"]) == 1                       # 4, 3, 3 (tensor_split)
+
+
+def test_what_a_conversion_leaves_is_refused_before_training(entry, tmp_path, capsys):
+    args = [a if a != "bn_user_mod:build" else "bn_user_mod:with_instance_norm" for a in ARGS]
+    assert cli.main(args + ["--out", str(tmp_path), "--batch-norm", "ghost"]) == 2
+    flat = " ".join(line.strip() for line in capsys.readouterr().err.splitlines())
+    assert "stage 1 holds module '0' (InstanceNorm1d)" in flat and "--methods without" in flat
+    assert "--batch-norm ghost:" not in flat and not (tmp_path / "losses.csv").exists()
