@@ -26,7 +26,7 @@ from pipeline_rt.batchnorm import DeferredBatchNorm, GhostBatchNorm
 from pipeline_rt.guards import BatchDependentError, check_batch_dependent, error_text
 from pipeline_rt.methods import get_method
 
-from .tasks import Task
+from .tasks import Task, set_bn_chunks
 
 __all__ = ["MODES", "BatchNormError", "ghost_rows", "prepare_batch_norm"]
 
@@ -98,6 +98,7 @@ def prepare_batch_norm(task: Task, depth: int, methods: Sequence[str], mode: str
         note = f"--batch-norm ghost: {count} batch norm(s) -> GhostBatchNorm(group_rows={rows})"
     stages = task.split(depth)  # what the conversion left (or, refusing, everything) is checked now
     for method, chunks in zip(methods, _chunks(methods, depth)):
+        set_bn_chunks(stages, chunks)  # as run_one does for each run
         try:
             check_batch_dependent(stages, chunks, method)
         except BatchDependentError as e:

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from pipeoptim_compare import cli
-from pipeoptim_compare.batchnorm import ghost_rows
-from pipeoptim_compare.tasks import Task
+from pipeoptim_compare.batchnorm import ghost_rows, prepare_batch_norm
+from pipeoptim_compare.tasks import Task, get_task
 
 #: a user's model with BatchNorm1d, float64; 3 minibatches of 8 rows
 ENTRY = """
@@ -91,3 +91,10 @@ def test_what_a_conversion_leaves_is_refused_before_training(entry, tmp_path, ca
     flat = " ".join(line.strip() for line in capsys.readouterr().err.splitlines())
     assert "stage 1 holds module '0' (InstanceNorm1d)" in flat and "--methods without" in flat
     assert "--batch-norm ghost:" not in flat and not (tmp_path / "losses.csv").exists()
+
+
+def test_the_cnnbn_task_passes_refuse():
+    """Its ghost batch norms are built for chunks=1; every run sets the method's chunks
+    (set_bn_chunks), and so does the check before training."""
+    task = get_task("cnnbn", depth=2, blocks=2, train_size=64, eval_size=32)
+    assert prepare_batch_norm(task, 2, ["sync", "2bw", "pipeoptim"], "refuse") is None
