@@ -130,7 +130,8 @@ class DeferredBatchNorm(_BatchNorm):
         self.pending: Optional[Pending] = None
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, chunks={'pipeline' if self.follows else self.chunks}"
+        follows = " (follows the pipeline)" if self.follows else ""
+        return f"{super().extra_repr()}, chunks={self.chunks}{follows}"
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
