@@ -179,7 +179,7 @@ class DeferredBatchNorm(_BatchNorm):
         self.running_var.copy_((1 - f) * self.running_var + f * var.to(self.running_var.dtype))
 
     @classmethod
-    def convert(cls, module: nn.Module, chunks: Optional[int] = None, **options: Any) -> nn.Module:
+    def convert(cls, module: nn.Module, *, chunks: Optional[int] = None, **options: Any) -> nn.Module:
         """Replace every :class:`~torch.nn.BatchNorm1d`/``2d``/``3d`` in ``module`` (itself
         included) that tracks running statistics by a ``cls`` (this class, or
         :class:`GhostBatchNorm` with ``group_rows=`` among ``options``) with the same
@@ -201,7 +201,7 @@ class DeferredBatchNorm(_BatchNorm):
             new.train(module.training)
             return new
         for name, child in list(module.named_children()):
-            new_child = cls.convert(child, chunks, **options)
+            new_child = cls.convert(child, chunks=chunks, **options)
             if new_child is not child:
                 setattr(module, name, new_child)
         return module
@@ -268,7 +268,7 @@ class GhostBatchNorm(DeferredBatchNorm):
 def convert_deferred_batch_norm(module: nn.Module, chunks: Optional[int] = None) -> nn.Module:
     """:meth:`DeferredBatchNorm.convert`: every tracking ``BatchNorm1d/2d/3d`` of ``module``
     becomes a :class:`DeferredBatchNorm` sharing its parameters and buffers."""
-    return DeferredBatchNorm.convert(module, chunks)
+    return DeferredBatchNorm.convert(module, chunks=chunks)
 
 
 def bind_chunks(modules: Iterable[Optional[nn.Module]], chunks: int) -> None:

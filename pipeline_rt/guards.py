@@ -5,7 +5,8 @@ splitting minibatches (docs/batch_dependent.rst):
 
 * :func:`batch_dependent` / :func:`check_batch_dependent`: modules whose training-mode
   forward depends on other rows of the batch, which micro-batches would change;
-* :func:`loss_reduction` / :func:`micro_batch_weight`: how a micro-batch's loss is weighted;
+* :func:`declared_reduction` / :func:`loss_reduction` / :func:`micro_batch_weight`: how a
+  micro-batch's loss is weighted;
 * :func:`check_device`: a stage placed on a device this machine does not have;
 * :func:`as_message`: what may pass between stages;
 * :func:`error_text`: the layout of their messages (problem, where, fixes; short lines).
