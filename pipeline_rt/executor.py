@@ -21,6 +21,7 @@ executor. The gradient also carries the sender's forward count, which the checkp
 from __future__ import annotations
 
 import abc
+import numbers
 from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -476,11 +477,14 @@ class Evaluation:
 
     def add(self, out: Any, target: Any, rows: int) -> None:
         """One minibatch: ``rows * loss_fn(out, target)`` (a sum-reduced loss as it is) and
-        ``rows * metric(out, target)`` into the sums."""
-        vals = [self.loss_fn(out, target)] + ([self.metric(out, target)] if self.metric is not None else [])
+        ``rows * metric(out, target)`` into the sums. The loss is a one-element tensor; the
+        metric one too, or a number (a Python ``float``/``int``/``bool``, a NumPy scalar)."""
+        loss = self.loss_fn(out, target)
+        vals = [loss] + ([_scalar(self.metric(out, target), loss)] if self.metric is not None else [])
         for v in vals:
             if not isinstance(v, Tensor) or v.numel() != 1:
-                raise ValueError("evaluate(): loss_fn and metric must return a scalar tensor per minibatch, got "
+                raise ValueError("evaluate(): loss_fn must return a one-element tensor and metric a one-element "
+                                 f"tensor or a number per minibatch; got "
                                  f"{type(v).__name__}{'' if not isinstance(v, Tensor) else tuple(v.shape)}")
         scale = torch.tensor([1.0 if self.reduction == "sum" else rows] + [rows] * (len(vals) - 1),
                              dtype=torch.float64, device=vals[0].device)
@@ -501,6 +505,15 @@ class Evaluation:
         if rows == 0:
             raise ValueError("evaluate() needs at least one (input, target) minibatch; got none")
         return {"loss": loss / rows, "metric": metric / rows if self.metric is not None else None}
+
+
+def _scalar(value: Any, like: Any) -> Any:
+    """A metric's value as a tensor on ``like``'s device where it is a real number (a Python
+    or NumPy scalar, a 0-d NumPy array); anything else as it is (refused by the caller)."""
+    if not isinstance(value, Tensor) and (isinstance(value, numbers.Real) or getattr(value, "shape", None) == ()):
+        device = like.device if isinstance(like, Tensor) else None
+        return torch.tensor(float(value), dtype=torch.float64, device=device)
+    return value
 
 
 @contextmanager

@@ -43,9 +43,11 @@ from torch import Tensor, nn
 from lookahead_opt import PredictiveOptimizer
 
 from . import checkpoint, precision
+from .batchnorm import bind_chunks
 from .executor import EXISTS, Executor, Info, Run, StageRun, eval_mode
 from .feed import Feed
-from .guards import check_batch_dependent, check_device, loss_reduction, micro_batch_weight
+from .guards import check_batch_dependent, check_device, declared_reduction, micro_batch_weight
+from .lossprobe import ReductionProbe, Share
 from .methods import Method, get_method
 from .schedule import LazySchedule
 from .stage import Stage, retain_none
@@ -98,8 +100,9 @@ class Pipeline:
             :class:`~lookahead_opt.PredictiveOptimizer` with the rule of the method's
             predictor (``method.rule``).
         loss_fn: ``loss_fn(output, target) -> scalar tensor``, mean- or sum-reduced over
-            rows (seen from its ``reduction``: :func:`pipeline_rt.guards.loss_reduction`;
-            a plain function is taken as a mean): micro-batches are weighted so that the
+            rows (seen from its ``reduction``: :func:`pipeline_rt.guards.declared_reduction`;
+            a plain function that says nothing is probed once, at its first call:
+            :mod:`pipeline_rt.lossprobe`): micro-batches are weighted so that the
             minibatch's loss and gradient are those of the whole minibatch.
         method: a name of :data:`pipeline_rt.methods.METHODS`, or a
             :class:`~pipeline_rt.methods.Method` composed of pieces (a method of your own).
@@ -167,7 +170,10 @@ class Pipeline:
         self.chunks = self.method.num_chunks(self.num_stages)
         self.devices: List[torch.device] = [torch.device(d) for d in devices]
         self.loss_fn = loss_fn
-        self.reduction = loss_reduction(loss_fn)
+        declared = declared_reduction(loss_fn)
+        # a loss that does not say how it reduces is probed at its first call (pipeline_rt.lossprobe)
+        self._probe = None if declared is not None else ReductionProbe(loss_fn, strict=self.chunks > 1)
+        self._declared = declared
         self._clip_global = float(clip_grad_norm) if clip_grad_norm is not None and clip_grad_scope == "global" \
             else None
         stage_clip = None if clip_grad_norm is None or clip_grad_scope == "global" else float(clip_grad_norm)
@@ -188,14 +194,17 @@ class Pipeline:
             module.to(devices[k])
             opt = PredictiveOptimizer(optimizer(params), rule=self.method.rule, strict=strict,
                                       check_finite=check_finite) if params else None
-            stage = Stage(k, self.num_stages, module, opt, self.method, loss_fn, check_finite=check_finite,
+            stage_loss = loss_fn if self._probe is None else self._probe
+            stage = Stage(k, self.num_stages, module, opt, self.method, stage_loss, check_finite=check_finite,
                           track_error=track_error, lr_scheduler=lr_scheduler, clip_grad_norm=stage_clip)
             stage.loss_scaling = self.loss_scaling
             return stage
 
         self.executor, self._stages = make_executor(backend, build_stage, devices, self._schedule, timeout)
         self._ties.attach(self.executor)
-        check_batch_dependent([None if s is None else s.module for s in self._stages], self.chunks, self.method.name)
+        modules = [None if s is None else s.module for s in self._stages]
+        bind_chunks(modules, self.chunks)  # batch norms built with chunks=None follow the pipeline's
+        check_batch_dependent(modules, self.chunks, self.method.name)
 
     # ------------------------------------------------------------------ training
 
@@ -240,7 +249,7 @@ class Pipeline:
         feed = None
         if 0 in mine or n - 1 in mine:
             feed = Feed(batches, self.chunks, epochs=epochs,
-                        weight=lambda rows, total: micro_batch_weight(self.reduction, rows, total),
+                        weight=self._weight,
                         fingerprint=checkpoint_dir is not None or resume_from is not None)
         if self.loss_scaling is not None and (checkpoint_dir is not None or resume_from is not None):
             raise ValueError("checkpoints do not save the loss scale of autocast=torch.float16 yet; train without\n"
@@ -281,6 +290,22 @@ class Pipeline:
             for s in mine.values():
                 s.retain = retain_none
 
+    @property
+    def reduction(self) -> str:
+        """How ``loss_fn`` reduces over rows, ``"mean"`` or ``"sum"``: declared
+        (:func:`~pipeline_rt.guards.declared_reduction`), else found by its probe at the first
+        loss (:mod:`pipeline_rt.lossprobe`; ``"mean"`` until then)."""
+        if self._probe is not None:
+            return self._probe.reduction or "mean"
+        return self._declared or "mean"
+
+    def _weight(self, rows: int, total: int) -> float:
+        """A micro-batch's share of its minibatch's loss (:func:`~pipeline_rt.guards.micro_batch_weight`);
+        a :class:`~pipeline_rt.lossprobe.Share` while the loss's probe has not decided."""
+        if self._probe is not None and self._probe.reduction is None:
+            return Share(rows, total, self._probe)
+        return micro_batch_weight(self.reduction, rows, total)
+
     def _describe(self) -> Dict[str, Any]:
         return {"method": self.method.name, "shape": self.method.shape, "num_stages": self.num_stages,
                 "chunks": self.chunks}
@@ -288,14 +313,17 @@ class Pipeline:
     # ------------------------------------------------------------------ evaluation and inference
 
     def evaluate(self, batches: Iterable[Tuple[Any, Any]],
-                 metric: Optional[Callable[[Any, Any], Tensor]] = None) -> Dict[str, Optional[float]]:
+                 metric: Optional[Callable[[Any, Any], Any]] = None) -> Dict[str, Optional[float]]:
         """Forward only, on the live weights, modules in eval mode (their modes are restored
         after): the rows-weighted means over ``batches`` of ``loss_fn`` and of
-        ``metric(output, target)`` (a scalar per minibatch, e.g. accuracy), as
+        ``metric(output, target)`` (per minibatch a one-element tensor or a number: a Python
+        ``float``, a NumPy scalar; e.g. accuracy), as
         ``{"loss": ..., "metric": ...}`` (``metric`` None without one). With
         ``backend="dist"`` every rank returns the same values. Under ``autocast=`` the
         forwards run under torch.autocast, as in training."""
         with precision.everywhere(self._local_devices(), self.autocast):
+            if self._probe is not None:
+                return self.executor.evaluate(batches, self._probe.as_mean, metric, "mean")
             return self.executor.evaluate(batches, self.loss_fn, metric, self.reduction)
 
     def forward(self, inputs: Any) -> Any:

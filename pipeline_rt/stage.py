@@ -65,6 +65,7 @@ from lookahead_opt.swapping import ObservingPredictor, WeightPredictor
 
 from .batchnorm import load_pending_stats, pending_stats
 from .guards import as_message
+from .lossprobe import resolve_weight
 from .methods import Method
 from .precision import LossScaling, no_autocast
 from .randomness import may_draw
@@ -262,7 +263,7 @@ class Stage:
                 out = self.module(*inputs)
                 if self.is_last:
                     assert self.loss_fn is not None, "the last stage needs a loss_fn"
-                    out = self.loss_fn(out, target) * weight
+                    out = self.loss_fn(out, target) * resolve_weight(weight)  # after the loss: lossprobe
             except (RuntimeError, TypeError, ValueError) as e:
                 what = "loss_fn" if self.is_last and "out" in locals() else "forward"
                 raise StageError(
