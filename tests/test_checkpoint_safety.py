@@ -161,14 +161,25 @@ def test_a_writer_killed_mid_checkpoint_leaves_the_previous_one_latest(saved, tm
 
 
 def test_a_one_element_change_in_the_consumed_data_is_refused(tmp_path):
+    """Inputs of 35 KB (summed in a grid of words) and targets of 9 KB (hashed as they are)."""
     g = torch.Generator().manual_seed(3)
-    data = [(torch.randn(40, 4, generator=g, dtype=torch.float64), torch.randn(40, 1, generator=g, dtype=torch.float64))
-            for _ in range(MINIBATCHES)]
+    data = [(torch.randn(1100, 4, generator=g, dtype=torch.float64),
+             torch.randn(1100, 1, generator=g, dtype=torch.float64)) for _ in range(MINIBATCHES)]
     _run(data, checkpoint_every=2, checkpoint_dir=tmp_path)
     _run(data, resume_from=tmp_path / "mb000004")  # the same data resumes
-    for m, part, index in ((1, 0, (9, 1)), (3, 1, (33, 0))):  # an input element, a target element
+
+    def bump(t):
+        t[900, 1] += 1e-12
+
+    def nudge(t):
+        t[33, 0] = torch.nextafter(t[33, 0], torch.tensor(10.0, dtype=t.dtype))
+
+    def swap(t):
+        t[5, [0, 3]] = t[5, [3, 0]]  # within one 512-byte row of the grid
+
+    for m, part, change in ((1, 0, bump), (3, 1, nudge), (2, 0, swap)):
         other = [(x.clone(), y.clone()) for x, y in data]
-        other[m][part][index] += 1e-9
+        change(other[m][part])
         with pytest.raises(DataMismatch, match="differ from those of the run that saved"):
             _run(other, resume_from=tmp_path / "mb000004")
 
