@@ -92,21 +92,25 @@ def _unsafe(path: Path) -> List[str]:
     return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
 
 
-def _find(obj: Any, names: Set[str], where: str = "") -> Iterator[str]:
+def _find(obj: Any, names: Set[str], where: str = "", seen: Optional[Set[int]] = None) -> Iterator[str]:
     """Paths (``['stage']['scheduler']['note']``) to the objects in ``obj`` whose class (or
     which, a class or function itself) is one of ``names``."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
     kind = obj if isinstance(obj, type) or callable(obj) and hasattr(obj, "__qualname__") else type(obj)
     if f"{getattr(kind, '__module__', '')}.{getattr(kind, '__qualname__', '')}" in names:
         yield where or "the whole object"
     elif isinstance(obj, dict):
         for key, value in obj.items():
-            yield from _find(value, names, f"{where}[{key!r}]")
+            yield from _find(value, names, f"{where}[{key!r}]", seen)
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
-            yield from _find(value, names, f"{where}[{i}]")
+            yield from _find(value, names, f"{where}[{i}]", seen)
     elif hasattr(obj, "__dict__") and not isinstance(obj, torch.Tensor):
         for key, value in vars(obj).items():
-            yield from _find(value, names, f"{where}.{key}")
+            yield from _find(value, names, f"{where}.{key}", seen)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -279,6 +283,10 @@ def _check(folder: Path) -> Optional[_Problem]:
     n = meta.get("num_stages") if isinstance(meta, dict) else None
     if not isinstance(n, int):
         return _Problem(meta_path, "not a pipeoptim checkpoint's metadata (no num_stages)", False)
+    if meta.get("format") != FORMAT:
+        return _Problem(meta_path, f"format {meta.get('format')}, and this pipeoptim reads format {FORMAT} (format 2 "
+                                   f"and before stored\nthe stage's records as Python objects, which are not loaded: "
+                                   f"loading runs no code); resume it with the pipeoptim that wrote it", False)
     files = [folder / f"stage{k}.pt" for k in range(n)] + [folder / f"transit{k}.pt" for k in range(1, n)]
     return next((p for p in map(_scan, files) if p is not None), None)
 
@@ -301,7 +309,7 @@ def _error(problem: _Problem, folder: Path) -> CheckpointError:
                 f"Python values only: this file was written by something else or altered; do not resume from it\n"
                 f"unless you know who wrote it")
     else:
-        what = f"cannot read {problem.file}: {problem.why}"
+        what = f"cannot use {problem.file}: {problem.why}"
     back = _fallback(folder)
     hint = f"resume from {back}, the latest usable checkpoint before it" if back is not None else \
         "no earlier usable checkpoint is there to resume from"
@@ -318,14 +326,17 @@ def latest(path: PathLike) -> Path:
         if problem is not None:
             raise _error(problem, path)
         return path
+    newest = None
     for folder in _checkpoints(path):
         problem = _check(folder)
         if problem is None:
             return folder
         if problem.code:
             raise _error(problem, folder)
+        newest = newest or problem
+    why = "" if newest is None else f";\nthe newest is not: {newest.file}: {newest.why}"
     raise CheckpointError(f"no complete checkpoint in {path} (a checkpoint is complete once meta.pt and "
-                          f"every stage's files are there and intact)")
+                          f"every stage's files are there and intact){why}")
 
 
 def resume(path: PathLike, ex: "Executor", run: Run, describe: Dict[str, Any], *, skip_consumed: bool = True) -> int:
@@ -333,10 +344,6 @@ def resume(path: PathLike, ex: "Executor", run: Run, describe: Dict[str, Any], *
     returns the minibatches done."""
     folder = latest(path)
     meta = _read(folder / "meta.pt", folder)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {folder} has format {meta.get('format')}, this pipeoptim reads format "
-                              f"{FORMAT}\n(format 2 and before stored the stage's records as Python objects, which "
-                              f"are not loaded: loading runs no code).\nResume it with the pipeoptim that wrote it")
     diff = {key: (meta.get(key), v) for key, v in describe.items() if meta.get(key) != v}
     if diff:
         raise CheckpointError(f"checkpoint {folder} is from a different run; (saved, now): {diff}. Resume with the "

@@ -116,9 +116,20 @@ def test_a_damaged_file_is_named_with_the_checkpoint_to_fall_back_to(saved, tmp_
         path.write_bytes(bytes(torch.randint(0, 256, (len(data),), dtype=torch.uint8).tolist()))
     else:
         _flip_a_tensor_byte(path)
-    with pytest.raises(CheckpointError, match=rf"(?s)cannot read {path}.*resume from {directory / 'mb000004'}"):
+    with pytest.raises(CheckpointError, match=rf"(?s)cannot use {path}.*resume from {directory / 'mb000004'}"):
         _run(resume_from=directory / "mb000005")
     assert checkpoint.latest(directory) == directory / "mb000004", "latest() skips what cannot be read"
+
+
+def test_a_checkpoint_of_an_older_format_is_refused_by_name(saved, tmp_path):
+    directory = _copy(saved, tmp_path)
+    for folder in directory.iterdir():
+        meta = torch.load(folder / "meta.pt", weights_only=True)
+        torch.save({**meta, "format": 2}, folder / "meta.pt")
+    with pytest.raises(CheckpointError, match=r"(?s)meta.pt: format 2, and this pipeoptim reads format 3"):
+        _run(resume_from=directory / "mb000004")
+    with pytest.raises(CheckpointError, match=r"(?s)no complete checkpoint.*mb000005.meta.pt: format 2"):
+        _run(resume_from=directory)
 
 
 def test_resume_from_the_latest_after_a_damaged_one_is_exact(saved, tmp_path):
