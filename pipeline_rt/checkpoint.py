@@ -192,6 +192,7 @@ class Checkpointer:
             folder.mkdir(parents=True, exist_ok=True)
             if n - 1 in run.views:
                 (folder / "meta.pt").unlink(missing_ok=True)
+                _fsync_dir(folder)
             self._cuts[j] = (set(run.views), None)
         if k < n - 1:
             transit = {}
