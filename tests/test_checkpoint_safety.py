@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from dist_worker import Spec, batches, pipeline, weights
+from dist_worker import Spec, _free_port, batches, pipeline, weights
 from pipeline_rt import CheckpointError, DataMismatch, Pipeline, checkpoint
 from pipeline_rt.batchnorm import convert_deferred_batch_norm
 
@@ -29,9 +29,9 @@ SPEC = Spec(world=3, minibatches=MINIBATCHES, dropout=0.2)
 KINDS = ["meta.pt", "stage0.pt", "stage2.pt", "transit1.pt"]  # metadata, first and last stage, in flight
 
 
-def _run(data=None, **train):
-    torch.manual_seed(0)
-    pipe = pipeline(SPEC, "pipeoptim", "local", **train.pop("pipe", {}))
+def _run(data=None, spec=SPEC, backend="local", **train):
+    pipe = pipeline(spec, "pipeoptim", backend, **train.pop("pipe", {}))
+    torch.manual_seed(0)  # after building: a process of the dist backend builds one stage
     losses = pipe.train(batches(MINIBATCHES) if data is None else data, **train)
     return losses, [weights(m) for m in pipe.stages]
 
@@ -139,7 +139,7 @@ def test_resume_from_the_latest_after_a_damaged_one_is_exact(saved, tmp_path):
     _assert_same(_run(resume_from=directory), saved[1])  # from mb000002
 
 
-def _write_until(directory: str, victim: str, resume_from: str) -> None:
+def _write_until(directory: str, victim: str, resume_from: str, **run) -> None:
     """Train with checkpoints into ``directory``; SIGKILL this process as it is about to
     rename ``victim`` (``mb000004/stage0.pt``) into place."""
     real = os.replace
@@ -150,7 +150,7 @@ def _write_until(directory: str, victim: str, resume_from: str) -> None:
         real(src, dst)
 
     os.replace = replace
-    _run(checkpoint_every=2, checkpoint_dir=directory, **({"resume_from": resume_from} if resume_from else {}))
+    _run(checkpoint_every=2, checkpoint_dir=directory, **({"resume_from": resume_from} if resume_from else {}), **run)
 
 
 @pytest.mark.parametrize("victim,rewrite", [("mb000004/stage2.pt", False),  # the cut's first file
@@ -169,6 +169,40 @@ def test_a_writer_killed_mid_checkpoint_leaves_the_previous_one_latest(saved, tm
     assert writer.exitcode == -signal.SIGKILL, "killed at the chosen file"
     assert checkpoint.latest(directory) == directory / "mb000002"
     _assert_same(_run(resume_from=directory), saved[1])
+
+
+def _dist_writer(rank: int, port: int, directory: str, victim: str) -> None:
+    """Rank ``rank`` of a 2-process run checkpointing into ``directory``; rank 0 is killed as
+    it is about to rename ``victim`` into place."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if rank == 0:
+        _write_until(directory, victim, "", spec=DIST, backend="dist")
+    else:
+        _run(spec=DIST, backend="dist", checkpoint_every=2, checkpoint_dir=directory)
+
+
+DIST = Spec(world=2, minibatches=MINIBATCHES, dropout=0.2, timeout=20)
+
+
+def test_a_dist_writer_killed_mid_checkpoint_leaves_the_previous_one_latest(tmp_path):
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "pipeline_rt.pipeline", "pipeline_rt.dist"])
+    port = _free_port()
+    ranks = [ctx.Process(target=_dist_writer, args=(r, port, str(tmp_path), "mb000004/stage0.pt")) for r in range(2)]
+    for p in ranks:
+        p.start()
+    ranks[0].join(60)
+    ranks[1].join(30)  # it fails on its dead peer (or times out)
+    for p in ranks:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert ranks[0].exitcode == -signal.SIGKILL, "killed at the chosen file"
+    assert checkpoint.latest(tmp_path) == tmp_path / "mb000002"
+    # the local and the distributed runtime train alike (tests/test_dist.py): resume it locally
+    _assert_same(_run(spec=DIST, resume_from=tmp_path), _run(spec=DIST))
 
 
 def test_a_one_element_change_in_the_consumed_data_is_refused(tmp_path):
