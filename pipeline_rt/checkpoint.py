@@ -51,6 +51,9 @@ Atomic writes. Each file is written to a hidden temporary name, flushed to disk
 the local executor: after all of them), and a rewritten folder loses its old ``meta.pt``
 first. A checkpoint counts once every file is there and intact (:func:`latest` checks each
 file's zip CRCs), so a process killed while writing one leaves the previous one the latest.
+Limit: with several processes, a folder that a run writes again (resumed into the same
+``checkpoint_dir``) can be left with new and old files by a kill midway, a consistent
+checkpoint only if the new run continues the old one exactly.
 """
 from __future__ import annotations
 
