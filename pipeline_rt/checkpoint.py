@@ -128,6 +128,8 @@ def _fsync_dir(folder: Path) -> None:
 def _write(obj: Any, path: Path) -> None:
     """Save ``obj`` at ``path`` atomically (temporary name, fsync, rename), refusing what
     would not load with ``weights_only=True``."""
+    for left in path.parent.glob(f".{path.name}.*.tmp"):  # a killed writer's (one process writes each file)
+        left.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:

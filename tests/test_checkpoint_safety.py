@@ -168,7 +168,11 @@ def test_a_writer_killed_mid_checkpoint_leaves_the_previous_one_latest(saved, tm
     writer.join(60)
     assert writer.exitcode == -signal.SIGKILL, "killed at the chosen file"
     assert checkpoint.latest(directory) == directory / "mb000002"
-    _assert_same(_run(resume_from=directory), saved[1])
+    assert list(directory.glob("mb000004/.*.tmp")), "the killed write's temporary file"
+    # resumed into the same directory: it writes mb000004 again, and the killed write's leftover goes
+    _assert_same(_run(resume_from=directory, checkpoint_every=2, checkpoint_dir=directory), saved[1])
+    assert not list(directory.glob("*/.*.tmp"))
+    assert checkpoint.latest(directory) == directory / "mb000005"
 
 
 def _dist_writer(rank: int, port: int, directory: str, victim: str) -> None:
