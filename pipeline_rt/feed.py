@@ -18,9 +18,9 @@ beyond as the wrapping int64 sums of every 512-byte row and of every column of 8
 torch reductions, in torch's threads). A checkpoint stores the hash of the minibatches it
 consumed and a resume that skips them recomputes it, so resuming with data that differs in
 any one element of a CPU tensor (of any real dtype) is refused, as is data with two values
-exchanged or anything else changed, bar changes that cancel in every sum. Of a CUDA tensor
-only the dtype and shape count (its values would need a device sync), of a target that is
-not a tensor only its type name. Cost: ``benchmarks/RESULTS.md`` (section ``ckpt``); a run
+exchanged or anything else changed, bar changes that cancel in every sum. Of a tensor on
+another device (CUDA: its values would need a device sync) or a sparse one only the dtype
+and shape count, of a target that is not a tensor only its type name. Cost: ``benchmarks/RESULTS.md`` (section ``ckpt``); a run
 that neither checkpoints nor resumes skips it.
 """
 from __future__ import annotations
