@@ -12,11 +12,16 @@ concatenation (no drain between epochs); ``batches`` must then be re-iterable (a
 ``DataLoader``), not an iterator.
 
 Fingerprint. In a run that checkpoints or resumes, every minibatch pulled is folded into a
-running hash of its tensors' dtypes, shapes and up to 64 evenly spaced values per tensor
-(values of CUDA tensors are left out: no host sync); a checkpoint stores the hash of the
-minibatches it consumed and a resume that skips them recomputes it, so resuming with different
-data is refused. It is a cheap fingerprint, not a hash of every byte (a run that does neither
-skips it).
+running BLAKE2b hash of its structure (tuples, lists, ``None``), its tensors' dtypes and
+shapes and, for CPU tensors, their values' bytes (:func:`_sums`: up to 32 KiB as they are,
+beyond as the wrapping int64 sums of every 512-byte row and of every column of 8-byte words;
+torch reductions, in torch's threads). A checkpoint stores the hash of the minibatches it
+consumed and a resume that skips them recomputes it, so resuming with data that differs in
+any one element of a CPU tensor (of any real dtype) is refused, as is data with two values
+exchanged or anything else changed, bar changes that cancel in every sum. Of a tensor on
+another device (CUDA: its values would need a device sync) or a sparse one only the dtype
+and shape count, of a target that is not a tensor only its type name. Cost: ``benchmarks/RESULTS.md`` (section ``ckpt``); a run
+that neither checkpoints nor resumes skips it.
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ from .stage import as_tuple
 
 __all__ = ["Feed", "MicroBatch", "DataMismatch", "split_batch", "rows", "as_pair", "to_device"]
 
-_SAMPLES = 64
+_COLUMNS = 64  # the fingerprint's grid of words: 512-byte rows
+_DIRECT = 32768  # bytes hashed as they are (fewer torch calls)
 _KEEP_HASHES = 256  # running hashes kept for checkpoints (a cut asks for one a few minibatches back)
 
 
@@ -82,15 +88,32 @@ def to_device(x: Any, device: torch.device) -> Any:
     return x
 
 
+def _sums(x: Tensor) -> Tuple[Tensor, ...]:
+    """Every byte of a CPU tensor's values: as they are, up to :data:`_DIRECT` bytes; else in
+    a few sums: the bytes as int64 words in a grid of :data:`_COLUMNS` columns, the wrapping
+    (mod 2**64) sums of each row and of each column, and the bytes past the grid as they are.
+
+    Exact for a change of one element of up to 8 bytes (every real dtype): the element lies
+    in one word, and a word that changes changes its row's sum (mod 2**64). Two words
+    exchanged (distinct values) change two rows' sums, or two columns' within one row."""
+    flat = x.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+    if flat.numel() <= _DIRECT:
+        return (flat,)
+    if flat.storage_offset() % 8:  # a slice of a byte tensor: its words start elsewhere
+        flat = flat.clone()
+    full = flat.numel() // (8 * _COLUMNS) * _COLUMNS
+    grid = flat[:8 * full].view(torch.int64).view(-1, _COLUMNS)
+    return grid.sum(1), grid.sum(0), flat[8 * full:]
+
+
 def _digest(h: Any, x: Any) -> None:
+    """Fold ``x`` (a tensor, a tuple or list of them, anything else by its type name) into
+    the hash ``h``: dtype, shape and, on the CPU, the :func:`_sums` of the values."""
     if isinstance(x, Tensor):
         h.update(f"{x.dtype}{tuple(x.shape)}".encode())
-        if x.device.type == "cpu" and x.numel():
-            flat = x.detach().reshape(-1)
-            step = max(1, flat.numel() // _SAMPLES)
-            sample = flat[::step][:_SAMPLES].contiguous()
-            h.update(sample.view(torch.uint8).numpy().tobytes() if sample.dtype != torch.bool
-                     else sample.numpy().tobytes())
+        if x.device.type == "cpu" and x.layout == torch.strided and x.numel():
+            for part in _sums(x):
+                h.update(part.numpy())
     elif isinstance(x, (tuple, list)):
         h.update(b"(")
         for t in x:
@@ -275,10 +298,12 @@ class Feed:
                                    f"resume with the data of the run that saved it")
         got = self.fingerprint(count)
         if fingerprint is not None and got != fingerprint:
-            raise DataMismatch(f"the first {count} minibatches differ from those of the run that saved the checkpoint "
-                               f"(fingerprint {got} != {fingerprint}); resume with the same batches, in the same order "
-                               f"(a DataLoader with shuffle needs the same generator seed), or pass skip_consumed=False "
-                               f"with an iterable already positioned after them")
+            raise DataMismatch(f"the first {count} minibatches differ from those of the run that saved the checkpoint\n"
+                               f"(fingerprint {got} != {fingerprint}: exact sums of the bytes of their CPU tensors, their\n"
+                               f"tensors' dtypes and shapes and the types of non-tensor targets; see pipeline_rt.feed).\n"
+                               f"Resume with the same batches, in the same order (a DataLoader with shuffle needs the\n"
+                               f"same generator seed), or pass skip_consumed=False with an iterable already positioned\n"
+                               f"after them")
 
     def _next_dropped(self) -> Optional[Any]:
         pair = self._next()

@@ -63,7 +63,7 @@ from lookahead_opt.compensation import Compensation, StepContext
 from lookahead_opt.redirect import Swapped, redirect
 from lookahead_opt.swapping import ObservingPredictor, WeightPredictor
 
-from .batchnorm import load_pending_stats, pending_stats
+from .batchnorm import Pending, load_pending_stats, pending_stats
 from .guards import as_message
 from .lossprobe import resolve_weight
 from .methods import Method
@@ -406,14 +406,15 @@ class Stage:
             "stash": self._stash,
             "grads": [p.grad for p in self.params],
             "update": (self._update.delay, self._update.key, self._update.weights),
-            "replays": [self._replays[u] for u in self._records],
+            "replays": [dict(vars(self._replays[u])) for u in self._records],  # plain data: loads with weights_only
             # the calibrated scales' statistics / the roll-out's last gradients
             "predictor": None if self.predictor is None or self.predictor is self.optimizer
             else self.predictor.state_dict(),
             "observed": self._observed,
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "rng": self._rng,
-            "pending_stats": pending_stats(self.module),  # a DeferredBatchNorm's partial minibatch
+            # a DeferredBatchNorm's partial minibatch (as plain tuples)
+            "pending_stats": {name: tuple(p) for name, p in pending_stats(self.module).items()},
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -434,12 +435,14 @@ class Stage:
         self._update = _Update(*state.get("update", (0, None, None)))
         if self._update.key is not None and self._update.weights is None:
             self._refs[self._update.key[0]] += 1
-        for r in state["replays"]:
+        for fields in state["replays"]:
+            r = Replay(**fields)
             self._forward(r.unit, r.inputs, r.s, r.target, r.weight, r)
             self._replays[r.unit] = r
         self._rng = state["rng"]
         self.module.load_state_dict(state["module"])
-        load_pending_stats(self.module, state["pending_stats"])  # after the replays, which counted
+        pending = {name: Pending(*p) for name, p in state["pending_stats"].items()}
+        load_pending_stats(self.module, pending)  # after the replays, which counted
 
     # ------------------------------------------------------------------ helpers
 
