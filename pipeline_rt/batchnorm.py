@@ -33,6 +33,8 @@ an ordering that every schedule of :mod:`pipeline_rt.schedule` has: a stage forw
 units ``(j, 0), (j, 1), ..., (j, chunks-1)`` of minibatch ``j`` in that order, and no
 forward of minibatch ``j+1`` comes before the last forward of ``j`` at the same stage
 (backwards and ``STEP`` actions may come in between; they do not touch the statistics). A
+forward recomputed for its backward (``Pipeline(recompute=...)``, or ``torch.utils.checkpoint``
+inside the stage: :func:`pipeline_rt.recompute.is_recomputing`) is not counted again. A
 training-mode forward outside the pipeline counts too; call :func:`load_pending_stats`
 ``(module, {})`` to drop a partial minibatch (e.g. after a run aborted in the middle of
 one). In eval mode the module is a plain batch norm using the running statistics.
@@ -50,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from .recompute import is_recomputing
 
 __all__ = ["DeferredBatchNorm", "Pending", "convert_deferred_batch_norm", "pending_stats", "load_pending_stats"]
 
@@ -108,8 +112,9 @@ class DeferredBatchNorm(_BatchNorm):
             return super().forward(input)
         # batch statistics of this micro-batch only; no running statistics touched here
         out = F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        with torch.no_grad():
-            self._accumulate(input.detach())
+        if not is_recomputing():  # a recomputed forward was counted when it first ran
+            with torch.no_grad():
+                self._accumulate(input.detach())
         return out
 
     def _accumulate(self, x: Tensor) -> None:

@@ -46,6 +46,7 @@ from .executor import EXISTS, Executor, Info, Run, StageRun, eval_mode
 from .feed import Feed
 from .guards import check_batch_dependent, check_device, loss_reduction, micro_batch_weight
 from .methods import Method, get_method
+from .recompute import check_recomputable, recompute_stages
 from .schedule import LazySchedule
 from .stage import Stage, retain_none
 
@@ -120,6 +121,9 @@ class Pipeline:
         strict: refuse optimizers without a closed-form prediction rule.
         timeout: ``backend="dist"``: seconds a rank waits for a peer before it fails with
             the schedule table (default ``$PIPELINE_RT_TIMEOUT`` or 300).
+        recompute: ``True`` or a list of stage indices: those stages keep only their inputs
+            and recompute their forward right before its backward, at exactly the weights the
+            method's forward used (:mod:`pipeline_rt.recompute`).
     """
 
     def __init__(self, stages: Sequence[StageSpec], devices: Sequence[Device],
@@ -129,7 +133,7 @@ class Pipeline:
                  lr_scheduler: Optional[Callable[[torch.optim.Optimizer], Any]] = None,
                  clip_grad_norm: Optional[float] = None, clip_grad_scope: str = "stage",
                  check_finite: bool = False, track_error: bool = False, strict: bool = False,
-                 timeout: Optional[float] = None) -> None:
+                 timeout: Optional[float] = None, recompute: Union[bool, Sequence[int]] = False) -> None:
         stages, devices = list(stages), [torch.device(d) for d in devices]
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
@@ -159,6 +163,7 @@ class Pipeline:
             else None
         stage_clip = None if clip_grad_norm is None or clip_grad_scope == "global" else float(clip_grad_norm)
         self._schedule = LazySchedule(self.method.shape, self.num_stages, self.chunks)
+        self.recompute = recompute_stages(recompute, self.num_stages)
 
         def build_stage(k: int) -> Stage:
             spec = stages[k]
@@ -167,11 +172,14 @@ class Pipeline:
             if not isinstance(module, nn.Module):
                 raise TypeError(f"stage {k} must be an nn.Module or a factory of one, got {type(module).__name__}")
             module.to(devices[k])
+            if k in self.recompute:
+                check_recomputable(module, k)
             params = list(module.parameters())
             opt = PredictiveOptimizer(optimizer(params), rule=self.method.rule, strict=strict,
                                       check_finite=check_finite) if params else None
             return Stage(k, self.num_stages, module, opt, self.method, loss_fn, check_finite=check_finite,
-                         track_error=track_error, lr_scheduler=lr_scheduler, clip_grad_norm=stage_clip)
+                         track_error=track_error, lr_scheduler=lr_scheduler, clip_grad_norm=stage_clip,
+                         recompute=k in self.recompute)
 
         self.executor, self._stages = make_executor(backend, build_stage, devices, self._schedule, timeout)
         check_batch_dependent([None if s is None else s.module for s in self._stages], self.chunks, self.method.name)
