@@ -152,6 +152,8 @@ def backward_weights(stage: "Stage", rec: "_Record", unit: Any) -> ContextManage
     m = stage.method
     same = m.backward == "forward" or rec.key == _backward_key(stage)
     held = _forward_weights(stage, rec)
+    if held is None and same:
+        held = rec.weights  # (a "predict" backward's prediction: the forward's weights again)
     if same and held is _LIVE:
         return _NO_CONTEXT  # the parameters hold the forward's weights, which the backward uses
     return _Backward(stage, rec, unit, held, same)
