@@ -188,21 +188,32 @@ class _Backward:
     def __init__(self, stage: "Stage", rec: "_Record", unit: Any, held: Optional[List[Tensor]], same: bool) -> None:
         self.stage, self.rec, self.unit, self.held, self.same = stage, rec, unit, held, same
         self.swapped: Optional[Swapped] = None
+        self.live: List[Tensor] = []
+        self.handle: Any = None
 
     def __enter__(self) -> None:
-        stage = self.stage
-        if self.held is not None and self.held is not _LIVE:
-            self.swapped = Swapped(stage.params, self.held)
-        if self.held is None:
+        stage, held = self.stage, self.held
+        if self.same:  # (held): what a recomputation saves is the backward's weights as it is
+            assert held is not None
+            self.live = [p.data for p in stage.params]
+            for p, w in zip(stage.params, held):
+                p.data = w
+            return
+        if held is None:  # a recomputation cannot be exact: its first save raises
             self.hooks: Any = torch.autograd.graph.saved_tensors_hooks(self._refuse_save, _identity)
-        else:
+        else:  # the forward's weights in, what a recomputation saves resolved to the backward's
+            if held is not _LIVE:
+                self.swapped = Swapped(stage.params, held)
             self.hooks = redirect(stage.params, stage._resolver(self.rec))
         self.hooks.__enter__()
-        self.handle = None if self.same else nn.modules.module.register_module_forward_pre_hook(self._check_forward)
+        self.handle = nn.modules.module.register_module_forward_pre_hook(self._check_forward)
 
     def __exit__(self, *exc: Any) -> None:
-        if self.handle is not None:
-            self.handle.remove()
+        if self.same:
+            for p, w in zip(self.stage.params, self.live):
+                p.data = w
+            return
+        self.handle.remove()
         self.hooks.__exit__(None, None, None)
         if self.swapped is not None:
             self.swapped.undo()
