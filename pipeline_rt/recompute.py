@@ -64,7 +64,7 @@ from lookahead_opt.redirect import Swapped, redirect
 if TYPE_CHECKING:
     from .stage import Stage, _Record
 
-__all__ = ["is_recomputing", "recomputing", "recompute_stages", "check_recomputable", "rebuild",
+__all__ = ["is_recomputing", "recomputing", "recompute_stages", "check_recomputable", "may_recompute", "rebuild",
            "backward_weights"]
 
 _DEPTH = [0]  # process-wide: a module's own recomputation may run on an autograd device thread
@@ -117,6 +117,20 @@ def check_recomputable(module: nn.Module, index: int) -> None:
             f"each micro-batch once; or leave stage {index} out of recompute.")
 
 
+def may_recompute(module: nn.Module) -> bool:
+    """Whether ``module``'s backward may run a forward of its own (``torch.utils.checkpoint``);
+    ``False`` only where it provably cannot: every module in it a stock ``torch.nn`` layer
+    (:data:`pipeline_rt.randomness.QUIET_MODULES`, dropouts) without hooks or an
+    instance-level ``forward``. Read at every run's start (``Stage.start_run``)."""
+    from torch.nn.modules import module as _module
+
+    from .randomness import _DROPOUTS, QUIET_MODULES
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    return any(type(m) not in QUIET_MODULES and type(m) not in _DROPOUTS or m._forward_hooks
+               or m._forward_pre_hooks or "forward" in m.__dict__ for m in module.modules())
+
+
 def rebuild(stage: "Stage", unit: Any, rec: "_Record") -> "_Record":
     """Re-run the forward of ``rec`` (run without a graph, ``rec.replay`` set) with autograd,
     at the forward's weights and RNG state; returns the record with the graph."""
@@ -149,6 +163,8 @@ def backward_weights(stage: "Stage", rec: "_Record", unit: Any) -> ContextManage
     """Around a stage's backward: the parameters hold the weights ``rec``'s forward ran on
     (so a recomputation inside the module re-runs on them) and what it saves resolves to the
     backward's; where that cannot be exact, a recomputation inside the backward raises."""
+    if not stage.may_recompute:
+        return _NO_CONTEXT
     m = stage.method
     same = m.backward == "forward" or rec.key == _backward_key(stage)
     held = _forward_weights(stage, rec)

@@ -67,7 +67,7 @@ from .batchnorm import load_pending_stats, pending_stats
 from .guards import as_message
 from .methods import Method
 from .randomness import may_draw
-from .recompute import backward_weights, is_recomputing, rebuild, recomputing
+from .recompute import backward_weights, is_recomputing, may_recompute, rebuild, recomputing
 
 __all__ = ["Stage", "StageError", "Replay", "as_tuple", "as_leaf", "retain_none"]
 
@@ -221,6 +221,7 @@ class Stage:
         """Read what a run needs of the module as it is now: whether its forward (and, at
         the last stage, the loss) may draw random numbers (:func:`~pipeline_rt.randomness.may_draw`)."""
         self._draws = may_draw(self.module, self.loss_fn if self.is_last else None)  # else the RNG swap is skipped
+        self.may_recompute = may_recompute(self.module)  # else pipeline_rt.recompute.backward_weights is skipped
 
     # ------------------------------------------------------------------ actions
 
