@@ -159,3 +159,21 @@ def test_resume_from_a_checkpoint_with_recompute(tmp_path):
     torch.manual_seed(123)  # the checkpoint's RNG streams must win
     assert_same(train("pipeoptim", stages(), recompute=True, fit={"resume_from": tmp_path / "mb000002"}), want,
                 "resumed")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_dist_recompute_equals_local_without_it(tmp_path):
+    """One launch of 3 gloo ranks, each recomputing its stage: the losses and weights of the
+    local executor without recomputation, bit for bit (dropout on)."""
+    from dist_worker import Spec, launch, oracle
+    spec = Spec(world=3, methods=("pipedream", "pipeoptim", "async"), dropout=0.2, pipe={"recompute": True})
+    out = launch(spec, tmp_path)
+    assert out.exitcodes == [0] * spec.world, out.errors
+    plain = Spec(world=3, methods=spec.methods, dropout=0.2)
+    for method in spec.methods:
+        losses, weights = oracle(plain, method)
+        for rank, result in enumerate(out.results):
+            got_losses, got_weights, _ = result[method]
+            assert got_losses == losses, f"{method}: rank {rank}'s losses differ"
+            for name, w in weights[rank].items():
+                assert torch.equal(got_weights[name], w), f"{method}: stage {rank} {name} differs"
