@@ -4,6 +4,9 @@ time per minibatch, with and without it, for every method, at depth 8 on CPU.
 Model: 8 stages of ``Linear(d, 4d), GELU, Dropout(0.1), Linear(4d, d)`` (the last with a linear
 head), ``d = 128``, minibatches of 32 rows, Adam, each method with its own micro-batches.
 
+Weights: ``Pipeline.peak_versions`` per stage (live + stashed + predicted copies held at once,
+each a copy of the stage's parameters), what the re-run at the forward's weights costs.
+
 Memory, per stage: the peak over the run of the bytes of the tensors held for backwards:
 what autograd saves in the stage's forwards (parameters and the weights the runtime swaps in
 excluded) together with the inputs the in-flight micro-batches keep, counted once per storage
@@ -94,8 +97,8 @@ def block(last: bool) -> nn.Module:
     return nn.Sequential(*layers, *([nn.Linear(D, 10)] if last else []))
 
 
-def run(method: str, recompute: bool, minibatches: int) -> Tuple[float, List[int], List[float]]:
-    """CPU seconds per minibatch, peak bytes per stage, losses."""
+def run(method: str, recompute: bool, minibatches: int) -> Tuple[float, List[int], List[float], List[int]]:
+    """CPU seconds per minibatch, peak bytes per stage, losses, peak weight versions per stage."""
     torch.manual_seed(0)
     meters = [Meter() for _ in range(DEPTH)]
     stages = [Measured(block(k == DEPTH - 1), meters[k]) for k in range(DEPTH)]
@@ -107,7 +110,7 @@ def run(method: str, recompute: bool, minibatches: int) -> Tuple[float, List[int
     t = time.process_time()
     losses = pipe.train(data)
     seconds = (time.process_time() - t) / minibatches
-    return seconds, [m.peak for m in meters], losses
+    return seconds, [m.peak for m in meters], losses, [v or 0 for v in pipe.peak_versions]
 
 
 def main() -> None:
@@ -123,15 +126,16 @@ def main() -> None:
         times: Dict[bool, List[float]] = {False: [], True: []}
         peaks: Dict[bool, List[int]] = {}
         losses: Dict[bool, List[float]] = {}
+        versions: Dict[bool, List[int]] = {}
         for _ in range(args.rounds):
             for rc in (False, True):
-                sec, peaks[rc], losses[rc] = run(method, rc, args.minibatches)
+                sec, peaks[rc], losses[rc], versions[rc] = run(method, rc, args.minibatches)
                 times[rc].append(sec)
         assert losses[True] == losses[False], f"{method}: recompute changed the losses"
         off, on = (sorted(times[rc])[len(times[rc]) // 2] * 1e3 for rc in (False, True))
         kib = {rc: [round(b / 1024) for b in peaks[rc]] for rc in (False, True)}
         rows.append(f"| {method} | {kib[False]} | {kib[True]} | {sum(peaks[True]) / sum(peaks[False]):.2f} | "
-                    f"{off:.1f} | {on:.1f} | {on / off:.2f} |")
+                    f"{versions[False]} | {versions[True]} | {off:.1f} | {on:.1f} | {on / off:.2f} |")
         print(rows[-1], flush=True)
     text = ("## Activation recomputation: memory and time, depth 8 (CPU)\n\n" + provenance("cpu") +
             f"* model: {DEPTH} stages of Linear({D}, {4 * D}), GELU, Dropout(0.1), Linear({4 * D}, {D}) (a head of 10 "
@@ -139,7 +143,8 @@ def main() -> None:
             f"{args.minibatches} minibatches per run, median of {args.rounds} interleaved rounds; losses with and "
             f"without recomputation checked equal\n\n"
             "| method | peak activation KiB per stage 0..7, without | with recompute | sum ratio | "
-            "ms/minibatch without | with | ratio |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            "weight versions held per stage, without | with | ms/minibatch without | with | ratio |\n"
+            "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     print(text)
     if args.write:
         write_section(ROOT / "benchmarks" / "RESULTS.md", "recompute", text)

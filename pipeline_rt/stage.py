@@ -47,6 +47,10 @@ schedule, see :mod:`pipeline_rt.checkpoint`) keep a :class:`Replay` (inputs, a c
 weights they ran on, the stage's RNG state, the version, the prediction distance), and
 :meth:`Stage.load_state_dict` re-runs them, so their backwards see the same graph and the
 same redirected weights.
+
+Recomputation (``recompute=True``, :mod:`pipeline_rt.recompute`): the forward runs without a
+graph and its record keeps a :class:`Replay` (a live forward's version held in the stash);
+the backward first re-runs it from the replay, the same way.
 """
 from __future__ import annotations
 
