@@ -54,7 +54,8 @@ stage's backward. :func:`backward_weights` makes it exact or refuses it:
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, ContextManager, FrozenSet, List, Optional, Sequence, Union
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ContextManager, FrozenSet, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +69,7 @@ __all__ = ["is_recomputing", "recomputing", "recompute_stages", "check_recomputa
            "backward_weights"]
 
 _DEPTH = [0]  # process-wide: a module's own recomputation may run on an autograd device thread
-_NO_CONTEXT = nullcontext()
+_NO_CONTEXT: ContextManager[Mapping[str, Any]] = nullcontext(MappingProxyType({}))
 
 
 def is_recomputing() -> bool:
@@ -159,10 +160,12 @@ def _with_weights(r: Any, weights: List[Tensor]) -> Any:
     return replace(r, weights=weights)
 
 
-def backward_weights(stage: "Stage", rec: "_Record", unit: Any) -> ContextManager[None]:
+def backward_weights(stage: "Stage", rec: "_Record", unit: Any) -> ContextManager[Mapping[str, Any]]:
     """Around a stage's backward: the parameters hold the weights ``rec``'s forward ran on
     (so a recomputation inside the module re-runs on them) and what it saves resolves to the
-    backward's; where that cannot be exact, a recomputation inside the backward raises."""
+    backward's; where that cannot be exact, a recomputation inside the backward raises.
+    Yields the keywords the backward's ``torch.autograd.backward`` takes (``inputs``, the
+    stage's leaves, where a reentrant checkpoint is to refuse itself)."""
     if not stage.may_recompute:
         return _NO_CONTEXT
     m = stage.method
@@ -176,6 +179,10 @@ def backward_weights(stage: "Stage", rec: "_Record", unit: Any) -> ContextManage
 
 
 _LIVE: List[Tensor] = []  # sentinel: the forward's weights are the live ones
+_NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
+_REFUSED = "pipeline_rt.recompute: no recomputation inside this backward"
+#: what torch.utils.checkpoint(use_reentrant=True) raises in a backward given ``inputs``
+_REENTRANT_REFUSED = "torch.utils.checkpoint is incompatible with .grad()"
 
 
 def _backward_key(stage: "Stage") -> tuple:
@@ -207,32 +214,42 @@ class _Backward:
         self.live: List[Tensor] = []
         self.handle: Any = None
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> Mapping[str, Any]:
         stage, held = self.stage, self.held
         if self.same:  # (held): what a recomputation saves is the backward's weights as it is
             assert held is not None
             self.live = [p.data for p in stage.params]
             for p, w in zip(stage.params, held):
                 p.data = w
-            return
-        if held is None:  # a recomputation cannot be exact: its first save raises
-            self.hooks: Any = torch.autograd.graph.saved_tensors_hooks(self._refuse_save, _identity)
+            return _NO_KWARGS
+        if held is None and torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+            # a recomputation cannot be exact, and torch refuses both kinds itself: a non-reentrant
+            # one cannot push its hooks, a reentrant one cannot run in a backward given `inputs`
+            self.hooks: Any = torch.autograd.graph.disable_saved_tensors_hooks(_REFUSED)
+            self.hooks.__enter__()
+            return {"inputs": [t for t in (*stage.params, *self.rec.inputs) if t is not None and t.requires_grad]}
+        if held is None:  # (hooks of the caller's are active): a recomputation's first save raises
+            self.hooks = torch.autograd.graph.saved_tensors_hooks(self._refuse_save, _identity)
         else:  # the forward's weights in, what a recomputation saves resolved to the backward's
             if held is not _LIVE:
                 self.swapped = Swapped(stage.params, held)
             self.hooks = redirect(stage.params, stage._resolver(self.rec))
         self.hooks.__enter__()
         self.handle = nn.modules.module.register_module_forward_pre_hook(self._check_forward)
+        return _NO_KWARGS
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, kind: Any, exc: Optional[BaseException], tb: Any) -> None:
         if self.same:
             for p, w in zip(self.stage.params, self.live):
                 p.data = w
             return
-        self.handle.remove()
+        if self.handle is not None:
+            self.handle.remove()
         self.hooks.__exit__(None, None, None)
         if self.swapped is not None:
             self.swapped.undo()
+        if isinstance(exc, RuntimeError) and any(mark in str(exc) for mark in (_REFUSED, _REENTRANT_REFUSED)):
+            self._refuse()  # torch's refusal, in our words
 
     def _check_forward(self, module: nn.Module, args: Any) -> None:
         """A module forward inside the backward with autograd on: a recomputation. Exact only

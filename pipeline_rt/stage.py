@@ -336,16 +336,16 @@ class Stage:
             cast(ObservingPredictor, self.predictor).observe(start, prediction, [p.detach() for p in self.params],
                                                              scales)
             self._observed += 1
-        with recomputing(), backward_weights(self, rec, unit):  # a recomputation inside the module: exact or refused
+        with recomputing(), backward_weights(self, rec, unit) as kw:  # a recomputation inside: exact or refused
             if self.is_last:
                 assert rec.loss is not None
-                torch.autograd.backward(rec.loss)
+                torch.autograd.backward(rec.loss, **kw)
             else:
                 assert grads is not None, "a backward before the last stage needs the outputs' gradients"
                 pairs = [(o, g) for o, g in zip(rec.outputs, grads)
                          if o is not None and o.requires_grad and g is not None]
                 if pairs:
-                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], **kw)
         self._accumulate(rec)
         if rec.replay is not None and not rec.predicted:
             self._release(rec.version)  # the hold a recomputed live forward took on its version

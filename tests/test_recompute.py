@@ -102,6 +102,37 @@ def test_torch_checkpoint_inside_a_stage_is_exact_or_refused(method):
                 train(method, stages(reentrant), recompute=recompute)
 
 
+class Functional(nn.Module):
+    """A checkpoint of a plain function (no module call inside it)."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.reentrant, self.lin = reentrant, nn.Linear(6, 6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self.lin.weight, self.lin.bias
+        return checkpoint(lambda t: torch.tanh(nn.functional.linear(t, w, b)), x, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_checkpointed_plain_function_is_exact_or_refused(reentrant):
+    def modules(inner: bool) -> List[nn.Module]:
+        ms = stages()
+        torch.manual_seed(5)
+        ms[1] = Functional(reentrant) if inner else nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+        return ms
+
+    for method in ("pipedream", "pipeoptim"):
+        want = train(method, modules(False))
+        if method == "pipedream":
+            assert_same(train(method, modules(True)), want, method)
+            continue
+        with pytest.raises(StageError, match=r"(?s)stage 1: its module recomputes.*recompute=\[1\]"):
+            train(method, modules(True))
+        if reentrant:
+            assert_same(train(method, modules(True), recompute=[1]), want, f"{method}, recompute")
+
+
 @pytest.mark.parametrize("method", ["sync", "pipedream", "pipeoptim"])
 def test_deferred_batch_norm_counts_a_recomputed_forward_once(method):
     want = train(method, stages(norm=True), norm=True)
