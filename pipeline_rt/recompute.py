@@ -47,9 +47,13 @@ stage's backward. :func:`backward_weights` makes it exact or refuses it:
   re-run saves is redirected to the backward's: ``use_reentrant=True`` is exact;
   ``use_reentrant=False`` keeps what it saves out of any redirection and is refused;
   without ``recompute`` the forward's weights are gone and both kinds are refused, naming
-  the fix. A re-run is seen at its first module call (a ``torch.nn.Module``, as in
-  ``checkpoint(block, x)``, ``checkpoint_sequential``, transformers' gradient
-  checkpointing) or, reentrant, at its first saved tensor.
+  the fix. Without ``recompute`` torch refuses them itself (saved-tensor hooks disabled
+  during the backward stop a non-reentrant recomputation; a backward given its ``inputs``
+  stops a reentrant one), so every one is caught. Otherwise (``recompute`` on, or hooks of
+  the caller's active) a re-run is seen at its first module call (``checkpoint(block, x)``,
+  ``checkpoint_sequential``, transformers' gradient checkpointing) or, reentrant, at its
+  first saved tensor: a non-reentrant checkpoint of a plain function calling no module is
+  not seen there.
 """
 from __future__ import annotations
 
