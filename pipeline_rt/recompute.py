@@ -58,6 +58,7 @@ stage's backward. :func:`backward_weights` makes it exact or refuses it:
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ContextManager, FrozenSet, List, Mapping, Optional, Sequence, Union
 
@@ -72,7 +73,7 @@ if TYPE_CHECKING:
 __all__ = ["is_recomputing", "recomputing", "recompute_stages", "check_recomputable", "may_recompute", "rebuild",
            "backward_weights"]
 
-_DEPTH = [0]  # process-wide: a module's own recomputation may run on an autograd device thread
+_DEPTH = [0]  # process-wide, not per thread: a module's own recomputation may run on an autograd device thread
 _NO_CONTEXT: ContextManager[Mapping[str, Any]] = nullcontext(MappingProxyType({}))
 
 
@@ -141,11 +142,11 @@ def rebuild(stage: "Stage", unit: Any, rec: "_Record") -> "_Record":
     at the forward's weights and RNG state; returns the record with the graph."""
     r = rec.replay
     assert r is not None
-    weights = r.weights or forward_version(stage, r.version)
+    full = replace(r, weights=r.weights or forward_version(stage, r.version))
     with recomputing():
-        stage._forward(unit, r.inputs, r.s, r.target, r.weight, _with_weights(r, weights))
+        stage._forward(unit, r.inputs, r.s, r.target, r.weight, full)
     new = stage._records.pop(unit)
-    new.replay = _with_weights(r, weights)
+    new.replay = full
     new.track, new.start_weights, new.forward_weights = rec.track, rec.start_weights, rec.forward_weights
     return new
 
@@ -159,18 +160,13 @@ def forward_version(stage: "Stage", version: int) -> List[Tensor]:
     return [p.detach() for p in stage.params]
 
 
-def _with_weights(r: Any, weights: List[Tensor]) -> Any:
-    from dataclasses import replace
-    return replace(r, weights=weights)
-
-
 def backward_weights(stage: "Stage", rec: "_Record", unit: Any) -> ContextManager[Mapping[str, Any]]:
     """Around a stage's backward: the parameters hold the weights ``rec``'s forward ran on
     (so a recomputation inside the module re-runs on them) and what it saves resolves to the
     backward's; where that cannot be exact, a recomputation inside the backward raises.
     Yields the keywords the backward's ``torch.autograd.backward`` takes (``inputs``, the
     stage's leaves, where a reentrant checkpoint is to refuse itself)."""
-    if not stage.may_recompute:
+    if not stage.may_recompute or not stage.params:  # (no weights: nothing can differ)
         return _NO_CONTEXT
     m = stage.method
     same = m.backward == "forward" or rec.key == _backward_key(stage)
