@@ -181,14 +181,15 @@ def test_in_flight_records_hold_only_their_inputs(method):
     assert pipe.peak_in_flight == [N, N - 1, N - 2, 1]  # the schedule is the method's
 
 
-def test_resume_from_a_checkpoint_with_recompute(tmp_path):
+@pytest.mark.parametrize("method", ["pipedream", "pipeoptim"])
+def test_resume_from_a_checkpoint_with_recompute(method, tmp_path):
     """A checkpoint holds a replay of each micro-batch in flight, recomputed or not: resuming
     gives the uninterrupted run's losses and weights."""
-    want = train("pipeoptim", stages(), recompute=True)
-    assert_same(train("pipeoptim", stages(), recompute=True, fit={"checkpoint_every": 2, "checkpoint_dir": tmp_path}),
+    want = train(method, stages(), recompute=True)
+    assert_same(train(method, stages(), recompute=True, fit={"checkpoint_every": 2, "checkpoint_dir": tmp_path}),
                 want, "checkpointing")
     torch.manual_seed(123)  # the checkpoint's RNG streams must win
-    assert_same(train("pipeoptim", stages(), recompute=True, fit={"resume_from": tmp_path / "mb000002"}), want,
+    assert_same(train(method, stages(), recompute=True, fit={"resume_from": tmp_path / "mb000002"}), want,
                 "resumed")
 
 
