@@ -6,7 +6,9 @@ runs under :func:`torch.no_grad`, so it saves no activations; its record keeps a
 version, the prediction distance, and for a predicted forward a copy of the prediction).
 Right before the backward, :func:`rebuild` re-runs the forward from it, with autograd
 (``Stage._forward`` with the replay, the path a checkpoint resume takes), then the backward
-runs as without recomputation. The re-run is exact:
+runs as without recomputation (the re-run happens inside ``Stage.backward``: a context that
+must surround every forward, such as an autocast, must surround the re-run too). The re-run
+is exact:
 
 * **weights**: the forward's own. A live forward's version is held in the stage's lazy
   stash until the backward (copied only when a ``STEP`` overwrites it while the micro-batch
@@ -54,6 +56,9 @@ stage's backward. :func:`backward_weights` makes it exact or refuses it:
   ``checkpoint_sequential``, transformers' gradient checkpointing) or, reentrant, at its
   first saved tensor: a non-reentrant checkpoint of a plain function calling no module is
   not seen there.
+
+A stage made only of stock ``torch.nn`` layers cannot recompute inside its backward
+(:func:`may_recompute`): it skips all of this.
 """
 from __future__ import annotations
 
