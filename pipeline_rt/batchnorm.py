@@ -56,10 +56,12 @@ forward of minibatch ``j+1`` comes before the last forward of ``j`` at the same 
 (backwards and ``STEP`` actions may come in between; they do not touch the statistics).
 ``chunks=None`` (the default) follows the pipeline: :class:`~pipeline_rt.Pipeline` sets it
 to its own ``chunks`` (:func:`bind_chunks`; outside a pipeline it acts as 1); an explicit
-``chunks`` is checked against the pipeline's instead. A training-mode forward outside the
-pipeline counts too; call :func:`load_pending_stats` ``(module, {})`` to drop a partial
-minibatch (e.g. after a run aborted in the middle of one). In eval mode both are a plain
-batch norm using the running statistics.
+``chunks`` is checked against the pipeline's instead. A forward recomputed for its backward
+(``Pipeline(recompute=...)``, or ``torch.utils.checkpoint`` inside the stage:
+:func:`pipeline_rt.recompute.is_recomputing`) is not counted again. A training-mode forward
+outside the pipeline counts too; call :func:`load_pending_stats` ``(module, {})`` to drop a
+partial minibatch (e.g. after a run aborted in the middle of one). In eval mode both are a
+plain batch norm using the running statistics.
 
 The partial accumulation is not in ``state_dict`` (whose keys stay those of
 :class:`torch.nn.BatchNorm2d`, so checkpoints load into either); :func:`pending_stats` and
@@ -74,6 +76,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from .recompute import is_recomputing
 
 __all__ = ["DeferredBatchNorm", "GhostBatchNorm", "Pending", "convert_deferred_batch_norm", "bind_chunks",
            "pending_stats", "load_pending_stats"]
@@ -142,8 +146,9 @@ class DeferredBatchNorm(_BatchNorm):
         if not self.training:
             return super().forward(input)
         out = self._normalise(input)
-        with torch.no_grad():
-            self._accumulate(input.detach())
+        if not is_recomputing():  # a recomputed forward was counted when it first ran
+            with torch.no_grad():
+                self._accumulate(input.detach())
         return out
 
     def _normalise(self, input: Tensor) -> Tensor:

@@ -49,6 +49,7 @@ from .feed import Feed
 from .guards import check_batch_dependent, check_device, declared_reduction, micro_batch_weight
 from .lossprobe import ReductionProbe, Share
 from .methods import Method, get_method
+from .recompute import check_recomputable, recompute_stages
 from .schedule import LazySchedule
 from .stage import Stage, retain_none
 from .ties import TieSpec, Ties
@@ -135,6 +136,9 @@ class Pipeline:
             the loss) under ``torch.autocast``, the weights kept in their own dtype (float32
             master weights); float16 with loss scaling (:attr:`loss_scaling`, flush methods).
             See :mod:`pipeline_rt.precision`.
+        recompute: ``True`` or a list of stage indices: those stages keep only their inputs
+            and recompute their forward right before its backward, at exactly the weights the
+            method's forward used (:mod:`pipeline_rt.recompute`).
     """
 
     def __init__(self, stages: Sequence[StageSpec], devices: Sequence[Device],
@@ -145,7 +149,7 @@ class Pipeline:
                  clip_grad_norm: Optional[float] = None, clip_grad_scope: str = "stage",
                  check_finite: bool = False, track_error: bool = False, strict: bool = False,
                  timeout: Optional[float] = None, ties: Optional[Sequence[TieSpec]] = None,
-                 autocast: Optional[torch.dtype] = None) -> None:
+                 autocast: Optional[torch.dtype] = None, recompute: Union[bool, Sequence[int]] = False) -> None:
         stages, devices = list(stages), [torch.device(d) for d in devices]
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
@@ -183,6 +187,7 @@ class Pipeline:
         self.autocast = autocast
         #: float16: the loss scaling (its ``scaler``, a torch.amp.GradScaler; ``skipped`` updates); else None
         self.loss_scaling = precision.LossScaling(self.devices[-1].type) if autocast is torch.float16 else None
+        self.recompute = recompute_stages(recompute, self.num_stages)
 
         def build_stage(k: int) -> Stage:
             spec = stages[k]
@@ -192,11 +197,14 @@ class Pipeline:
                 raise TypeError(f"stage {k} must be an nn.Module or a factory of one, got {type(module).__name__}")
             params = self._ties.params_of(k, module, torch.device(devices[k]))
             module.to(devices[k])
+            if k in self.recompute:
+                check_recomputable(module, k)
             opt = PredictiveOptimizer(optimizer(params), rule=self.method.rule, strict=strict,
                                       check_finite=check_finite) if params else None
             stage_loss = loss_fn if self._probe is None else self._probe
             stage = Stage(k, self.num_stages, module, opt, self.method, stage_loss, check_finite=check_finite,
-                          track_error=track_error, lr_scheduler=lr_scheduler, clip_grad_norm=stage_clip)
+                          track_error=track_error, lr_scheduler=lr_scheduler, clip_grad_norm=stage_clip,
+                          recompute=k in self.recompute)
             stage.loss_scaling = self.loss_scaling
             return stage
 
