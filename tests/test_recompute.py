@@ -209,3 +209,21 @@ def test_dist_recompute_equals_local_without_it(tmp_path):
             assert got_losses == losses, f"{method}: rank {rank}'s losses differ"
             for name, w in weights[rank].items():
                 assert torch.equal(got_weights[name], w), f"{method}: stage {rank} {name} differs"
+
+
+@pytest.mark.parametrize("method", ["sync", "pipedream", "pipeoptim", "2bw"])
+def test_recompute_under_autocast_equals_autocast_without_it(method):
+    """Recomputation re-enters the stage's autocast: under ``autocast=torch.bfloat16`` (float32
+    master weights; autocast does not cast float64) the losses and weights are bit for bit
+    those without recomputation."""
+    def float32_stages() -> List[nn.Module]:
+        return [m.float() for m in stages()]
+
+    def run(**kw):
+        torch.manual_seed(3)
+        pipe = Pipeline(float32_stages(), ["cpu"] * N, lambda ps: torch.optim.Adam(ps, lr=1e-2),
+                        nn.functional.mse_loss, method=method, autocast=torch.bfloat16, **kw)
+        losses = pipe.train([(x.float(), y.float()) for x, y in data()])
+        return losses, [t.detach().clone() for m in pipe.stages for t in m.state_dict().values()]
+
+    assert_same(run(recompute=True), run(), f"{method} under bfloat16 autocast")
