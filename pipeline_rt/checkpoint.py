@@ -33,6 +33,13 @@ minibatches are read again, checked against the fingerprint and dropped
 (``skip_consumed=False``: e.g. a sampler fast-forwarded by the user; nothing can be checked).
 After the end of a run's data, a resume with more data or more epochs extends the run.
 
+Data-parallel replicas. The replicas' weights, optimizer and scheduler states are identical:
+``stage{k}.pt`` is written once, by replica 0. What differs between replicas (their in-flight
+micro-batches' replays, the activations in transit, the data consumed and its fingerprint,
+their shares of the losses, the RNG stream) goes to ``stage{k}.replica{r}.pt`` and
+``transit{k}.replica{r}.pt`` for replica ``r > 0``; ``meta.pt`` holds the global losses
+and the number of replicas, and a resume with another number is refused.
+
 Layout: ``checkpoint_dir/mb000004/{meta.pt, stage0.pt, transit1.pt, ...}`` (named by the
 minibatches done); a checkpoint counts once every file is there (each is written
 atomically), and :func:`latest` picks the newest complete one. Every process must see the
@@ -57,6 +64,8 @@ __all__ = ["Checkpointer", "CheckpointError", "latest", "resume"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 FORMAT = 2
+#: the parts of a stage's state that are the same on every data-parallel replica (written once)
+SHARED = ("module", "optimizer", "version", "stash", "predictor", "observed", "scheduler")
 
 
 class CheckpointError(RuntimeError):
@@ -71,6 +80,11 @@ def _write(obj: Any, path: Path) -> None:
 
 def _folder(directory: PathLike, j: int) -> Path:
     return Path(directory) / f"mb{j + 1:06d}"
+
+
+def _suffix(replica: int) -> str:
+    """The file name suffix of a data-parallel replica's own files (none for replica 0)."""
+    return "" if replica == 0 else f".replica{replica}"
 
 
 class Checkpointer:
@@ -109,13 +123,14 @@ class Checkpointer:
         folder = _folder(self.directory, j)
         folder.mkdir(parents=True, exist_ok=True)
         n, c = self.num_stages, self.chunks
+        mine = _suffix(ex.replica)
         if k < n - 1:
             transit = {}
             for flat in range(st.peer_nf[j], st.cursor.nf):
                 u = (flat // c, flat % c)
                 flag = st.known.get(u[0] + 1) if u[1] == c - 1 else None
                 transit[u] = (tuple(None if t is None else t.detach() for t in stage.outputs_of(u)), flag)
-            _write(transit, folder / f"transit{k + 1}.pt")
+            _write(transit, folder / f"transit{k + 1}{mine}.pt")
         saved: Dict[str, Any] = {"minibatch": j, "stage": stage.state_dict(), "known": dict(st.known),
                                  "stop_at": st.stop_at,
                                  "cursor": (st.cursor.nf, st.cursor.nb, j + 1)}  # this STEP counted
@@ -123,18 +138,26 @@ class Checkpointer:
         if run.feed is not None and roles and k == max(roles):
             count = st.cursor.nf // c
             saved["feed"] = {"count": count, "fingerprint": run.feed.fingerprint(count)}
-        _write(saved, folder / f"stage{k}.pt")
-        if k == n - 1:
-            _write({**self.describe, "format": FORMAT, "minibatch": j, "final": final,
-                    "losses": run.losses.upto(j + 1)}, folder / "meta.pt")
+        losses = run.losses.upto(j + 1) if k == n - 1 else []
+        if k == n - 1 and ex.data_parallel > 1:  # this replica's shares; meta.pt gets their sums
+            saved["losses"] = list(losses)
+            losses = ex._over_replicas(torch.tensor(losses, dtype=torch.float64),
+                                       "all-reduce of the losses over the replicas (checkpoint)").tolist()
+        if ex.replica > 0:
+            saved["stage"] = {key: v for key, v in saved["stage"].items() if key not in SHARED}
+        _write(saved, folder / f"stage{k}{mine}.pt")
+        if k == n - 1 and ex.replica == 0:
+            _write({**self.describe, "format": FORMAT, "minibatch": j, "final": final, "losses": losses},
+                   folder / "meta.pt")
 
 
 def _complete(folder: Path) -> bool:
     if not (folder / "meta.pt").is_file():
         return False
-    n = torch.load(folder / "meta.pt", weights_only=False)["num_stages"]
-    return all((folder / f"stage{k}.pt").is_file() for k in range(n)) and \
-        all((folder / f"transit{k}.pt").is_file() for k in range(1, n))
+    meta = torch.load(folder / "meta.pt", weights_only=False)
+    n, suffixes = meta["num_stages"], [_suffix(r) for r in range(meta.get("data_parallel", 1))]
+    return all((folder / f"stage{k}{x}.pt").is_file() for k in range(n) for x in suffixes) and \
+        all((folder / f"transit{k}{x}.pt").is_file() for k in range(1, n) for x in suffixes)
 
 
 def latest(path: PathLike) -> Path:
@@ -155,6 +178,12 @@ def resume(path: PathLike, ex: "Executor", run: Run, describe: Dict[str, Any], *
     returns the minibatches done."""
     folder = latest(path)
     meta = torch.load(folder / "meta.pt", weights_only=False)
+    saved_d, now_d = meta.get("data_parallel", 1), describe.get("data_parallel", 1)
+    if saved_d != now_d:
+        raise CheckpointError(
+            f"checkpoint {folder} was saved by {saved_d} data-parallel replica(s), but this pipeline has {now_d}.\n"
+            f"Each replica's in-flight micro-batches and data position are saved per replica, so a checkpoint\n"
+            f"resumes with the number of replicas that saved it: build the Pipeline with data_parallel={saved_d}.")
     diff = {key: (meta.get(key), v) for key, v in describe.items() if meta.get(key) != v}
     if meta.get("format") != FORMAT:
         diff["format"] = (meta.get("format"), FORMAT)
@@ -163,22 +192,26 @@ def resume(path: PathLike, ex: "Executor", run: Run, describe: Dict[str, Any], *
                               f"same method, stages and chunks as the run that saved it")
     j, n = meta["minibatch"], describe["num_stages"]
     feed_state = None
+    mine = _suffix(ex.replica)
     for k, view in run.views.items():
         saved = torch.load(folder / f"stage{k}.pt", weights_only=False)
+        if mine:  # a replica's own state over the shared one
+            own = torch.load(folder / f"stage{k}{mine}.pt", weights_only=False)
+            saved = {**own, "stage": {**{key: saved["stage"][key] for key in SHARED}, **own["stage"]}}
         stage = ex.stages[k]
         assert stage is not None
         stage.load_state_dict(saved["stage"])
         view.actions.restart(Cursor(*saved["cursor"]))
         view.known, view.stop_at = dict(saved["known"]), saved["stop_at"]
         if k > 0:
-            for u, (tensors, flag) in torch.load(folder / f"transit{k}.pt", weights_only=False).items():
+            for u, (tensors, flag) in torch.load(folder / f"transit{k}{mine}.pt", weights_only=False).items():
                 ex._put(k, u, tensors)
                 run.ready.append((RECV_F, k, u[0], u[1]))
                 if flag is not None:
                     view.known[u[0] + 1] = flag
         feed_state = saved.get("feed", feed_state)
         if k == n - 1:
-            run.losses = LossLog(meta["losses"])
+            run.losses = LossLog(saved.get("losses", meta["losses"]))  # a replica's own shares
     if feed_state is not None:
         assert run.feed is not None
         run.feed.skip(feed_state["count"], feed_state["fingerprint"], positioned=not skip_consumed,

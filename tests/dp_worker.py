@@ -1,0 +1,127 @@
+"""Shared by tests/test_data_parallel.py and benchmarks/data_parallel.py: data-parallel
+replicas of the tiny float64 pipeline of :mod:`dist_worker`, each replica with its own
+minibatches, and the oracle: the local single pipeline on the concatenated minibatches.
+
+Ranks are laid out ``"pipeline"``: rank ``r * N + k`` runs stage ``k`` of replica ``r``.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from dist_worker import Fault, held_out, make_stage, metric, step_lr, weights
+from pipeline_rt.pipeline import Pipeline
+
+WIDTH = 4
+Batches = List[Tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class DPSpec:
+    """One launch of ``replicas x stages`` ranks and the cases each runs, in order."""
+
+    stages: int = 2
+    replicas: int = 2
+    methods: Tuple[str, ...] = ()
+    rows: Tuple[int, ...] = (8, 6)  # each replica's rows per minibatch (unequal: rows weighting)
+    minibatches: int = 6
+    counts: Dict[int, int] = field(default_factory=dict)  # replica -> another number of minibatches
+    faults: Dict[int, Dict[str, Any]] = field(default_factory=dict)  # rank -> Fault kwargs
+    timeout: float = 30.0
+    evaluate: bool = False
+    checkpoint: bool = False  # also: checkpoint every 2, then resume from the one after 4 minibatches
+    stop_at: Optional[int] = None  # the callback (replica 0's) stops at this minibatch
+    pipe: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def world(self) -> int:
+        return self.stages * self.replicas
+
+
+def shard(spec: DPSpec, replica: int, count: Optional[int] = None) -> Batches:
+    """Replica ``replica``'s minibatches (its own rows per minibatch, its own values)."""
+    g = torch.Generator().manual_seed(100 + replica)
+    n = spec.rows[replica]
+    count = spec.counts.get(replica, spec.minibatches) if count is None else count
+    return [(torch.randn(n, WIDTH, generator=g, dtype=torch.float64), torch.randn(n, 1, generator=g, dtype=torch.float64))
+            for _ in range(count)]
+
+
+def concatenated(spec: DPSpec) -> Batches:
+    """The global minibatches: the replicas' ``j``-th minibatches, concatenated in replica order."""
+    shards = [shard(spec, r) for r in range(spec.replicas)]
+    return [(torch.cat([s[j][0] for s in shards]), torch.cat([s[j][1] for s in shards]))
+            for j in range(spec.minibatches)]
+
+
+def eval_shard(replica: int) -> Batches:
+    """Replica ``replica``'s evaluation data: a part of :func:`dist_worker.held_out` (the oracle's)."""
+    data = held_out()
+    return data[:2] if replica == 0 else data[2:]
+
+
+def pipeline(spec: DPSpec, method: str, backend: str, rank: int = 0) -> Pipeline:
+    n = spec.stages
+
+    def factory(k: int):
+        def build() -> nn.Module:
+            module = make_stage(k, n)
+            return Fault(module, **spec.faults[rank]) if backend == "dist" and rank in spec.faults else module
+        return build
+
+    extra = {"timeout": spec.timeout, "data_parallel": spec.replicas} if backend == "dist" else {}
+    return Pipeline([factory(k) for k in range(n)], ["cpu"] * n, lambda ps: torch.optim.Adam(ps, lr=0.05),
+                    nn.functional.mse_loss, method=method, backend=backend, **extra, **spec.pipe)
+
+
+def _train(spec: DPSpec, pipe: Pipeline, data: Batches, **kwargs: Any) -> List[float]:
+    if spec.stop_at is not None:
+        kwargs["callback"] = lambda info: info.step != spec.stop_at
+    return pipe.train(data, **kwargs)
+
+
+def oracle(spec: DPSpec, method: str) -> Dict[str, Any]:
+    """The local single pipeline on the concatenated minibatches: losses, weights, evaluation."""
+    pipe = pipeline(spec, method, "local")
+    losses = _train(spec, pipe, concatenated(spec))
+    return {"losses": losses, "weights": [weights(m) for m in pipe.stages],
+            "eval": pipe.evaluate(held_out(), metric) if spec.evaluate else None}
+
+
+def worker(rank: int, spec: DPSpec, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(spec.world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result: Dict[str, Any] = {}
+    try:
+        for method in spec.methods:
+            pipe = pipeline(spec, method, "dist", rank)
+            replica, k = pipe.replica, rank % spec.stages
+            data = shard(spec, replica)
+            got: Dict[str, Any] = {"replica": replica, "stage": k}
+            if spec.checkpoint:
+                ckpt = Path(out, f"ckpt-{method}")
+                got["losses"] = _train(spec, pipe, data, checkpoint_every=2, checkpoint_dir=ckpt)
+                got["weights"] = weights(pipe.stages[k])
+                again = pipeline(spec, method, "dist", rank)  # fresh weights, resumed after minibatch 4
+                got["resumed"] = _train(spec, again, data, resume_from=ckpt / "mb000004")
+                got["resumed_weights"] = weights(again.stages[k])
+            else:
+                got["losses"] = _train(spec, pipe, data)
+                got["weights"] = weights(pipe.stages[k])
+            if spec.evaluate:
+                got["eval"] = pipe.evaluate(eval_shard(replica), metric)
+            result[method] = got
+    except BaseException:
+        Path(out, f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    torch.save(result, Path(out, f"rank{rank}.pt"))
+
+
+__all__ = ["DPSpec", "shard", "concatenated", "oracle", "worker", "step_lr"]
