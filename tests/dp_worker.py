@@ -22,22 +22,36 @@ WIDTH = 4
 Batches = List[Tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass(frozen=True)
+class Case:
+    """One pipeline trained in a launch: ``method`` with extra ``Pipeline`` kwargs, and
+    whether it checkpoints (every 2 minibatches, then resumes a fresh pipeline after 4)."""
+
+    method: str
+    pipe: Tuple[Tuple[str, Any], ...] = ()
+    checkpoint: bool = False
+    stop_at: Optional[int] = None  # the callback (replica 0's) stops at this minibatch
+
+    @property
+    def label(self) -> str:
+        extra = ",".join(f"{k}={getattr(v, '__name__', v)}" for k, v in self.pipe)
+        return self.method + (f"[{extra}]" if extra else "") + ("+checkpoint" if self.checkpoint else "") + \
+            (f"+stop{self.stop_at}" if self.stop_at is not None else "")
+
+
 @dataclass
 class DPSpec:
     """One launch of ``replicas x stages`` ranks and the cases each runs, in order."""
 
     stages: int = 2
     replicas: int = 2
-    methods: Tuple[str, ...] = ()
+    cases: Tuple[Case, ...] = ()
     rows: Tuple[int, ...] = (8, 6)  # each replica's rows per minibatch (unequal: rows weighting)
     minibatches: int = 6
     counts: Dict[int, int] = field(default_factory=dict)  # replica -> another number of minibatches
     faults: Dict[int, Dict[str, Any]] = field(default_factory=dict)  # rank -> Fault kwargs
     timeout: float = 30.0
     evaluate: bool = False
-    checkpoint: bool = False  # also: checkpoint every 2, then resume from the one after 4 minibatches
-    stop_at: Optional[int] = None  # the callback (replica 0's) stops at this minibatch
-    pipe: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def world(self) -> int:
@@ -53,11 +67,17 @@ def shard(spec: DPSpec, replica: int, count: Optional[int] = None) -> Batches:
             for _ in range(count)]
 
 
-def concatenated(spec: DPSpec) -> Batches:
-    """The global minibatches: the replicas' ``j``-th minibatches, concatenated in replica order."""
+def concatenated(spec: DPSpec, chunks: int = 1) -> Batches:
+    """The global minibatches: the replicas' ``j``-th minibatches concatenated in replica
+    order, micro-batch by micro-batch (global micro-batch ``m`` = the replicas' micro-batches
+    ``m``; with ``chunks=1`` the plain concatenation). Where a method runs the micro-batches
+    of one minibatch on different weights (2bw), only this order is the same computation."""
     shards = [shard(spec, r) for r in range(spec.replicas)]
-    return [(torch.cat([s[j][0] for s in shards]), torch.cat([s[j][1] for s in shards]))
-            for j in range(spec.minibatches)]
+
+    def join(j: int, i: int) -> torch.Tensor:
+        parts = [torch.tensor_split(s[j][i], chunks) for s in shards]
+        return torch.cat([p[m] for m in range(chunks) for p in parts])
+    return [(join(j, 0), join(j, 1)) for j in range(spec.minibatches)]
 
 
 def eval_shard(replica: int) -> Batches:
@@ -66,7 +86,7 @@ def eval_shard(replica: int) -> Batches:
     return data[:2] if replica == 0 else data[2:]
 
 
-def pipeline(spec: DPSpec, method: str, backend: str, rank: int = 0) -> Pipeline:
+def pipeline(spec: DPSpec, case: Case, backend: str, rank: int = 0) -> Pipeline:
     n = spec.stages
 
     def factory(k: int):
@@ -77,19 +97,19 @@ def pipeline(spec: DPSpec, method: str, backend: str, rank: int = 0) -> Pipeline
 
     extra = {"timeout": spec.timeout, "data_parallel": spec.replicas} if backend == "dist" else {}
     return Pipeline([factory(k) for k in range(n)], ["cpu"] * n, lambda ps: torch.optim.Adam(ps, lr=0.05),
-                    nn.functional.mse_loss, method=method, backend=backend, **extra, **spec.pipe)
+                    nn.functional.mse_loss, method=case.method, backend=backend, **extra, **dict(case.pipe))
 
 
-def _train(spec: DPSpec, pipe: Pipeline, data: Batches, **kwargs: Any) -> List[float]:
-    if spec.stop_at is not None:
-        kwargs["callback"] = lambda info: info.step != spec.stop_at
+def _train(case: Case, pipe: Pipeline, data: Batches, **kwargs: Any) -> List[float]:
+    if case.stop_at is not None:
+        kwargs["callback"] = lambda info: info.step != case.stop_at
     return pipe.train(data, **kwargs)
 
 
-def oracle(spec: DPSpec, method: str) -> Dict[str, Any]:
+def oracle(spec: DPSpec, case: Case) -> Dict[str, Any]:
     """The local single pipeline on the concatenated minibatches: losses, weights, evaluation."""
-    pipe = pipeline(spec, method, "local")
-    losses = _train(spec, pipe, concatenated(spec))
+    pipe = pipeline(spec, case, "local")
+    losses = _train(case, pipe, concatenated(spec, pipe.chunks))
     return {"losses": losses, "weights": [weights(m) for m in pipe.stages],
             "eval": pipe.evaluate(held_out(), metric) if spec.evaluate else None}
 
@@ -100,28 +120,28 @@ def worker(rank: int, spec: DPSpec, port: int, out: str) -> None:
     torch.set_num_threads(1)
     result: Dict[str, Any] = {}
     try:
-        for method in spec.methods:
-            pipe = pipeline(spec, method, "dist", rank)
+        for i, case in enumerate(spec.cases):
+            pipe = pipeline(spec, case, "dist", rank)
             replica, k = pipe.replica, rank % spec.stages
             data = shard(spec, replica)
             got: Dict[str, Any] = {"replica": replica, "stage": k}
-            if spec.checkpoint:
-                ckpt = Path(out, f"ckpt-{method}")
-                got["losses"] = _train(spec, pipe, data, checkpoint_every=2, checkpoint_dir=ckpt)
+            if case.checkpoint:
+                ckpt = Path(out, f"ckpt-{i}")
+                got["losses"] = _train(case, pipe, data, checkpoint_every=2, checkpoint_dir=ckpt)
                 got["weights"] = weights(pipe.stages[k])
-                again = pipeline(spec, method, "dist", rank)  # fresh weights, resumed after minibatch 4
-                got["resumed"] = _train(spec, again, data, resume_from=ckpt / "mb000004")
+                again = pipeline(spec, case, "dist", rank)  # fresh weights, resumed after minibatch 4
+                got["resumed"] = _train(case, again, data, resume_from=ckpt / "mb000004")
                 got["resumed_weights"] = weights(again.stages[k])
             else:
-                got["losses"] = _train(spec, pipe, data)
+                got["losses"] = _train(case, pipe, data)
                 got["weights"] = weights(pipe.stages[k])
             if spec.evaluate:
                 got["eval"] = pipe.evaluate(eval_shard(replica), metric)
-            result[method] = got
+            result[case.label] = got
     except BaseException:
         Path(out, f"rank{rank}.err").write_text(traceback.format_exc())
         raise
     torch.save(result, Path(out, f"rank{rank}.pt"))
 
 
-__all__ = ["DPSpec", "shard", "concatenated", "oracle", "worker", "step_lr"]
+__all__ = ["Case", "DPSpec", "shard", "concatenated", "oracle", "worker", "step_lr"]

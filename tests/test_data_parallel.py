@@ -1,0 +1,117 @@
+"""Data-parallel replicas (issue 26, DESIGN §9): 2 stages x 2 replicas = 4 gloo ranks, float64.
+
+The oracle is the local single pipeline trained on the concatenated minibatches (the
+replicas' ``j``-th, in replica order, micro-batch by micro-batch: :func:`dp_worker.concatenated`);
+the replicas are given minibatches of different sizes (8 and 6 rows), so the rows weighting
+is exercised by every case. Replicas must stay bit-identical; losses and evaluation are the
+global ones on every rank.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_worker import launch, step_lr
+from dp_worker import Case, DPSpec, oracle, worker
+from pipeline_rt import METHODS, Pipeline
+from pipeline_rt.checkpoint import CheckpointError, resume
+from pipeline_rt.layout import Layout
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+CASES = tuple(Case(m) for m in METHODS) + (
+    Case("sync", (("clip_grad_norm", 0.5), ("clip_grad_scope", "global"), ("lr_scheduler", step_lr))),
+    Case("pipeoptim", (("clip_grad_norm", 0.5), ("lr_scheduler", step_lr)), stop_at=3),
+    Case("pipeoptim", checkpoint=True),
+    Case("2bw", checkpoint=True),
+)
+
+
+def test_every_method_equals_the_single_pipeline_on_the_concatenation(tmp_path: Path) -> None:
+    """Every method of METHODS, clipping (per stage and global: after the reduction), a
+    scheduler, a callback's stop (replica 0's, agreed by all), evaluation on sharded data,
+    and checkpoint + resume: one launch."""
+    spec = DPSpec(cases=CASES, evaluate=True)
+    out = launch(spec, tmp_path, deadline=120.0, target=worker)
+    assert out.exitcodes == [0] * spec.world, out.errors
+    for case in spec.cases:
+        ref = oracle(spec, case)
+        results = [r[case.label] for r in out.results]  # type: ignore[index]
+        for rank, got in enumerate(results):
+            assert got["replica"] == rank // spec.stages and got["stage"] == rank % spec.stages
+            assert got["losses"] == results[0]["losses"], f"{case.label}: rank {rank}'s losses differ from rank 0's"
+            torch.testing.assert_close(got["losses"], ref["losses"], msg=lambda m: f"{case.label}: {m}")
+            for name, w in ref["weights"][got["stage"]].items():
+                torch.testing.assert_close(got["weights"][name], w, msg=lambda m: f"{case.label} {name}: {m}")
+            assert got["eval"] == results[0]["eval"], f"{case.label}: rank {rank} evaluates differently"
+            torch.testing.assert_close(got["eval"], ref["eval"])
+            if case.checkpoint:
+                assert got["resumed"] == got["losses"], f"{case.label}: resumed losses differ"
+                for name, w in got["weights"].items():
+                    assert torch.equal(got["resumed_weights"][name], w), f"{case.label}: resumed {name} differs"
+        for k in range(spec.stages):  # the replicas of a stage: bit-identical
+            mine = [got for got in results if got["stage"] == k]
+            for other in mine[1:]:
+                for name, w in mine[0]["weights"].items():
+                    assert torch.equal(other["weights"][name], w), f"{case.label}: stage {k} replicas differ in {name}"
+
+
+def test_replicas_with_unequal_data_lengths_fail_clearly(tmp_path: Path) -> None:
+    timeout = 5.0
+    spec = DPSpec(cases=(Case("pipedream"),), counts={1: 4}, timeout=timeout)
+    out = launch(spec, tmp_path, deadline=6 * timeout, target=worker)
+    assert all(c not in (0, None) for c in out.exitcodes), (out.exitcodes, out.errors)
+    assert out.seconds < 4 * timeout
+    for rank in (0, 2):  # the first stages: the agreement names the replicas
+        err = out.errors[rank]
+        assert "DataMismatch" in err and "the replicas' data end at different minibatches" in err, err
+        assert "replica 0 has minibatch 4" in err and "replica 1 has no minibatch 4" in err, err
+
+
+def test_a_killed_replica_fails_every_rank_within_the_timeout(tmp_path: Path) -> None:
+    timeout = 5.0
+    spec = DPSpec(cases=(Case("pipeoptim"),), faults={3: {"at": 3, "kill": True}}, timeout=timeout)
+    out = launch(spec, tmp_path, deadline=6 * timeout, target=worker)
+    assert out.exitcodes[3] == -9
+    for rank in (0, 1, 2):
+        assert out.exitcodes[rank] not in (0, None), f"rank {rank} exited with {out.exitcodes[rank]}"
+    assert out.seconds < 4 * timeout
+    # stage 1 of replica 0 (rank 1) all-reduces with the dead rank 3 at its STEP
+    err = out.errors[1]
+    assert "pipeline stage 1 (rank 1, replica 0) failed at action STEP" in err, err
+    assert "with the replicas of stage 1 (ranks 1, 3)" in err, err
+    # stage 0 of replica 1 (rank 2) exchanges with the dead rank 3 point to point
+    assert re.search(r"pipeline stage 0 \(rank 2, replica 1\) failed at .*with stage 1 \(rank 3\)", out.errors[2]), \
+        out.errors[2]
+
+
+@pytest.mark.parametrize("order,ranks", [("pipeline", [[0, 1], [2, 3], [4, 5]]), ("replica", [[0, 3], [1, 4], [2, 5]])])
+def test_layout(order: str, ranks: list) -> None:
+    layout = Layout(num_stages=2, data_parallel=3, order=order)
+    assert [layout.pipeline_ranks(r) for r in range(3)] == ranks
+    assert [layout.replica_ranks(k) for k in range(2)] == [list(x) for x in zip(*ranks)]
+    assert all(layout.coords(layout.rank(r, k)) == (r, k) for r in range(3) for k in range(2))
+    assert len(layout.table().splitlines()) == 7
+    with pytest.raises(ValueError, match="rank_layout must be one of"):
+        Layout(2, 2, "diagonal")
+
+
+def test_data_parallel_needs_the_dist_backend() -> None:
+    with pytest.raises(ValueError, match="backend='dist'"):
+        Pipeline([torch.nn.Linear(2, 2)], ["cpu"], lambda ps: torch.optim.SGD(ps, lr=0.1),
+                 torch.nn.functional.mse_loss, data_parallel=2)
+
+
+def test_resume_with_another_number_of_replicas_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "mb000004"
+    folder.mkdir()
+    describe = {"method": "pipeoptim", "shape": "async-1f1b", "num_stages": 1, "chunks": 1}
+    torch.save({**describe, "data_parallel": 2, "format": 2, "minibatch": 3, "final": False, "losses": [0.0] * 4},
+               folder / "meta.pt")
+    for name in ("stage0.pt", "stage0.replica1.pt"):
+        torch.save({}, folder / name)
+    with pytest.raises(CheckpointError, match=r"saved by 2 data-parallel replica\(s\), but this pipeline has 1"):
+        resume(folder, None, None, describe)  # type: ignore[arg-type]
