@@ -157,8 +157,8 @@ class DistExecutor(Executor):
         if data_parallel > 1:
             if group is not None:
                 raise ValueError("data_parallel > 1 builds its process groups from the default group; pass group=None")
-            stage = layout.coords(self.global_rank)[1]
-            self.replicas = Replicas(layout, self.global_rank, rank_device(devices[stage]), self.timeout)
+            self.replicas = Replicas(layout, self.global_rank, rank_device(devices[layout.coords(self.global_rank)[1]]),
+                                     self.timeout)
             group = self.replicas.pipeline_group
             self.replica, self.data_parallel = self.replicas.replica, data_parallel
         self.layout = layout
