@@ -46,7 +46,7 @@ from .executor import Evaluation, Executor, Info, Run, StageRun, eval_mode
 from .feed import as_pair, rows, to_device
 from .layout import Layout
 from .p2p import Channel, CommError, ShapeMismatch, Tensors, Transport
-from .reduce import GradReducer, Replicas
+from .reduce import GradReducer, Replicas, check_replicable
 from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, LazySchedule
 from .stage import Stage, as_leaf, as_tuple
 
@@ -159,10 +159,9 @@ class DistExecutor(Executor):
                 raise ValueError("data_parallel > 1 builds its process groups from the default group; pass group=None")
             self.replicas = Replicas(layout, self.global_rank, rank_device(devices[layout.coords(self.global_rank)[1]]),
                                      self.timeout)
-            group = self.replicas.pipeline_group
+            group = self.replicas.pipeline.group
             self.replica, self.data_parallel = self.replicas.replica, data_parallel
         self.layout = layout
-        self.group = group
         self.rank = dist.get_rank(group)
         self.device = rank_device(devices[self.rank])
         stage = build_stage(self.rank)
@@ -170,9 +169,10 @@ class DistExecutor(Executor):
             raise ValueError(f"rank {self.rank} was given stage {stage.index}")
         self.stage = stage
         super().__init__([stage if k == self.rank else None for k in range(world)], schedule)
-        self.transport = Transport(self.device, self.timeout, group)
+        self.transport = self.replicas.pipeline if self.replicas is not None else Transport(self.device, self.timeout)
         k = self.rank
         if self.replicas is not None:
+            check_replicable(stage.module, k)
             self.replicas.reducer = GradReducer(stage.params, self.replicas, self.chunks)
             self._before_step.append(self._reduce)
             if k == 0:
@@ -206,6 +206,12 @@ class DistExecutor(Executor):
         channel = self._links[key]
         assert channel is not None
         return channel
+
+    @property
+    def group(self) -> Optional[dist.ProcessGroup]:
+        """The process group of this replica's stages (None: the default group). Held by
+        the transport only, which lets it go at :func:`~pipeline_rt.p2p.shutdown`."""
+        return self.transport.group
 
     def _global(self, peer: int) -> int:
         return dist.get_global_rank(self.group, peer) if self.group else peer

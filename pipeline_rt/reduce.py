@@ -45,18 +45,38 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .executor import ENDED, EXISTS, STOPPED
 from .feed import DataMismatch
+from .guards import batch_dependent
 from .layout import Layout
 from .p2p import CommError, Transport
 
-__all__ = ["Replicas", "GradReducer", "BUCKET_BYTES"]
+__all__ = ["Replicas", "GradReducer", "BUCKET_BYTES", "check_replicable"]
 
 #: bytes of gradients per bucket (DDP's default ``bucket_cap_mb=25``)
 BUCKET_BYTES = 25 * 1024 * 1024
 _WORDS = {EXISTS: "has", ENDED: "has no", STOPPED: "stopped before"}
+
+
+def check_replicable(module: nn.Module, stage: int) -> None:
+    """Refuse a stage whose forward depends on the other rows of the batch or keeps batch
+    statistics (the batch-norm family, :class:`~pipeline_rt.batchnorm.DeferredBatchNorm`
+    included: :func:`pipeline_rt.guards.batch_dependent`): under replicas each would see one
+    replica's rows only, and the replicas' running statistics would drift apart."""
+    found = [(path, m) for path, m in batch_dependent(module)]
+    found += [(path, m) for path, m in module.named_modules() if isinstance(m, _BatchNorm)
+              and m.track_running_stats and all(m is not f for _, f in found)]
+    if found:
+        names = ", ".join(f"{path or '(the stage)'} ({type(m).__name__})" for path, m in found)
+        raise ValueError(
+            f"stage {stage}: data_parallel > 1 with modules that depend on the other rows of the batch or keep\n"
+            f"batch statistics: {names}.\n"
+            f"Each replica would normalise over its own rows only and the replicas' running statistics would\n"
+            f"differ, so the result would not be the global minibatch's. Use a per-row normalisation\n"
+            f"(nn.GroupNorm, nn.LayerNorm), or train without data_parallel.")
 
 
 class Replicas:
@@ -73,9 +93,14 @@ class Replicas:
 
     Attributes:
         replica, stage: this rank's coordinates.
-        pipeline_group: the ranks of this replica's stages, in stage order.
-        group: the ranks of this stage's replicas, in replica order.
+        pipeline: the :class:`~pipeline_rt.p2p.Transport` over this replica's stages (its
+            process group: their ranks in stage order), for the executor's P2P.
+        transport: the :class:`~pipeline_rt.p2p.Transport` over this stage's replicas (in
+            replica order), for the collectives here.
         peers: their ranks.
+
+    The process groups are held by the transports only: :func:`~pipeline_rt.p2p.shutdown`
+    closes them, which lets the groups go, so that their gloo threads are joined.
     """
 
     def __init__(self, layout: Layout, rank: int, device: torch.device, timeout: float) -> None:
@@ -86,10 +111,15 @@ class Replicas:
         # every rank creates every group, in the same order (torch.distributed.new_group's rule)
         pipelines = [dist.new_group(layout.pipeline_ranks(r), timeout=td) for r in range(layout.data_parallel)]
         stages = [dist.new_group(layout.replica_ranks(k), timeout=td) for k in range(layout.num_stages)]
-        self.pipeline_group, self.group = pipelines[self.replica], stages[self.stage]
+        self.pipeline = Transport(device, timeout, pipelines[self.replica])
+        self.transport = Transport(device, timeout, stages[self.stage])
         self.peers = layout.replica_ranks(self.stage)
-        self.transport = Transport(device, timeout, self.group)
         self.reducer: Optional[GradReducer] = None
+
+    @property
+    def group(self) -> Optional[dist.ProcessGroup]:
+        """The process group of this stage's replicas."""
+        return self.transport.group
 
     @property
     def size(self) -> int:

@@ -115,3 +115,26 @@ def test_resume_with_another_number_of_replicas_is_refused(tmp_path: Path) -> No
         torch.save({}, folder / name)
     with pytest.raises(CheckpointError, match=r"saved by 2 data-parallel replica\(s\), but this pipeline has 1"):
         resume(folder, None, None, describe)  # type: ignore[arg-type]
+
+
+def test_example_with_replicas_exits_cleanly_under_torchrun() -> None:
+    """``torchrun --nproc-per-node 4 examples/torchrun_pipeline.py --data-parallel 2``: every
+    rank exits 0 with no gloo thread left after the example's shutdown() (the replicas'
+    process groups are torn down too), and prints one stage of one replica."""
+    from test_torchrun_exit import SMALL, failure, torchrun
+    run = torchrun(Path(__file__).with_name("exit_worker.py"), 4, [*SMALL, "--data-parallel", "2"])
+    assert not failure(run), failure(run)
+    for r, k in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        assert f"stage {k} of replica {r}" in run.stdout, run.stdout
+
+
+def test_batch_statistics_are_refused_under_replicas() -> None:
+    """The oracle is the single pipeline on the concatenation: a batch norm would normalise over
+    one replica's rows and keep per-replica statistics, so it is refused (per-row layers pass)."""
+    from pipeline_rt.batchnorm import DeferredBatchNorm
+    from pipeline_rt.reduce import check_replicable
+    check_replicable(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2), torch.nn.GroupNorm(1, 2)), 0)
+    for module, name in ((torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)), "1 (BatchNorm1d)"),
+                         (DeferredBatchNorm(2, chunks=2), "(the stage) (DeferredBatchNorm)")):
+        with pytest.raises(ValueError, match=re.escape(name) + r"(.|\n)*nn.GroupNorm"):
+            check_replicable(module, 1)
