@@ -4,10 +4,11 @@ per-replica work, and how much of the gradient all-reduce the backward hides.
 Each configuration is launched as ``D x N`` gloo processes on this machine (CPU), every one
 training the same MLP stage(s) on its own minibatches of ``--rows`` rows; the time per
 minibatch is the slowest rank's, the median of ``--rounds`` trains of ``--minibatches``
-(after one warm-up train). For ``D > 1`` it is run twice: buckets posted as their gradients
-become ready (``overlap``, the default) and all posted at the STEP (``GradReducer.overlap =
-False``); the wait at STEP of the latter is the all-reduce's full cost, of the former what
-the backward did not hide::
+(after one warm-up train). With ``D`` replicas the rounds alternate, in the same processes,
+between buckets posted as their gradients become ready (``overlap``, the default) and all
+posted at the STEP (``GradReducer.overlap = False``): the wait at STEP of the latter is the
+all-reduce's full cost, of the former what the backward did not hide. The 1-replica
+configuration is launched before and after the ``D``-replica one (a drifting machine shows)::
 
     python benchmarks/data_parallel.py                  # 1 stage: 1 process vs 2
     python benchmarks/data_parallel.py --stages 2       # 2 stages: 2 processes vs 4
@@ -53,24 +54,28 @@ def worker(rank: int, cfg: Dict[str, Any], port: int, queue: Any) -> None:
                     method=cfg["method"], backend="dist", data_parallel=d, timeout=120)
     reducer = pipe.executor.replicas.reducer if d > 1 else None  # type: ignore[attr-defined]
     if reducer is not None:
-        reducer.overlap = cfg["overlap"]
         reducer.bucket_bytes = cfg["bucket_kb"] * 1024
     g = torch.Generator().manual_seed(rank)
     data = [(torch.randn(cfg["rows"], cfg["width"], generator=g), torch.randn(cfg["rows"], 1, generator=g))
             for _ in range(cfg["minibatches"])]
-    times, waits = [], []
-    for i in range(cfg["rounds"] + 1):
+    modes = (True, False) if reducer is not None else (True,)
+    times: Dict[bool, List[float]] = {m: [] for m in modes}
+    waits: Dict[bool, List[float]] = {m: [] for m in modes}
+    for i in range(cfg["rounds"] * len(modes) + 1):
+        overlap = modes[i % len(modes)]
+        if reducer is not None:
+            reducer.overlap = overlap
         t0 = time.perf_counter()
         pipe.train(data)
         if i:  # the first: warm-up
-            times.append((time.perf_counter() - t0) / cfg["minibatches"])
-            if reducer is not None:
-                waits.append(reducer.waited / max(reducer.steps, 1))
+            times[overlap].append((time.perf_counter() - t0) / cfg["minibatches"])
+            waits[overlap].append(reducer.waited / max(reducer.steps, 1) if reducer is not None else 0.0)
     queue.put((rank, times, waits))
     shutdown()
 
 
-def run(cfg: Dict[str, Any]) -> Dict[str, float]:
+def run(cfg: Dict[str, Any]) -> Dict[bool, Dict[str, float]]:
+    """``{overlap: {"minibatch_ms", "wait_ms"}}`` of one launch."""
     ctx = mp.get_context("spawn")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,10 +89,12 @@ def run(cfg: Dict[str, Any]) -> Dict[str, float]:
         p.join()
         if p.exitcode != 0:
             raise RuntimeError(f"a rank exited with {p.exitcode}")
-    per_round = [max(r[1][i] for r in results) for i in range(cfg["rounds"])]  # the slowest rank
-    waits = [w for r in results for w in r[2]]
-    return {"minibatch_ms": 1e3 * statistics.median(per_round),
-            "wait_ms": 1e3 * statistics.median(waits) if waits else 0.0}
+    out = {}
+    for mode in results[0][1]:
+        per_round = [max(r[1][mode][i] for r in results) for i in range(cfg["rounds"])]  # the slowest rank
+        out[mode] = {"minibatch_ms": 1e3 * statistics.median(per_round),
+                     "wait_ms": 1e3 * statistics.median([w for r in results for w in r[2][mode]])}
+    return out
 
 
 def main() -> None:
@@ -108,16 +115,16 @@ def main() -> None:
     print(f"{args.stages} stage(s), {params * 4 / 2**20:.1f} MiB of float32 gradients per stage, buckets of "
           f"{args.bucket_kb} KiB, {args.rows} rows per replica per minibatch, method {args.method}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}")
-    one = run({**base, "replicas": 1, "world": args.stages, "overlap": True})
-    rows = [("1 replica", one, None)]
-    for overlap in (True, False):
-        got = run({**base, "replicas": args.replicas, "world": args.stages * args.replicas, "overlap": overlap})
-        rows.append((f"{args.replicas} replicas, " + ("overlapped" if overlap else "all-reduce at STEP"), got, overlap))
+    before = run({**base, "replicas": 1, "world": args.stages})[True]
+    many = run({**base, "replicas": args.replicas, "world": args.stages * args.replicas})
+    after = run({**base, "replicas": 1, "world": args.stages})[True]
+    one = statistics.mean([before["minibatch_ms"], after["minibatch_ms"]])
+    rows = [("1 replica (launched before)", before), (f"{args.replicas} replicas, overlapped", many[True]),
+            (f"{args.replicas} replicas, all-reduce at STEP", many[False]), ("1 replica (launched after)", after)]
     print(f"{'configuration':<36} {'ms/minibatch':>12} {'vs 1 replica':>12} {'wait at STEP ms':>16}")
-    for name, got, _ in rows:
-        print(f"{name:<36} {got['minibatch_ms']:>12.2f} {got['minibatch_ms'] / one['minibatch_ms']:>11.2f}x "
-              f"{got['wait_ms']:>16.2f}")
-    on, off = rows[1][1]["wait_ms"], rows[2][1]["wait_ms"]
+    for name, got in rows:
+        print(f"{name:<36} {got['minibatch_ms']:>12.2f} {got['minibatch_ms'] / one:>11.2f}x {got['wait_ms']:>16.2f}")
+    on, off = many[True]["wait_ms"], many[False]["wait_ms"]
     if off > 0:
         print(f"hidden by the backward: {100 * (1 - on / off):.0f}% of the all-reduce wait "
               f"({off:.2f} ms at STEP when posted there, {on:.2f} ms when overlapped)")

@@ -111,7 +111,8 @@ def oracle(spec: DPSpec, case: Case) -> Dict[str, Any]:
     pipe = pipeline(spec, case, "local")
     losses = _train(case, pipe, concatenated(spec, pipe.chunks))
     return {"losses": losses, "weights": [weights(m) for m in pipe.stages],
-            "eval": pipe.evaluate(held_out(), metric) if spec.evaluate else None}
+            "eval": pipe.evaluate(held_out(), metric) if spec.evaluate else None,
+            "forward": [pipe.forward(eval_shard(r)[0][0]) for r in range(spec.replicas)]}
 
 
 def worker(rank: int, spec: DPSpec, port: int, out: str) -> None:
@@ -137,6 +138,7 @@ def worker(rank: int, spec: DPSpec, port: int, out: str) -> None:
                 got["weights"] = weights(pipe.stages[k])
             if spec.evaluate:
                 got["eval"] = pipe.evaluate(eval_shard(replica), metric)
+                got["forward"] = pipe.forward(eval_shard(replica)[0][0])  # each replica its own inputs
             result[case.label] = got
     except BaseException:
         Path(out, f"rank{rank}.err").write_text(traceback.format_exc())

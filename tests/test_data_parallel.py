@@ -33,7 +33,7 @@ CASES = tuple(Case(m) for m in METHODS) + (
 def test_every_method_equals_the_single_pipeline_on_the_concatenation(tmp_path: Path) -> None:
     """Every method of METHODS, clipping (per stage and global: after the reduction), a
     scheduler, a callback's stop (replica 0's, agreed by all), evaluation on sharded data,
-    and checkpoint + resume: one launch."""
+    inference, and checkpoint + resume: one launch."""
     spec = DPSpec(cases=CASES, evaluate=True)
     out = launch(spec, tmp_path, deadline=120.0, target=worker)
     assert out.exitcodes == [0] * spec.world, out.errors
@@ -48,6 +48,10 @@ def test_every_method_equals_the_single_pipeline_on_the_concatenation(tmp_path: 
                 torch.testing.assert_close(got["weights"][name], w, msg=lambda m: f"{case.label} {name}: {m}")
             assert got["eval"] == results[0]["eval"], f"{case.label}: rank {rank} evaluates differently"
             torch.testing.assert_close(got["eval"], ref["eval"])
+            if got["stage"] == spec.stages - 1:  # inference: each replica's output on its last stage
+                torch.testing.assert_close(got["forward"], ref["forward"][got["replica"]])
+            else:
+                assert got["forward"] is None
             if case.checkpoint:
                 assert got["resumed"] == got["losses"], f"{case.label}: resumed losses differ"
                 for name, w in got["weights"].items():
