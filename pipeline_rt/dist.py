@@ -47,7 +47,7 @@ from .feed import as_pair, rows, to_device
 from .layout import Layout
 from .p2p import Channel, CommError, ShapeMismatch, Tensors, Transport
 from .reduce import GradReducer, Replicas, check_replicable
-from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, LazySchedule
+from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, LazySchedule
 from .stage import Stage, as_leaf, as_tuple
 
 __all__ = ["DistExecutor", "PipelineCommError", "init_distributed", "rank_device", "DEFAULT_TIMEOUT"]
@@ -221,7 +221,9 @@ class DistExecutor(Executor):
     def _reduce(self, run: Run, k: int) -> None:
         """Before STEP: the sum of the replicas' gradients (:class:`~pipeline_rt.reduce.GradReducer`)."""
         assert self.replicas is not None and self.replicas.reducer is not None
-        self._guard(Action(STEP, k), None, self.replicas.reducer.reduce, replicas=True)
+        j = run.views[k].actions.cursor.steps
+        self._guard(None, None, self.replicas.reducer.reduce, replicas=True,
+                    where=f"the STEP of minibatch {j} (the all-reduce of its gradients)")
 
     def _agree(self, j: int, decision: int) -> int:
         assert self.replicas is not None
@@ -440,8 +442,7 @@ class DistExecutor(Executor):
             return fn()
         except CommError as e:
             if where is None:
-                where = "the end-of-run exchange" if a is None else \
-                    f"action {a.kind} {a}" + ("" if a.kind == STEP else f" (micro-batch {(a.mb, a.micro)})")
+                where = "the end-of-run exchange" if a is None else f"action {a.kind} {a} (micro-batch {(a.mb, a.micro)})"
             with_peer = "" if peer is None else f" with stage {peer} (rank {self._global(peer)})"
             if replicas:
                 assert self.replicas is not None

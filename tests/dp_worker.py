@@ -7,6 +7,7 @@ Ranks are laid out ``"pipeline"``: rank ``r * N + k`` runs stage ``k`` of replic
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,9 +121,11 @@ def worker(rank: int, spec: DPSpec, port: int, out: str) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     result: Dict[str, Any] = {}
+    t0 = 0.0
     try:
         for i, case in enumerate(spec.cases):
             pipe = pipeline(spec, case, "dist", rank)
+            t0 = time.monotonic()  # a failure's time is counted from the last pipeline's start
             replica, k = pipe.replica, rank % spec.stages
             data = shard(spec, replica)
             got: Dict[str, Any] = {"replica": replica, "stage": k}
@@ -141,7 +144,7 @@ def worker(rank: int, spec: DPSpec, port: int, out: str) -> None:
                 got["forward"] = pipe.forward(eval_shard(replica)[0][0])  # each replica its own inputs
             result[case.label] = got
     except BaseException:
-        Path(out, f"rank{rank}.err").write_text(traceback.format_exc())
+        Path(out, f"rank{rank}.err").write_text(f"{traceback.format_exc()}\nfailed after {time.monotonic() - t0:.2f} s\n")
         raise
     torch.save(result, Path(out, f"rank{rank}.pt"))
 

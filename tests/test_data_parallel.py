@@ -85,11 +85,26 @@ def test_a_killed_replica_fails_every_rank_within_the_timeout(tmp_path: Path) ->
     assert out.seconds < 4 * timeout
     # stage 1 of replica 0 (rank 1) all-reduces with the dead rank 3 at its STEP
     err = out.errors[1]
-    assert "pipeline stage 1 (rank 1, replica 0) failed at action STEP" in err, err
+    assert "pipeline stage 1 (rank 1, replica 0) failed at the STEP of minibatch" in err, err
     assert "with the replicas of stage 1 (ranks 1, 3)" in err, err
     # stage 0 of replica 1 (rank 2) exchanges with the dead rank 3 point to point
     assert re.search(r"pipeline stage 0 \(rank 2, replica 1\) failed at .*with stage 1 \(rank 3\)", out.errors[2]), \
         out.errors[2]
+
+
+def test_a_stalled_replica_times_out_every_other_rank(tmp_path: Path) -> None:
+    timeout = 2.0
+    spec = DPSpec(cases=(Case("pipeoptim"),), faults={3: {"at": 3, "stall": 60.0}}, timeout=timeout)
+    out = launch(spec, tmp_path, deadline=60.0, target=worker, wait_for=[0, 1, 2])
+    assert out.exitcodes[3] is None, "the stalled rank is still asleep (killed by the test)"
+    assert all(c not in (0, None) for c in out.exitcodes[:3]), (out.exitcodes, out.errors)
+    for rank in (0, 1, 2):  # each within two deadlines of training (one waits for the other to give up)
+        seconds = float(re.findall(r"failed after ([0-9.]+) s", out.errors[rank])[-1])
+        assert seconds < 3 * timeout, f"rank {rank} failed after {seconds} s"
+    # stage 1 of replica 0 waits for its replica at the STEP's all-reduce, and gives up at the deadline
+    err = out.errors[1]
+    assert "pipeline stage 1 (rank 1, replica 0) failed at the STEP of minibatch 2" in err, err
+    assert "with the replicas of stage 1 (ranks 1, 3)" in err and "[timeout 2 s]" in err, err
 
 
 @pytest.mark.parametrize("order,ranks", [("pipeline", [[0, 1], [2, 3], [4, 5]]), ("replica", [[0, 3], [1, 4], [2, 5]])])
