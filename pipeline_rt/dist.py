@@ -270,6 +270,8 @@ class DistExecutor(Executor):
             self.replicas.reducer.reset()
 
     def _end(self, run: Run, ok: bool) -> List[float]:
+        if self.replicas is not None and self.replicas.reducer is not None:
+            self.replicas.reducer.stop()
         if not ok:
             self.inbox.clear()
             self._outbox.clear()

@@ -177,6 +177,8 @@ class GradReducer:
         bucket_bytes: gradient bytes per bucket.
 
     Attributes:
+        active: the hooks count only while a run is on (:meth:`reset` to :meth:`stop`: a
+            module also trained elsewhere does not post this pipeline's collectives).
         overlap: post buckets as they become ready (``False``: all at the STEP; for
             measuring what the overlap hides).
         waited: seconds spent waiting for the all-reduce at STEPs (summed), and ``steps``
@@ -187,19 +189,22 @@ class GradReducer:
                  bucket_bytes: int = BUCKET_BYTES) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.replicas, self.micro_batches, self.bucket_bytes = replicas, micro_batches, bucket_bytes
-        self.overlap = True
+        self.overlap, self.active = True, False
         self.waited, self.steps = 0.0, 0
         self._buckets: List[List[int]] = []
         self._bucket_of: List[int] = []
         self._buffers: List[Tensor] = []
         self._views: List[List[Tensor]] = []
         self._works: List[Optional[dist.Work]] = []
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
+        for i, p in enumerate(self.params):
+            p.register_post_accumulate_grad_hook(self._hook(i))
         self.reset()
+        self.active = False
 
     def reset(self) -> None:
         """Start counting afresh (a run's start; an interrupted run's counts are dropped),
         building the buckets of ``bucket_bytes``."""
+        self.active = True
         self._counts = [0] * len(self.params)
         if not self._buckets or self._built_for != self.bucket_bytes:
             self._build()
@@ -238,6 +243,8 @@ class GradReducer:
 
     def _hook(self, i: int) -> Callable[[Tensor], None]:
         def ready(_: Tensor) -> None:
+            if not self.active:
+                return
             self._counts[i] += 1
             if self._counts[i] == self.micro_batches and self.overlap:
                 b = self._bucket_of[i]
@@ -300,8 +307,6 @@ class GradReducer:
         self._left = [len(b) for b in self._buckets]
         self._next = 0
 
-    def remove(self) -> None:
-        """Remove the gradient hooks."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+    def stop(self) -> None:
+        """The run is over: the hooks stop counting."""
+        self.active = False

@@ -157,3 +157,36 @@ def test_batch_statistics_are_refused_under_replicas() -> None:
                          (DeferredBatchNorm(2, chunks=2), "(the stage) (DeferredBatchNorm)")):
         with pytest.raises(ValueError, match=re.escape(name) + r"(.|\n)*nn.GroupNorm"):
             check_replicable(module, 1)
+
+
+def test_grad_reducer_posts_complete_buckets_during_the_backward_in_order() -> None:
+    """One process (a world of one: the all-reduce is the identity), the mechanics: a bucket is
+    posted once its parameters have had the minibatch's last micro-batch, during the backward,
+    in bucket order; the STEP posts the rest; a parameter without a gradient keeps None; no
+    counting outside a run."""
+    import torch.distributed as dist
+
+    from pipeline_rt.reduce import GradReducer, Replicas
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        unused = torch.nn.Linear(2, 2).double()  # registered first: its bucket is the last
+        body = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).double()
+        params = list(unused.parameters()) + list(body.parameters())
+        reducer = GradReducer(params, Replicas(Layout(1, 1), 0, torch.device("cpu"), 10.0), micro_batches=2,
+                              bucket_bytes=1)  # one parameter per bucket
+        assert len(reducer._buckets) == 6
+        reducer.reset()  # a run starts
+        x = torch.randn(4, 3, dtype=torch.float64)
+        body(x).sum().backward()
+        assert reducer._next == 0, "nothing is complete after the first of two micro-batches"
+        body(x).sum().backward()
+        assert reducer._next == 4, "the body's four buckets were posted during the backward; the unused one waits"
+        expected = [p.grad.clone() for p in body.parameters()]
+        reducer.reduce()
+        assert all(p.grad is None for p in unused.parameters())
+        assert all(torch.equal(p.grad, e) for p, e in zip(body.parameters(), expected))
+        reducer.stop()
+        body(x).sum().backward()
+        assert reducer._counts == [0] * 6
+    finally:
+        dist.destroy_process_group()
