@@ -126,7 +126,7 @@ def worker(rank: int, spec: DPSpec, port: int, out: str) -> None:
         for i, case in enumerate(spec.cases):
             pipe = pipeline(spec, case, "dist", rank)
             t0 = time.monotonic()  # a failure's time is counted from the last pipeline's start
-            replica, k = pipe.replica, rank % spec.stages
+            replica, k = pipe.replica, next(i for i, m in enumerate(pipe.stages) if m is not None)
             data = shard(spec, replica)
             got: Dict[str, Any] = {"replica": replica, "stage": k}
             if case.checkpoint:

@@ -27,6 +27,7 @@ CASES = tuple(Case(m) for m in METHODS) + (
     Case("pipeoptim", (("clip_grad_norm", 0.5), ("lr_scheduler", step_lr)), stop_at=3),
     Case("pipeoptim", checkpoint=True),
     Case("2bw", checkpoint=True),
+    Case("pipeoptim", (("rank_layout", "replica"),)),  # rank = stage * D + replica
 )
 
 
@@ -40,8 +41,9 @@ def test_every_method_equals_the_single_pipeline_on_the_concatenation(tmp_path: 
     for case in spec.cases:
         ref = oracle(spec, case)
         results = [r[case.label] for r in out.results]  # type: ignore[index]
+        layout = Layout(spec.stages, spec.replicas, dict(case.pipe).get("rank_layout", "pipeline"))
         for rank, got in enumerate(results):
-            assert got["replica"] == rank // spec.stages and got["stage"] == rank % spec.stages
+            assert (got["replica"], got["stage"]) == layout.coords(rank)
             assert got["losses"] == results[0]["losses"], f"{case.label}: rank {rank}'s losses differ from rank 0's"
             torch.testing.assert_close(got["losses"], ref["losses"], msg=lambda m: f"{case.label}: {m}")
             for name, w in ref["weights"][got["stage"]].items():
