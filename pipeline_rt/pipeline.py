@@ -45,6 +45,7 @@ from . import checkpoint
 from .executor import EXISTS, Executor, Info, Run, StageRun, eval_mode
 from .feed import Feed
 from .guards import check_batch_dependent, check_device, loss_reduction, micro_batch_weight
+from .layout import Layout
 from .methods import Method, get_method
 from .schedule import LazySchedule
 from .stage import Stage, retain_none
@@ -150,6 +151,7 @@ class Pipeline:
             raise ValueError(f"clip_grad_norm must be a positive number, got {clip_grad_norm!r}")
         if clip_grad_scope not in CLIP_SCOPES:
             raise ValueError(f"clip_grad_scope must be one of {CLIP_SCOPES}, got {clip_grad_scope!r}")
+        Layout(len(stages), data_parallel, rank_layout)  # checks both
         if data_parallel != 1 and backend != "dist":
             raise ValueError(f"data_parallel={data_parallel!r} runs replicas of the pipeline on separate processes: "
                              f"use backend='dist' under torchrun (world size data_parallel x stages)")

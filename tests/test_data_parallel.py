@@ -120,10 +120,13 @@ def test_layout(order: str, ranks: list) -> None:
         Layout(2, 2, "diagonal")
 
 
-def test_data_parallel_needs_the_dist_backend() -> None:
-    with pytest.raises(ValueError, match="backend='dist'"):
+@pytest.mark.parametrize("options,match", [({"data_parallel": 2}, "backend='dist'"),
+                                           ({"data_parallel": 0}, "data_parallel must be a positive int"),
+                                           ({"rank_layout": "stage"}, "rank_layout must be one of")])
+def test_data_parallel_options_are_checked(options: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
         Pipeline([torch.nn.Linear(2, 2)], ["cpu"], lambda ps: torch.optim.SGD(ps, lr=0.1),
-                 torch.nn.functional.mse_loss, data_parallel=2)
+                 torch.nn.functional.mse_loss, **options)
 
 
 def test_resume_with_another_number_of_replicas_is_refused(tmp_path: Path) -> None:
