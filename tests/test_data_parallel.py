@@ -58,6 +58,12 @@ def test_every_method_equals_the_single_pipeline_on_the_concatenation(tmp_path: 
                 assert got["resumed"] == got["losses"], f"{case.label}: resumed losses differ"
                 for name, w in got["weights"].items():
                     assert torch.equal(got["resumed_weights"][name], w), f"{case.label}: resumed {name} differs"
+        if case.checkpoint:  # the shared state written once, by replica 0; replica 1's own files beside it
+            folder = tmp_path / f"ckpt-{spec.cases.index(case)}" / "mb000004"
+            for k in range(spec.stages):
+                assert "module" in torch.load(folder / f"stage{k}.pt", weights_only=False)["stage"]
+                own = torch.load(folder / f"stage{k}.replica1.pt", weights_only=False)
+                assert not {"module", "optimizer", "stash"} & set(own["stage"]) and "replays" in own["stage"]
         for k in range(spec.stages):  # the replicas of a stage: bit-identical
             mine = [got for got in results if got["stage"] == k]
             for other in mine[1:]:
