@@ -33,6 +33,13 @@ minibatches are read again, checked against the fingerprint and dropped
 (``skip_consumed=False``: e.g. a sampler fast-forwarded by the user; nothing can be checked).
 After the end of a run's data, a resume with more data or more epochs extends the run.
 
+Data-parallel replicas. The replicas' weights, optimizer and scheduler states are identical:
+``stage{k}.pt`` is written once, by replica 0. What differs between replicas (their in-flight
+micro-batches' replays, the activations in transit, the data consumed and its fingerprint,
+their shares of the losses, the RNG stream) goes to ``stage{k}.replica{r}.pt`` and
+``transit{k}.replica{r}.pt`` for replica ``r > 0``; ``meta.pt`` holds the global losses
+and the number of replicas, and a resume with another number is refused.
+
 Layout: ``checkpoint_dir/mb000004/{meta.pt, stage0.pt, transit1.pt, ...}`` (named by the
 minibatches done). Every process must see the same ``checkpoint_dir`` (a shared file system
 across machines).
@@ -75,6 +82,8 @@ __all__ = ["Checkpointer", "CheckpointError", "latest", "resume"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 FORMAT = 3  # 3: the stage's records are plain dicts and tuples, every file loads with weights_only=True
+#: the parts of a stage's state that are the same on every data-parallel replica (written once)
+SHARED = ("module", "optimizer", "version", "stash", "predictor", "observed", "scheduler")
 
 
 class CheckpointError(RuntimeError):
@@ -156,6 +165,11 @@ def _folder(directory: PathLike, j: int) -> Path:
     return Path(directory) / f"mb{j + 1:06d}"
 
 
+def _suffix(replica: int) -> str:
+    """The file name suffix of a data-parallel replica's own files (none for replica 0)."""
+    return "" if replica == 0 else f".replica{replica}"
+
+
 class Checkpointer:
     """Takes the checkpoint cuts of a run (see the module docstring).
 
@@ -193,9 +207,10 @@ class Checkpointer:
         assert stage is not None
         folder = _folder(self.directory, j)
         n, c = self.num_stages, self.chunks
+        mine = _suffix(ex.replica)
         if j not in self._cuts:  # this process's first file of the cut: an older meta.pt there goes first
             folder.mkdir(parents=True, exist_ok=True)
-            if n - 1 in run.views:
+            if n - 1 in run.views and ex.replica == 0:
                 (folder / "meta.pt").unlink(missing_ok=True)
                 _fsync_dir(folder)
             self._cuts[j] = (set(run.views), None)
@@ -205,7 +220,7 @@ class Checkpointer:
                 u = (flat // c, flat % c)
                 flag = st.known.get(u[0] + 1) if u[1] == c - 1 else None
                 transit[u] = (tuple(None if t is None else t.detach() for t in stage.outputs_of(u)), flag)
-            _write(transit, folder / f"transit{k + 1}.pt")
+            _write(transit, folder / f"transit{k + 1}{mine}.pt")
         saved: Dict[str, Any] = {"minibatch": j, "stage": stage.state_dict(), "known": dict(st.known),
                                  "stop_at": st.stop_at,
                                  "cursor": (st.cursor.nf, st.cursor.nb, j + 1)}  # this STEP counted
@@ -213,12 +228,19 @@ class Checkpointer:
         if run.feed is not None and roles and k == max(roles):
             count = st.cursor.nf // c
             saved["feed"] = {"count": count, "fingerprint": run.feed.fingerprint(count)}
-        _write(saved, folder / f"stage{k}.pt")
+        if k == n - 1:
+            losses = run.losses.upto(j + 1)
+            if ex.data_parallel > 1:  # this replica's shares; meta.pt gets their sums
+                saved["losses"] = list(losses)
+                losses = ex._over_replicas(torch.tensor(losses, dtype=torch.float64),
+                                           "all-reduce of the losses over the replicas (checkpoint)").tolist()
+        if ex.replica > 0:
+            saved["stage"] = {key: v for key, v in saved["stage"].items() if key not in SHARED}
+        _write(saved, folder / f"stage{k}{mine}.pt")
         left, meta = self._cuts[j]
         left.discard(k)
-        if k == n - 1:
-            meta = {**self.describe, "format": FORMAT, "minibatch": j, "final": final,
-                    "losses": run.losses.upto(j + 1)}
+        if k == n - 1 and ex.replica == 0:
+            meta = {**self.describe, "format": FORMAT, "minibatch": j, "final": final, "losses": losses}
         if left:
             self._cuts[j] = (left, meta)
             return
@@ -293,7 +315,9 @@ def _check(folder: Path) -> Optional[_Problem]:
         return _Problem(meta_path, f"format {meta.get('format')}, and this pipeoptim reads format {FORMAT} (format 2 "
                                    f"and before stored\nthe stage's records as Python objects, which are not loaded: "
                                    f"loading runs no code); resume it with the pipeoptim that wrote it", False)
-    files = [folder / f"stage{k}.pt" for k in range(n)] + [folder / f"transit{k}.pt" for k in range(1, n)]
+    suffixes = [_suffix(r) for r in range(meta.get("data_parallel", 1))]
+    files = [folder / f"stage{k}{x}.pt" for k in range(n) for x in suffixes] + \
+        [folder / f"transit{k}{x}.pt" for k in range(1, n) for x in suffixes]
     return next((p for p in map(_scan, files) if p is not None), None)
 
 
@@ -350,28 +374,38 @@ def resume(path: PathLike, ex: "Executor", run: Run, describe: Dict[str, Any], *
     returns the minibatches done."""
     folder = latest(path)
     meta = _read(folder / "meta.pt", folder)
+    saved_d, now_d = meta.get("data_parallel", 1), describe.get("data_parallel", 1)
+    if saved_d != now_d:
+        raise CheckpointError(
+            f"checkpoint {folder} was saved by {saved_d} data-parallel replica(s), but this pipeline has {now_d}.\n"
+            f"Each replica's in-flight micro-batches and data position are saved per replica, so a checkpoint\n"
+            f"resumes with the number of replicas that saved it: build the Pipeline with data_parallel={saved_d}.")
     diff = {key: (meta.get(key), v) for key, v in describe.items() if meta.get(key) != v}
     if diff:
         raise CheckpointError(f"checkpoint {folder} is from a different run; (saved, now): {diff}. Resume with the "
                               f"same method, stages and chunks as the run that saved it")
     j, n = meta["minibatch"], describe["num_stages"]
     feed_state = None
+    mine = _suffix(ex.replica)
     for k, view in run.views.items():
         saved = _read(folder / f"stage{k}.pt", folder)
+        if mine:  # a replica's own state over the shared one
+            own = _read(folder / f"stage{k}{mine}.pt", folder)
+            saved = {**own, "stage": {**{key: saved["stage"][key] for key in SHARED}, **own["stage"]}}
         stage = ex.stages[k]
         assert stage is not None
         stage.load_state_dict(saved["stage"])
         view.actions.restart(Cursor(*saved["cursor"]))
         view.known, view.stop_at = dict(saved["known"]), saved["stop_at"]
         if k > 0:
-            for u, (tensors, flag) in _read(folder / f"transit{k}.pt", folder).items():
+            for u, (tensors, flag) in _read(folder / f"transit{k}{mine}.pt", folder).items():
                 ex._put(k, u, tensors)
                 run.ready.append((RECV_F, k, u[0], u[1]))
                 if flag is not None:
                     view.known[u[0] + 1] = flag
         feed_state = saved.get("feed", feed_state)
         if k == n - 1:
-            run.losses = LossLog(meta["losses"])
+            run.losses = LossLog(saved.get("losses", meta["losses"]))  # a replica's own shares
     if feed_state is not None:
         assert run.feed is not None
         run.feed.skip(feed_state["count"], feed_state["fingerprint"], positioned=not skip_consumed,

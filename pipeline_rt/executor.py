@@ -201,6 +201,8 @@ class Run:
         losses: the per-minibatch losses (on the last stage).
         ready: messages already in transit when the run starts (a resume), as
             ``(kind of the receive, receiving stage, minibatch, micro)``.
+        agree: ``agree(j, decision) -> decision``: the first stages' common decision
+            (data-parallel replicas, :class:`~pipeline_rt.reduce.Replicas`), or None.
     """
 
     feed: Optional[Feed]
@@ -213,13 +215,17 @@ class Run:
     scaling: Optional[LossScaling] = None
     losses: LossLog = field(default_factory=LossLog)
     ready: List[Tuple[str, int, int, int]] = field(default_factory=list)
+    agree: Optional[Callable[[int, int], int]] = None
 
     def decide(self, j: int, first: StageRun) -> int:
-        """The first stage's decision about minibatch ``j``."""
+        """The first stage's decision about minibatch ``j`` (through ``agree(j, decision)``,
+        the decision common to every data-parallel replica, when set)."""
         if first.stop_at is not None or (self.max_steps is not None and j >= self.max_steps):
-            return STOPPED
-        assert self.feed is not None
-        return EXISTS if self.feed.has(j) else ENDED
+            decision = STOPPED
+        else:
+            assert self.feed is not None
+            decision = EXISTS if self.feed.has(j) else ENDED
+        return decision if self.agree is None else self.agree(j, decision)
 
 
 class Executor(abc.ABC):
@@ -240,9 +246,10 @@ class Executor(abc.ABC):
         self._deferred: List[int] = []
         #: the context each stage computes in (its stream), entered around its F, B and STEP
         self._contexts: List[ContextManager[Any]] = [_NO_CONTEXT] * self.num_stages
-        #: ``hook(k)`` called in order right before stage ``k``'s STEP (its gradients are
-        #: complete), e.g. the tied parameters' gradient sum (:mod:`pipeline_rt.ties`)
-        self.before_step: List[Callable[[int], None]] = []
+        #: ``hook(run, k)`` run in order before stage ``k``'s STEP (and before any clipping or
+        #: unscaling): the gradient reductions (data-parallel replicas, :mod:`pipeline_rt.reduce`;
+        #: tied parameters, :mod:`pipeline_rt.ties`) append theirs
+        self.before_step: List[Callable[[Run, int], None]] = []
 
     # ------------------------------------------------------------------ transport (subclasses)
 
@@ -283,6 +290,17 @@ class Executor(abc.ABC):
     #: ``(k, unit)``: stage ``k`` is done with ``unit`` (the tensors it held may go); called
     #: after every backward when not None
     _after_backward: Optional[Callable[[int, Unit], None]] = None
+
+    #: data-parallel replicas (``backend="dist"``, :mod:`pipeline_rt.reduce`): this process's
+    #: replica and their number; the first stages' common decision (:attr:`Run.agree`); the
+    #: global minibatch's rows given this replica's (the last stage's loss weights)
+    replica, data_parallel = 0, 1
+    agree: Optional[Callable[[int, int], int]] = None
+    global_rows: Optional[Callable[[int], int]] = None
+
+    def _over_replicas(self, t: Tensor, what: str) -> Tensor:
+        """``t`` summed over the data-parallel replicas (``t`` itself without them)."""
+        return t
 
     def _begin(self, run: Run) -> None:
         """Before the first action of a run."""
@@ -382,7 +400,7 @@ class Executor(abc.ABC):
     def _step(self, run: Run, a: Action) -> None:
         k = a.stage
         for hook in self.before_step:
-            hook(k)
+            hook(run, k)
         if run.clip_global is not None or run.scaling is not None:
             self._global_step(run, k, run.views[k].actions.cursor.steps)
             return

@@ -55,6 +55,7 @@ class MicroBatch:
     inputs: Optional[Tuple[Optional[Tensor], ...]]
     target: Any
     weight: float = 1.0
+    rows: int = 0
 
 
 def rows(x: Any) -> int:
@@ -134,10 +135,14 @@ class Feed:
         fingerprint: fold every minibatch into the running hash (needed by a run that
             checkpoints or resumes; ``False`` saves the hashing, and :meth:`fingerprint` then
             refuses).
+        total: ``total(rows) -> rows``: the rows a minibatch's loss is shared over, given its
+            own (data-parallel replicas: the global minibatch's); called once per minibatch,
+            at its first target taken, so ``weight(rows_m, total(rows))`` weighs the targets.
     """
 
     def __init__(self, batches: Iterable[Tuple[Any, Any]], chunks: int, *, epochs: int = 1,
-                 weight: Callable[[int, int], float] = lambda n, total: n / total, fingerprint: bool = True) -> None:
+                 weight: Callable[[int, int], float] = lambda n, total: n / total, fingerprint: bool = True,
+                 total: Optional[Callable[[int], int]] = None) -> None:
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {epochs!r}")
         try:
@@ -148,7 +153,8 @@ class Feed:
         if epochs > 1 and first is batches:
             raise TypeError(f"epochs={epochs} re-iterates batches, but {type(batches).__name__} is an iterator that "
                             f"runs out after one pass; pass a re-iterable (a list, a DataLoader) or epochs=1")
-        self.batches, self.chunks, self.epochs, self.weight = batches, chunks, epochs, weight
+        self.batches, self.chunks, self.epochs, self.weight, self.total = batches, chunks, epochs, weight, total
+        self._totals: Dict[int, int] = {}  # minibatch -> total(rows), while held
         self._hashing = fingerprint
         self._it: Optional[Iterator[Any]] = first
         self._epoch, self._in_epoch = 0, 0
@@ -213,11 +219,11 @@ class Feed:
         self._fold(xs, y)
         micro: List[Optional[MicroBatch]]
         if self.chunks == 1:  # the minibatch is its one micro-batch (a target tuple or list as a tuple)
-            micro = [MicroBatch(xs, as_tuple(y) if isinstance(y, (tuple, list)) else y, self.weight(n, n))]
+            micro = [MicroBatch(xs, as_tuple(y) if isinstance(y, (tuple, list)) else y, self.weight(n, n), n)]
         else:
             parts_x = split_batch(x, self.chunks)
             parts_y = split_batch(y, self.chunks) if isinstance(y, (Tensor, tuple, list)) else [y] * self.chunks
-            micro = [MicroBatch(as_tuple(xm), ym, self.weight(rows(xm), n)) for xm, ym in zip(parts_x, parts_y)]
+            micro = [MicroBatch(as_tuple(xm), ym, self.weight(rows(xm), n), rows(xm)) for xm, ym in zip(parts_x, parts_y)]
         self._held[j] = micro
         self._left[j] = 2 * self.chunks
         self._epochs[j] = self._epoch
@@ -249,7 +255,12 @@ class Feed:
     def take_target(self, j: int, m: int) -> Tuple[Any, float]:
         """The target and loss weight of micro-batch ``(j, m)``, released by the feed."""
         mb = self.micro(j, m)
-        out = mb.target, mb.weight
+        weight = mb.weight
+        if self.total is not None:
+            if j not in self._totals:
+                self._totals[j] = self.total(sum(x.rows for x in self._held[j] if x is not None))
+            weight = self.weight(mb.rows, self._totals[j])
+        out = mb.target, weight
         self._take(j, m, "target")
         return out
 
@@ -260,6 +271,7 @@ class Feed:
         self._left[j] -= 1
         if self._left[j] == 0:
             del self._held[j], self._left[j], self._epochs[j]
+            self._totals.pop(j, None)
 
     @property
     def held(self) -> int:

@@ -48,6 +48,7 @@ from .executor import EXISTS, Executor, Info, Run, StageRun, eval_mode
 from .feed import Feed
 from .guards import check_batch_dependent, check_device, declared_reduction, micro_batch_weight
 from .lossprobe import ReductionProbe, Share
+from .layout import Layout
 from .methods import Method, get_method
 from .recompute import check_recomputable, recompute_stages
 from .schedule import LazySchedule
@@ -64,13 +65,13 @@ CLIP_SCOPES = ("stage", "global")
 
 
 def make_executor(backend: str, build_stage: BuildStage, devices: Sequence[Device], schedule: LazySchedule,
-                  timeout: Optional[float] = None) -> Tuple[Executor, List[Optional[Stage]]]:
+                  timeout: Optional[float] = None, **dist_options: Any) -> Tuple[Executor, List[Optional[Stage]]]:
     """The executor of ``backend`` and the stages it runs (``None`` where another process
     runs that stage).
 
     ``"local"`` builds every stage and runs them in this process; ``"dist"`` hands
     ``build_stage`` to :class:`pipeline_rt.dist.DistExecutor`, which builds only its
-    rank's stage.
+    rank's stage (``dist_options``: its ``data_parallel`` and ``rank_layout``).
     """
     if backend == "local":
         from .local import LocalExecutor
@@ -81,7 +82,7 @@ def make_executor(backend: str, build_stage: BuildStage, devices: Sequence[Devic
             from .dist import DistExecutor
         except ImportError as e:
             raise RuntimeError(f"backend='dist' needs pipeline_rt.dist.DistExecutor, which failed to import: {e}") from e
-        ex = DistExecutor(build_stage, devices, schedule, timeout=timeout)
+        ex = DistExecutor(build_stage, devices, schedule, timeout=timeout, **dist_options)
         return ex, list(ex.stages)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
@@ -139,6 +140,11 @@ class Pipeline:
         recompute: ``True`` or a list of stage indices: those stages keep only their inputs
             and recompute their forward right before its backward, at exactly the weights the
             method's forward used (:mod:`pipeline_rt.recompute`).
+        data_parallel: ``backend="dist"``: ``D`` replicas of the pipeline on ``D x N`` ranks,
+            each trained on its own minibatches; every STEP applies the rows-weighted sum of
+            the replicas' gradients (the global minibatch's), see :mod:`pipeline_rt.reduce`.
+        rank_layout: which rank runs which (replica, stage), ``"pipeline"`` or
+            ``"replica"`` (:mod:`pipeline_rt.layout`).
     """
 
     def __init__(self, stages: Sequence[StageSpec], devices: Sequence[Device],
@@ -149,7 +155,8 @@ class Pipeline:
                  clip_grad_norm: Optional[float] = None, clip_grad_scope: str = "stage",
                  check_finite: bool = False, track_error: bool = False, strict: bool = False,
                  timeout: Optional[float] = None, ties: Optional[Sequence[TieSpec]] = None,
-                 autocast: Optional[torch.dtype] = None, recompute: Union[bool, Sequence[int]] = False) -> None:
+                 autocast: Optional[torch.dtype] = None, recompute: Union[bool, Sequence[int]] = False,
+                 data_parallel: int = 1, rank_layout: str = "pipeline") -> None:
         stages, devices = list(stages), [torch.device(d) for d in devices]
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
@@ -165,6 +172,10 @@ class Pipeline:
             raise ValueError(f"clip_grad_norm must be a positive number, got {clip_grad_norm!r}")
         if clip_grad_scope not in CLIP_SCOPES:
             raise ValueError(f"clip_grad_scope must be one of {CLIP_SCOPES}, got {clip_grad_scope!r}")
+        Layout(len(stages), data_parallel, rank_layout)  # checks both
+        if data_parallel != 1 and backend != "dist":
+            raise ValueError(f"data_parallel={data_parallel!r} runs replicas of the pipeline on separate processes: "
+                             f"use backend='dist' under torchrun (world size data_parallel x stages)")
         self.method = get_method(method, backward=backward, chunks=chunks)
         if clip_grad_scope == "global" and self.method.shape == "async-1f1b":
             raise ValueError(f"clip_grad_scope='global' needs all stages' gradients of a minibatch at once, which only "
@@ -208,7 +219,8 @@ class Pipeline:
             stage.loss_scaling = self.loss_scaling
             return stage
 
-        self.executor, self._stages = make_executor(backend, build_stage, devices, self._schedule, timeout)
+        options = {"data_parallel": data_parallel, "rank_layout": rank_layout} if backend == "dist" else {}
+        self.executor, self._stages = make_executor(backend, build_stage, devices, self._schedule, timeout, **options)
         self._ties.attach(self.executor)
         modules = [None if s is None else s.module for s in self._stages]
         bind_chunks(modules, self.chunks)  # batch norms built with chunks=None follow the pipeline's
@@ -227,7 +239,10 @@ class Pipeline:
             batches: any iterable: a list, a generator, a ``DataLoader``, an infinite
                 iterator (with ``max_steps``). With ``backend="dist"`` every rank passes the
                 same data; only the first stage's rank uses the inputs and only the last's
-                the targets (others may pass anything, e.g. ``None``).
+                the targets (others may pass anything, e.g. ``None``). With
+                ``data_parallel`` each replica's ranks pass that replica's own minibatches
+                (global minibatch ``j``: the replicas' ``j``-th, concatenated in replica
+                order; the same number of minibatches on every replica).
             epochs: passes over ``batches`` back to back, without draining between them
                 (the same as one run over the concatenation).
             max_steps: stop after this many minibatches (counted from the run's start).
@@ -235,7 +250,7 @@ class Pipeline:
                 loss is known (:class:`~pipeline_rt.executor.Info`: ``step``, ``epoch``,
                 ``loss``); returning ``False`` stops feeding: the minibatches already fed
                 finish (their losses included). With ``backend="dist"`` it runs on the last
-                stage's rank.
+                stage's rank (of replica 0, seeing the global loss; give it on every rank).
             progress: show a tqdm bar (on the last stage's process).
             checkpoint_every, checkpoint_dir: checkpoint after every ``checkpoint_every``
                 minibatches and at the end, into folders ``checkpoint_dir/mb00000K`` (a
@@ -258,7 +273,8 @@ class Pipeline:
         if 0 in mine or n - 1 in mine:
             feed = Feed(batches, self.chunks, epochs=epochs,
                         weight=self._weight,
-                        fingerprint=checkpoint_dir is not None or resume_from is not None)
+                        fingerprint=checkpoint_dir is not None or resume_from is not None,
+                        total=self.executor.global_rows)
         if self.loss_scaling is not None and (checkpoint_dir is not None or resume_from is not None):
             raise ValueError("checkpoints do not save the loss scale of autocast=torch.float16 yet; train without\n"
                              "  checkpoint_dir/resume_from, or use autocast=torch.bfloat16 (no loss scale)")
@@ -266,7 +282,7 @@ class Pipeline:
         for k, s in mine.items():
             s.autocast = partial(precision.autocast, self.devices[k], dtype)
         run = Run(feed, {k: StageRun(self._schedule, k) for k in mine}, max_steps=max_steps, callback=callback,
-                  clip_global=self._clip_global, scaling=self.loss_scaling)
+                  clip_global=self._clip_global, scaling=self.loss_scaling, agree=self.executor.agree)
         saver = None
         if checkpoint_dir is not None:
             saver = checkpoint.Checkpointer(checkpoint_dir, checkpoint_every, self._describe())
@@ -284,7 +300,7 @@ class Pipeline:
                     view.known[0] = run.decide(0, view) if k == 0 else EXISTS
                 if 0 in run.views and run.views[0].known[0] != EXISTS:
                     raise ValueError("train() needs at least one (input, target) minibatch; got no minibatches")
-            if progress and n - 1 in mine:
+            if progress and n - 1 in mine and self.replica == 0:
                 run.progress = _progress_bar(batches, epochs, max_steps, done)
             with precision.outside_autocast(self._local_devices()):  # a caller's: F enters its own
                 return self.executor.train(run)
@@ -315,8 +331,11 @@ class Pipeline:
         return micro_batch_weight(self.reduction, rows, total)
 
     def _describe(self) -> Dict[str, Any]:
-        return {"method": self.method.name, "shape": self.method.shape, "num_stages": self.num_stages,
-                "chunks": self.chunks}
+        out = {"method": self.method.name, "shape": self.method.shape, "num_stages": self.num_stages,
+               "chunks": self.chunks}
+        if self.data_parallel > 1:
+            out["data_parallel"] = self.data_parallel
+        return out
 
     # ------------------------------------------------------------------ evaluation and inference
 
@@ -366,6 +385,16 @@ class Pipeline:
     def ties(self) -> List[Dict[int, str]]:
         """The tied parameters, declared or found, as ``{stage: parameter name}`` each."""
         return self._ties.found
+
+    @property
+    def replica(self) -> int:
+        """This rank's replica, ``0 .. data_parallel - 1`` (0 without data parallelism)."""
+        return self.executor.replica
+
+    @property
+    def data_parallel(self) -> int:
+        """The number of replicas of the pipeline (1 without data parallelism)."""
+        return self.executor.data_parallel
 
     @property
     def stage_runtimes(self) -> List[Optional[Stage]]:

@@ -184,9 +184,12 @@ class Ties:
         if self.local or not self.groups:
             return
         ex: "DistExecutor" = executor  # type: ignore[assignment]
+        layout = ex.layout
         for i, tie in enumerate(self.groups):
-            ranks = [ex._global(k) for k in tie]
-            group = dist.new_group(ranks, timeout=timedelta(seconds=ex.timeout))
+            # one group per replica (data_parallel=D), joined by every rank in the same order
+            groups = [dist.new_group([layout.rank(r, k) for k in tie], timeout=timedelta(seconds=ex.timeout))
+                      for r in range(layout.data_parallel)]
+            group, ranks = groups[ex.replica], [layout.rank(ex.replica, k) for k in tie]
             p = self._held.get(i)
             if p is None:
                 continue
@@ -205,7 +208,7 @@ class Ties:
                 self._collective(ex, tie, "broadcast of the owner's value", broadcast, p.data)
             self._reduce.append((tie, p, group))
         if self._reduce:
-            ex.before_step.append(lambda k: self._sum_grads(ex, k))
+            ex.before_step.append(lambda run, k: self._sum_grads(ex, k))
 
     def _sum_grads(self, ex: "DistExecutor", k: int) -> None:
         """Before stage ``k``'s STEP: each tied copy's gradient becomes the sum over its holders."""

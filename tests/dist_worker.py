@@ -15,7 +15,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -197,14 +197,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(spec: Any, out: Path, deadline: float = 60.0, wait_for: Optional[Sequence[int]] = None) -> Outcome:
-    """Run ``spec.world`` gloo ranks (a :class:`Spec`, or any picklable object with ``world``
-    and ``run(rank) -> result``); wait until the ranks ``wait_for`` (default: all) have
-    exited, at most ``deadline`` s, then kill what is left."""
+def launch(spec: Any, out: Path, deadline: float = 60.0, wait_for: Optional[Sequence[int]] = None,
+           target: Callable[[int, Any, int, str], None] = _worker) -> Outcome:
+    """Run ``spec.world`` gloo ranks of ``target(rank, spec, port, out)`` (default: this
+    module's worker, which runs a :class:`Spec`, or any picklable object with ``world`` and
+    ``run(rank) -> result``); wait until the ranks ``wait_for`` (default: all) have exited,
+    at most ``deadline`` s, then kill what is left."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "pipeline_rt.pipeline", "pipeline_rt.dist"])
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, spec, port, str(out))) for r in range(spec.world)]
+    procs = [ctx.Process(target=target, args=(r, spec, port, str(out))) for r in range(spec.world)]
     t0 = time.monotonic()
     for p in procs:
         p.start()
