@@ -17,7 +17,7 @@ import torch
 from dist_worker import launch, step_lr
 from dp_worker import Case, DPSpec, oracle, worker
 from pipeline_rt import METHODS, Pipeline
-from pipeline_rt.checkpoint import CheckpointError, resume
+from pipeline_rt.checkpoint import FORMAT, CheckpointError, resume
 from pipeline_rt.layout import Layout
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
@@ -139,7 +139,7 @@ def test_resume_with_another_number_of_replicas_is_refused(tmp_path: Path) -> No
     folder = tmp_path / "mb000004"
     folder.mkdir()
     describe = {"method": "pipeoptim", "shape": "async-1f1b", "num_stages": 1, "chunks": 1}
-    torch.save({**describe, "data_parallel": 2, "format": 2, "minibatch": 3, "final": False, "losses": [0.0] * 4},
+    torch.save({**describe, "data_parallel": 2, "format": FORMAT, "minibatch": 3, "final": False, "losses": [0.0] * 4},
                folder / "meta.pt")
     for name in ("stage0.pt", "stage0.replica1.pt"):
         torch.save({}, folder / name)
