@@ -208,3 +208,21 @@ def test_dist_refuses_clipping_a_tie():
     with pytest.raises(TieError, match="clip_grad_norm with tied parameters and backend='dist'"):
         Pipeline(modules(), ["cpu"] * N, adamw, nn.functional.cross_entropy, method="sync", backend="dist",
                  clip_grad_norm=1.0)
+
+
+def test_dist_tie_under_data_parallel_replicas_equals_single_device(tmp_path: Path):
+    """2 stages x 2 data-parallel replicas (4 gloo ranks), a declared tie between the stages:
+    one group per replica sums the tie's copies, the replicas' reduction sums the replicas;
+    every update is single-device training's on the concatenated minibatches."""
+    from ties_worker import TieReplicas, shard, two_stages
+    shards = [shard(r) for r in range(2)]
+    glued = [(torch.cat([s[j][0] for s in shards]), torch.cat([s[j][1] for s in shards]))
+             for j in range(len(shards[0]))]
+    want_losses, oracle = single_device(two_stages(), glued)
+    out = launch(TieReplicas(), tmp_path, deadline=120.0)
+    assert out.exitcodes == [0] * 4, out.errors
+    for result in out.results:
+        torch.testing.assert_close(result["losses"], want_losses)
+        for (name, w), p in zip(oracle[result["stage"]].named_parameters(), result["weights"].values()):
+            torch.testing.assert_close(p, w, msg=lambda m: f"replica {result['replica']} stage "
+                                                           f"{result['stage']} {name}: {m}")

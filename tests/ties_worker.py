@@ -82,3 +82,47 @@ class TieRuns:
         out["resumed"] = train(declared(), resume_from=f"{self.folder}/mb000002")
         found.close()
         return out
+
+
+TIE2 = {0: "weight", 1: "1.weight"}
+
+
+def two_stages(seed: int = 0, tied: bool = True) -> List[nn.Module]:
+    """A 2-stage version: the embedding, then a tanh layer and the tied projection."""
+    embed, mid, _, head = modules(seed, tied)
+    return [embed, nn.Sequential(mid, head)]
+
+
+def shard(replica: int) -> List[Tuple[Tensor, Tensor]]:
+    """Replica ``replica``'s minibatches (its own token ids)."""
+    g = torch.Generator().manual_seed(30 + replica)
+    return [(torch.randint(VOCAB, (ROWS,), generator=g), torch.randint(VOCAB, (ROWS,), generator=g))
+            for _ in range(MINIBATCHES)]
+
+
+def _apart(k: int) -> nn.Module:
+    """Stage ``k`` of :func:`two_stages` built apart: stage 1's copy of the tie has another value."""
+    stage = two_stages(tied=False)[k]
+    if k == 1:
+        with torch.no_grad():
+            stage[1].weight.add_(1.0)
+    return stage
+
+
+@dataclass
+class TieReplicas:
+    """Every rank of 2 stages x 2 data-parallel replicas: ``sync`` with a declared tie between
+    the stages (built apart), each replica on its own shard."""
+
+    world: int = 4
+
+    def run(self, rank: int) -> Dict[str, Any]:
+        pipe = Pipeline([lambda k=k: _apart(k) for k in range(2)],
+                        ["cpu"] * 2, adamw, nn.functional.cross_entropy, method="sync", backend="dist",
+                        ties=[TIE2], data_parallel=2, timeout=60)
+        k = next(i for i, m in enumerate(pipe.stages) if m is not None)
+        losses = pipe.train(shard(pipe.replica))
+        out = {"replica": pipe.replica, "stage": k, "losses": losses,
+               "weights": {n: p.detach().clone() for n, p in pipe.stages[k].named_parameters()}}
+        pipe.close()
+        return out
