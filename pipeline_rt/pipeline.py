@@ -47,6 +47,7 @@ from .feed import Feed
 from .guards import check_batch_dependent, check_device, loss_reduction, micro_batch_weight
 from .methods import Method, get_method
 from .schedule import LazySchedule
+from .split import as_stages
 from .stage import Stage, retain_none
 
 __all__ = ["Pipeline", "make_executor"]
@@ -89,7 +90,9 @@ class Pipeline:
             ``backend="dist"`` only the rank's own stage is built). Stage ``k``'s output
             (a tensor or a tuple of tensors, ``None`` entries allowed) is stage ``k+1``'s
             input; the last stage's output and the target go to ``loss_fn``. Modules are
-            moved to their device.
+            moved to their device. Also: :func:`~pipeline_rt.split_model`'s stages, or a
+            torch ``Pipe`` (tensors that skip stages are routed, :mod:`pipeline_rt.split`);
+            stages with :mod:`pipeline_rt.skip` layers are wired.
         devices: one device per stage; stages may share a device.
         optimizer: ``optimizer(params) -> torch.optim.Optimizer``, called once per stage
             that has parameters; each is wrapped in
@@ -130,7 +133,7 @@ class Pipeline:
                  clip_grad_norm: Optional[float] = None, clip_grad_scope: str = "stage",
                  check_finite: bool = False, track_error: bool = False, strict: bool = False,
                  timeout: Optional[float] = None) -> None:
-        stages, devices = list(stages), [torch.device(d) for d in devices]
+        stages, devices = as_stages(stages), [torch.device(d) for d in devices]
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
         if len(devices) != len(stages):
