@@ -190,13 +190,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(spec: Spec, out: Path, deadline: float = 60.0, wait_for: Optional[Sequence[int]] = None) -> Outcome:
-    """Run ``spec.world`` gloo ranks; wait until the ranks ``wait_for`` (default: all) have
-    exited, at most ``deadline`` s, then kill what is left."""
+def launch(spec: Spec, out: Path, deadline: float = 60.0, wait_for: Optional[Sequence[int]] = None,
+           target: Any = None) -> Outcome:
+    """Run ``spec.world`` gloo ranks of ``target(rank, spec, port, out)`` (default: the
+    worker of this module); wait until the ranks ``wait_for`` (default: all) have exited, at
+    most ``deadline`` s, then kill what is left."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "pipeline_rt.pipeline", "pipeline_rt.dist"])
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, spec, port, str(out))) for r in range(spec.world)]
+    procs = [ctx.Process(target=target or _worker, args=(r, spec, port, str(out))) for r in range(spec.world)]
     t0 = time.monotonic()
     for p in procs:
         p.start()
