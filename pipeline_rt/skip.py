@@ -95,14 +95,16 @@ def skippable(stash: Iterable[str] = (), pop: Iterable[str] = ()) -> Callable[[M
                 return gen
             return _drive(type(self).__name__, gen, stashes, pops)
 
-        cls.forward = forward  # type: ignore[method-assign]
+        cls.forward = forward
         cls._skip_stash, cls._skip_pop = stashes, pops  # type: ignore[attr-defined]
         return cls
     return decorate
 
 
-def _drive(layer: str, gen: Generator, stashes: FrozenSet[str], pops: FrozenSet[str]) -> Any:
-    table, sent = _table.current, None
+def _drive(layer: str, gen: Generator[Any, Optional[Tensor], Any], stashes: FrozenSet[str],
+           pops: FrozenSet[str]) -> Any:
+    table = _table.current
+    sent: Optional[Tensor] = None
     try:
         while True:
             op = gen.send(sent)

@@ -166,7 +166,7 @@ class SplitStage(nn.Module):
         """The graphs read this module's parameters and buffers (``.to()`` replaces buffers,
         and the eval graph has its own module tree); the device baked into the graphs'
         factory calls (``torch.arange(..., device=...)``) follows them."""
-        mine = dict(self.named_parameters(remove_duplicate=False))
+        mine: Dict[str, Tensor] = dict(self.named_parameters(remove_duplicate=False))
         mine.update(self.named_buffers(remove_duplicate=False))
         for graph, _ in self._graphs.values():
             for name, t in list(graph.named_parameters(remove_duplicate=False)) + \
@@ -174,8 +174,8 @@ class SplitStage(nn.Module):
                 if name in mine and mine[name] is not t:
                     owner, _, attr = name.rpartition(".")
                     holder = graph.get_submodule(owner) if owner else graph
-                    table = holder._parameters if isinstance(t, nn.Parameter) else holder._buffers
-                    table[attr] = mine[name]  # type: ignore[assignment]
+                    table: Dict[str, Any] = holder._parameters if isinstance(t, nn.Parameter) else holder._buffers
+                    table[attr] = mine[name]
         devices = {t.device for t in mine.values()}
         if len(devices) == 1:
             from torch.distributed.pipelining._IR import _modify_graph_op_device
@@ -434,7 +434,8 @@ def _routes(pipe: Any, leaves: List[Any]) -> List[_Route]:
             order.append(name)
             if isinstance(_val(node), Tensor):
                 tensors.add(name)
-        args, fixed = [], {}
+        args: List[Arg] = []
+        fixed: Dict[str, Tuple[Optional[int], ...]] = {}
         for ph, a in zip(phs, call.args):
             if not isinstance(a, fx.Node):
                 args.append(("const", a))
@@ -467,8 +468,8 @@ def _routes(pipe: Any, leaves: List[Any]) -> List[_Route]:
     for k in range(n):
         inputs = tuple(p.name for p in placeholders if p.name not in const) if k == 0 else carried[k - 1]
         outputs = final if k == n - 1 else carried[k]
-        fixed = tuple((inputs.index(v), shape) for v, shape in fixed_of[k].items() if v in inputs)
-        routes.append(_Route(inputs, all_args[k], produces[k], outputs, singles[k], fixed))
+        routes.append(_Route(inputs, all_args[k], produces[k], outputs, singles[k],
+                             tuple((inputs.index(v), shape) for v, shape in fixed_of[k].items() if v in inputs)))
     return routes
 
 
