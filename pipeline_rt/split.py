@@ -237,7 +237,8 @@ def split_model(model: nn.Module, split_points: Sequence[str], example_args: Seq
             not a tensor).
         split_points: where the stages after the first begin.
         example_args, example_kwargs: an example input, as the model is called:
-            ``model(*example_args, **example_kwargs)``.
+            ``model(*example_args, **example_kwargs)`` (a single tensor is taken as
+            ``(tensor,)``).
         dynamic_shapes: :func:`torch.export.export`'s ``dynamic_shapes`` (default: dim 0 of
             every tensor argument is one dynamic batch dimension; give more to vary, e.g.,
             the sequence length).
@@ -251,7 +252,8 @@ def split_model(model: nn.Module, split_points: Sequence[str], example_args: Seq
             reach, or a parameter used by two stages.
         RuntimeError: the model does not trace (with torch's reason).
     """
-    args, kwargs = tuple(example_args), dict(example_kwargs or {})
+    args = (example_args,) if isinstance(example_args, Tensor) else tuple(example_args)
+    kwargs = dict(example_kwargs or {})
     names = list(split_points)
     modules = dict(model.named_modules())
     unknown = [n for n in names if n not in modules or n == ""]

@@ -104,8 +104,8 @@ def skip_stages(kind: str) -> List[nn.Module]:
 
 def skip_data(rows: Sequence[int] = (8, 8, 8, 8, 5)) -> List[Tuple[Tensor, Tensor]]:
     g = torch.Generator().manual_seed(9)
-    return [(torch.randn(r, WIDTH, generator=g, dtype=torch.float64), torch.randn(r, 1, generator=g, dtype=torch.float64))
-            for r in rows]
+    return [(torch.randn(r, WIDTH, generator=g, dtype=torch.float64),
+             torch.randn(r, 1, generator=g, dtype=torch.float64)) for r in rows]
 
 
 _TRACED: List[Any] = []
@@ -128,15 +128,18 @@ def adam(ps: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(ps, lr=0.05)
 
 
-def run_skip(kind: str, method: str, backend: str = "local", data: Any = None) -> Tuple[List[float], List[Tensor]]:
-    """Losses and the final weights (of this process's stages) of SkipNet's ``kind`` of stages."""
+def run_skip(kind: str, method: str, backend: str = "local", data: Any = None,
+             evaluate: bool = False) -> Tuple[List[float], List[Tensor], Any]:
+    """Losses, the final weights (of this process's stages) and, with ``evaluate``, the
+    evaluation on held-out data of SkipNet's ``kind`` of stages."""
     stages = skip_stages_cached(kind)
     pipe = Pipeline(stages, ["cpu"] * 4, adam, F.mse_loss, method=method, backend=backend)
     losses = pipe.train(skip_data() if data is None else data)
     weights = [p.detach().clone() for s in pipe.stages if s is not None for p in s.parameters()]
+    evaluated = pipe.evaluate(skip_data((6, 3))) if evaluate else None
     if backend == "dist":
         pipe.close()
-    return losses, weights
+    return losses, weights, evaluated
 
 
 def dist_worker(rank: int, spec: Any, port: int, out: str) -> None:
@@ -147,7 +150,7 @@ def dist_worker(rank: int, spec: Any, port: int, out: str) -> None:
     result: Dict[Tuple[str, str], Any] = {}
     try:
         for case in DIST_CASES:
-            result[case] = run_skip(*case, backend="dist", data=skip_data(DIST_ROWS))
+            result[case] = run_skip(*case, backend="dist", data=skip_data(DIST_ROWS), evaluate=True)
     except BaseException:
         Path(out, f"rank{rank}.err").write_text(traceback.format_exc())
         raise

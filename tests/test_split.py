@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 import pipeline_rt
 from pipeline_rt import METHODS, Pipeline, split_model
-from split_worker import (DIST_CASES, DIST_ROWS, WIDTH, First, Last, Middle, SkipNet, adam, dist_worker, run_skip, skip_data,
-                          skip_stages)
+from split_worker import (DIST_CASES, DIST_ROWS, WIDTH, First, Last, Middle, SkipNet, adam, dist_worker, run_skip,
+                          skip_data, skip_stages)
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -39,8 +39,8 @@ def lm_loss(out: Any, y: Tensor) -> Tensor:
 
 
 def gpt2(layers: int = 4, dropout: float = 0.0, tie: bool = False) -> nn.Module:
-    cfg = transformers.GPT2Config(n_layer=layers, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=SEQ, use_cache=False,
-                                  tie_word_embeddings=tie, resid_pdrop=dropout, embd_pdrop=dropout,
+    cfg = transformers.GPT2Config(n_layer=layers, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
+                                  use_cache=False, tie_word_embeddings=tie, resid_pdrop=dropout, embd_pdrop=dropout,
                                   attn_pdrop=dropout, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(cfg).double()
@@ -139,15 +139,12 @@ def test_gpt2_pipe_of_torch_pipeline_accepted_and_its_submodules_refused(gpt):
     pipe_ir = pipeline(model, (x,), split_spec={n: SplitPoint.BEGINNING for n in GPT_SPLITS})
     with pytest.raises(ValueError, match="split_model"):
         Pipeline([pipe_ir.get_stage_module(k) for k in range(4)], ["cpu"] * 4, sgd, lm_loss, method="sync")
-    pipe = Pipeline(pipe_ir, ["cpu"] * 4, sgd, F.cross_entropy, method="sync", chunks=1)
-    data = [(x, y) for x, y in tokens([4] * 3)]
 
-    def flat(out: Tensor, y: Tensor) -> Tensor:  # torch's Pipe returns the output's leaves
+    def flat(out: Tensor, y: Tensor) -> Tensor:  # torch's Pipe returns the output's tensors: the logits
         return F.cross_entropy(out.flatten(0, 1), y.flatten())
 
-    pipe.loss_fn = flat
-    for s in pipe.stage_runtimes:
-        s.loss_fn = flat
+    pipe = Pipeline(pipe_ir, ["cpu"] * 4, sgd, flat, method="sync", chunks=1)
+    data = tokens([4] * 3)
     torch.testing.assert_close(pipe.train(data), single_device(ref, data, lm_loss))
     with pytest.raises(RuntimeError, match="eval mode"):  # one graph, dropout baked in training mode
         pipe.evaluate(data)
@@ -168,7 +165,7 @@ def test_skip_sync_equals_single_device(kind):
     data = skip_data()
     net = SkipNet()
     expect = single_device(net, data, F.mse_loss, adam)
-    losses, weights = run_skip(kind, "sync", data=data)
+    losses, weights, _ = run_skip(kind, "sync", data=data)
     torch.testing.assert_close(losses, expect)
     torch.testing.assert_close(weights, [p.detach() for p in net.parameters()])
     # the declared skip also runs outside a pipeline: the stages in sequence are the model
@@ -180,23 +177,24 @@ def test_skip_sync_equals_single_device(kind):
 @pytest.mark.parametrize("kind", ["split", "skip"])
 @pytest.mark.parametrize("method", ["pipedream", "pipeoptim", "2bw"])
 def test_skip_async_equals_explicit_chain(kind, method):
-    expect_losses, expect_weights = run_skip("carry", method)
-    losses, weights = run_skip(kind, method)
+    expect_losses, expect_weights, _ = run_skip("carry", method)
+    losses, weights, _ = run_skip(kind, method)
     assert losses == expect_losses
     for w, e in zip(weights, expect_weights):
         assert torch.equal(w, e)
 
 
 def test_skip_dist_equals_local(tmp_path):
-    """One launch of 4 gloo ranks for every case: the same losses and weights as the local executor."""
+    """One launch of 4 gloo ranks for every case: the same losses, weights and evaluation
+    (held-out data, a short last batch) as the local executor."""
     from dist_worker import Spec, launch
     out = launch(Spec(world=4), tmp_path, deadline=120.0, target=dist_worker)
     assert out.exitcodes == [0] * 4, out.errors
     for case in DIST_CASES:
-        losses, weights = run_skip(*case, data=skip_data(DIST_ROWS))
+        losses, weights, evaluated = run_skip(*case, data=skip_data(DIST_ROWS), evaluate=True)
         for rank, result in enumerate(out.results):
-            got_losses, got_weights = result[case]
-            assert got_losses == losses, (case, rank)
+            got_losses, got_weights, got_eval = result[case]
+            assert got_losses == losses and got_eval == evaluated, (case, rank)
             mine = [w for w in weights[2 * rank:2 * rank + 2]]  # each stage holds one Linear: weight, bias
             assert all(torch.equal(a, b) for a, b in zip(got_weights, mine)) and len(got_weights) == 2, (case, rank)
 
