@@ -139,10 +139,11 @@ class SplitStage(nn.Module):
         if False not in self._graphs:
             if self._mode_dependent:
                 raise RuntimeError(
-                    f"split stage {self.index} is in eval mode, but it has one graph, traced in training mode, "
-                    f"with dropout or batch norm baked in: run in eval mode, it would still drop and normalise "
-                    f"over the batch (and update running statistics). Split with pipeline_rt.split_model(model, "
-                    f"split_points, example_args), which also traces an eval graph, instead of torch's pipeline().")
+                    f"split stage {self.index} is in eval mode, but it has one graph, traced in training mode,\n"
+                    f"with dropout or batch norm baked in: in eval mode it would still drop, normalise over the\n"
+                    f"batch and update running statistics.\n"
+                    f"Fix: split with pipeline_rt.split_model(model, split_points, example_args), which also traces\n"
+                    f"an eval graph, instead of torch's pipeline().")
             return self._graphs[True]
         return self._graphs[False]
 
@@ -259,14 +260,14 @@ def split_model(model: nn.Module, split_points: Sequence[str], example_args: Seq
     unknown = [n for n in names if n not in modules or n == ""]
     if unknown:
         sample = ", ".join(repr(n) for n in list(modules)[1:6])
-        raise ValueError(f"split_model: {unknown} are not submodules of the model; split points are names of "
-                         f"model.named_modules() (e.g. {sample})")
+        raise ValueError(f"split_model: {unknown} are not submodules of the model;\n"
+                         f"split points are names of model.named_modules() (e.g. {sample})")
     if len(set(names)) != len(names):
         raise ValueError(f"split_model: split points repeat: {names}")
     shapes = _batch_shapes(model, args, kwargs) if dynamic_shapes is None else dynamic_shapes
     pipe, out_spec = _trace(model, names, args, kwargs, shapes)
     if pipe.num_stages != len(names) + 1:
-        raise ValueError(f"split_model: {len(names)} split points gave {pipe.num_stages} stages, not {len(names) + 1}: "
+        raise ValueError(f"split_model: {len(names)} split points gave {pipe.num_stages} stages, not {len(names) + 1}:\n"
                          f"each split point must be a module the forward calls once, in the order given")
     eval_pipe = None
     if any(m.training for m in model.modules()):
@@ -506,8 +507,9 @@ def _check_shape(k: int, name: str, t: Optional[Tensor], shape: Tuple[Optional[i
         traced = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         raise ValueError(
             f"split stage {k}: input {name!r} has shape {tuple(t.shape)}, but the stage was traced for shapes "
-            f"{traced} (* = any size): the trace fixed the other sizes. Split with split_model, which makes dim 0 "
-            f"(the batch) dynamic, and pass dynamic_shapes=... for other dimensions (e.g. the sequence length).")
+            f"{traced}\n(* = any size): the trace fixed the other sizes.\n"
+            f"Fix: split with split_model, which makes dim 0 (the batch) dynamic, and pass dynamic_shapes=...\n"
+            f"for other dimensions (e.g. the sequence length).")
 
 
 def _op_name(node: fx.Node) -> str:
