@@ -267,7 +267,8 @@ def split_model(model: nn.Module, split_points: Sequence[str], example_args: Seq
     shapes = _batch_shapes(model, args, kwargs) if dynamic_shapes is None else dynamic_shapes
     pipe, out_spec = _trace(model, names, args, kwargs, shapes)
     if pipe.num_stages != len(names) + 1:
-        raise ValueError(f"split_model: {len(names)} split points gave {pipe.num_stages} stages, not {len(names) + 1}:\n"
+        raise ValueError(f"split_model: {len(names)} split points gave {pipe.num_stages} stages, "
+                         f"not {len(names) + 1}:\n"
                          f"each split point must be a module the forward calls once, in the order given")
     eval_pipe = None
     if any(m.training for m in model.modules()):
