@@ -58,7 +58,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, fx, nn
 
-__all__ = ["split_model", "SplitModel", "SplitStage", "as_stages", "batch_dependent_nodes"]
+__all__ = ["split_model", "SplitModel", "SplitStage", "from_pipe", "as_stages", "batch_dependent_nodes"]
 
 #: how a stage gets one argument of its graph: ("value", name) a value of the message,
 #: ("size", name, dim) a size read off a tensor of the message, ("const", value) fixed
@@ -113,6 +113,10 @@ class SplitStage(nn.Module):
             self._graphs[False] = (eval_graph, eval_route)
         self._mode_dependent = _mode_dependent(graph)  # (matters only without an eval graph)
         self._mark_batch_dependent(graph)
+        for g, _ in self._graphs.values():
+            for m in g.modules():  # torch's unflattened modules run their generated code, not fx.Interpreter
+                if hasattr(m, "_run_with_interpreter"):
+                    m._run_with_interpreter = False  # type: ignore[assignment]
 
     def forward(self, *message: Optional[Tensor]) -> Any:
         graph, route = self._graph()
