@@ -400,17 +400,27 @@ def _stages(pipe: Any, eval_pipe: Any, out_spec: Optional[pytree.TreeSpec], leav
     n = pipe.num_stages
     routes = _routes(pipe, leaves)
     eval_routes = _routes(eval_pipe, leaves) if eval_pipe is not None else [None] * n
-    return [SplitStage(k, n, pipe.get_stage_module(k), routes[k],
-                       None if eval_pipe is None else eval_pipe.get_stage_module(k), eval_routes[k], out_spec)
-            for k in range(n)]
+    graphs = _graphs(pipe)
+    eval_graphs = _graphs(eval_pipe) if eval_pipe is not None else [None] * n
+    return [SplitStage(k, n, graphs[k], routes[k], eval_graphs[k], eval_routes[k], out_spec) for k in range(n)]
+
+
+def _calls(pipe: Any) -> List[fx.Node]:
+    """The stages' calls in the split graph, in order."""
+    return [n for n in pipe.split_gm.graph.nodes if n.op == "call_module"]
+
+
+def _graphs(pipe: Any) -> List[fx.GraphModule]:
+    """The stages' graph modules, in order."""
+    return [pipe.split_gm.get_submodule(c.target) for c in _calls(pipe)]
 
 
 def _routes(pipe: Any, leaves: List[Any]) -> List[_Route]:
-    """Read the split graph: which stage makes each value, which stages use it; every value
-    a later stage uses rides in the messages from its maker to its last user."""
+    """Read the split graph: which stage makes each value, which stages use it; every tensor
+    a later stage uses rides in the messages from its maker to its last user (the model's
+    inputs enter at stage 0, its output leaves from the last)."""
     top = pipe.split_gm.graph
-    calls = [n for n in top.nodes if n.op == "call_module"]
-    stage_of = {c.name: k for k, c in enumerate(calls)}
+    calls = _calls(pipe)
     placeholders = [n for n in top.nodes if n.op == "placeholder"]
     if len(placeholders) != len(leaves):
         raise ValueError(f"split_model: the traced model takes {len(placeholders)} inputs but the example has "
@@ -424,17 +434,14 @@ def _routes(pipe: Any, leaves: List[Any]) -> List[_Route]:
     singles: List[bool] = []
     all_args: List[Tuple[Arg, ...]] = []
     fixed_of: List[Dict[str, Tuple[Optional[int], ...]]] = []
-    for k, call in enumerate(calls):
-        gm = pipe.get_stage_module(k)
-        phs = [p for p in gm.graph.nodes if p.op == "placeholder"]
+    for k, (call, gm) in enumerate(zip(calls, _graphs(pipe))):
         outs = _graph_outputs(gm)
         single = not isinstance(outs, (tuple, list))
-        users = [u for u in call.users]
         if single:
             produced: Tuple[str, ...] = (call.name,)
             kinds = [outs]
         else:
-            index = {u.args[1]: u.name for u in users if u.op == "call_function" and u.target is operator.getitem}
+            index = {u.args[1]: u.name for u in call.users if u.op == "call_function" and u.target is operator.getitem}
             produced = tuple(index.get(i, f"{call.name}.unused{i}") for i in range(len(outs)))
             kinds = list(outs)
         for name, node in zip(produced, kinds):
@@ -442,22 +449,7 @@ def _routes(pipe: Any, leaves: List[Any]) -> List[_Route]:
             order.append(name)
             if isinstance(_val(node), Tensor):
                 tensors.add(name)
-        args: List[Arg] = []
-        fixed: Dict[str, Tuple[Optional[int], ...]] = {}
-        for ph, a in zip(phs, call.args):
-            if not isinstance(a, fx.Node):
-                args.append(("const", a))
-                continue
-            if a.name in const:
-                args.append(("const", const[a.name]))
-                continue
-            val = _val(ph)
-            if isinstance(val, (torch.SymInt, int)) and not isinstance(val, bool):
-                args.append(_size(k, ph, val, phs, call.args))
-                continue
-            args.append(("value", a.name))
-            if isinstance(val, Tensor):
-                fixed[a.name] = tuple(d if isinstance(d, int) else None for d in val.shape)
+        args, fixed = _stage_args(k, gm, call, const)
         for arg in args:
             if arg[0] in ("value", "size"):
                 last_use[arg[1]] = max(last_use.get(arg[1], 0), k)
@@ -479,6 +471,27 @@ def _routes(pipe: Any, leaves: List[Any]) -> List[_Route]:
         routes.append(_Route(inputs, all_args[k], produces[k], outputs, singles[k],
                              tuple((inputs.index(v), shape) for v, shape in fixed_of[k].items() if v in inputs)))
     return routes
+
+
+def _stage_args(k: int, gm: fx.GraphModule, call: fx.Node,
+                const: Dict[str, Any]) -> Tuple[List[Arg], Dict[str, Tuple[Optional[int], ...]]]:
+    """How stage ``k`` gets each argument of its graph ``gm`` (called as ``call`` in the
+    split graph), and the traced shape of each tensor value it takes (``None``: dynamic)."""
+    phs = [p for p in gm.graph.nodes if p.op == "placeholder"]
+    args: List[Arg] = []
+    fixed: Dict[str, Tuple[Optional[int], ...]] = {}
+    for ph, a in zip(phs, call.args):
+        if not isinstance(a, fx.Node):
+            args.append(("const", a))
+        elif a.name in const:
+            args.append(("const", const[a.name]))
+        elif isinstance(_val(ph), (torch.SymInt, int)) and not isinstance(_val(ph), bool):
+            args.append(_size(k, ph, _val(ph), phs, call.args))
+        else:
+            args.append(("value", a.name))
+            if isinstance(_val(ph), Tensor):
+                fixed[a.name] = tuple(d if isinstance(d, int) else None for d in _val(ph).shape)
+    return args, fixed
 
 
 def _graph_outputs(gm: fx.GraphModule) -> Any:
