@@ -268,6 +268,13 @@ def split_model(model: nn.Module, split_points: Sequence[str], example_args: Seq
                          f"split points are names of model.named_modules() (e.g. {sample})")
     if len(set(names)) != len(names):
         raise ValueError(f"split_model: split points repeat: {names}")
+    if dynamic_shapes is None:
+        small = [tuple(t.shape) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor) and t.dim()
+                 and t.shape[0] < 2]
+        if small:
+            raise ValueError(f"split_model: the example's tensors of shapes {small} have fewer than 2 rows;\n"
+                             f"torch.export fixes a dimension of size 0 or 1, so the batch would not be dynamic:\n"
+                             f"give an example of at least 2 rows")
     shapes = _batch_shapes(model, args, kwargs) if dynamic_shapes is None else dynamic_shapes
     pipe, out_spec = _trace(model, names, args, kwargs, shapes)
     if pipe.num_stages != len(names) + 1:

@@ -241,3 +241,11 @@ def test_traced_batch_norm_refused_under_micro_batches_exact_with_one():
     assert pipe.evaluate(data)["loss"] == pytest.approx(expect, rel=1e-12)
     torch.testing.assert_close(pipe.forward(data[0][0]), ref(data[0][0]))
     assert torch.equal(net.bn.running_mean, stats)
+
+
+def test_split_model_errors():
+    net = SkipNet()
+    with pytest.raises(ValueError, match="not submodules"):
+        split_model(net, ["l9"], (torch.zeros(4, WIDTH, dtype=torch.float64),))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        split_model(net, ["l1"], (torch.zeros(1, WIDTH, dtype=torch.float64),))
