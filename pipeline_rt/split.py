@@ -37,6 +37,10 @@ chain (stage ``k``'s output tuple is stage ``k+1``'s input tuple):
   ``nn.BatchNorm``: the graph module at its place is marked ``batch_dependent = True``, so
   :func:`pipeline_rt.guards.check_batch_dependent` refuses micro-batches as it does for a
   plain ``BatchNorm``.
+* **Randomness.** Whether a stage's forward draws random numbers (dropout) is read off its
+  graph (ops tagged ``nondeterministic_seeded``) and marked ``draws_random`` for
+  :mod:`pipeline_rt.randomness`: a stage that draws gets its own RNG stream, one that does not
+  skips the swap.
 * **Ties.** A parameter used by two stages (tied input and output embeddings) would be copied
   into each by torch's tracer and stepped by two optimizers: refused, with the fix.
 
@@ -70,12 +74,6 @@ _BATCH_NORM_OPS = frozenset({
     "batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
     "_batch_norm_with_update", "_batch_norm_with_update_functional", "_batch_norm_impl_index",
     "cudnn_batch_norm", "miopen_batch_norm", "instance_norm"})
-#: ops whose result depends on the module's mode when traced (a graph with one is mode-dependent)
-_RANDOM_OPS = frozenset({"dropout", "native_dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
-                         "bernoulli", "rand", "randn", "rand_like", "randn_like", "randint", "randint_like",
-                         "randperm", "normal", "uniform"})
-
-
 @dataclass(frozen=True)
 class _Route:
     """How stage ``k`` adapts its graph to the chain."""
@@ -117,6 +115,13 @@ class SplitStage(nn.Module):
             for m in g.modules():  # torch's unflattened modules run their generated code, not fx.Interpreter
                 if hasattr(m, "_run_with_interpreter"):
                     m._run_with_interpreter = False  # type: ignore[assignment]
+        # whether a forward may draw random numbers, read off the graphs (pipeline_rt.randomness:
+        # each module's mark is its own; this module's is the root graph's, which is not a child)
+        self.draws_random = any(_draws(n) for n in graph.graph.nodes)
+        for m in self.modules():
+            own = getattr(m, "graph", None)
+            if isinstance(own, fx.Graph):
+                m.draws_random = any(_draws(n) for n in own.nodes)  # type: ignore[assignment]
 
     def forward(self, *message: Optional[Tensor]) -> Any:
         graph, route = self._graph()
@@ -560,13 +565,19 @@ def _batch_dependent(node: fx.Node) -> bool:
     return bool(value)
 
 
+def _draws(node: fx.Node) -> bool:
+    """Whether ``node`` draws random numbers (an ATen op tagged ``nondeterministic_seeded``:
+    dropout, bernoulli, rand...)."""
+    return node.op == "call_function" and torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+
+
 def _mode_dependent(graph: fx.GraphModule) -> bool:
-    """Whether ``graph`` holds an op whose traced form depends on the mode (dropout, random
-    draws, a training-mode batch norm)."""
+    """Whether ``graph`` holds an op whose traced form depends on the mode (a random draw such
+    as dropout, a training-mode batch norm)."""
     for _, m in graph.named_modules():
         g = getattr(m, "graph", None)
-        if isinstance(g, fx.Graph) and any(n.op == "call_function" and (_op_name(n) in _RANDOM_OPS
-                                                                        or _batch_dependent(n)) for n in g.nodes):
+        if isinstance(g, fx.Graph) and any(_draws(n) or n.op == "call_function" and _batch_dependent(n)
+                                           for n in g.nodes):
             return True
     return False
 

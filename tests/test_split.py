@@ -20,8 +20,9 @@ from torch import Tensor, nn
 
 import pipeline_rt
 from pipeline_rt import METHODS, Pipeline, split_model
+from pipeline_rt.randomness import may_draw
 from split_worker import (DIST_CASES, DIST_ROWS, WIDTH, First, Last, Middle, SkipNet, adam, dist_worker, run_skip,
-                          skip_data, skip_stages)
+                          skip_data, skip_stages, skip_stages_cached)
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -118,6 +119,9 @@ def test_gpt2_every_method_trains(gpt, method):
 def test_gpt2_eval_and_forward_run_the_eval_graph():
     """Dropout on: training draws, evaluate/forward equal the unsplit model in eval mode."""
     model, stages, ref = fresh(traced(2, 0.1))
+    # the graphs say which stages draw (each gets its own RNG stream): these do, SkipNet's do not
+    assert [may_draw(s) for s in stages] == [True, True]
+    assert not any(may_draw(s) for s in skip_stages_cached("split"))
     data = tokens([6, 6, 3], seed=5)
     pipe = Pipeline(stages, ["cpu"] * 2, sgd, lm_loss, method="pipeoptim")
     ref.eval()
