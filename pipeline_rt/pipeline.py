@@ -52,6 +52,7 @@ from .layout import Layout
 from .methods import Method, get_method
 from .recompute import check_recomputable, recompute_stages
 from .schedule import LazySchedule
+from .split import as_stages
 from .stage import Stage, retain_none
 from .ties import TieSpec, Ties
 
@@ -95,7 +96,9 @@ class Pipeline:
             ``backend="dist"`` only the rank's own stage is built). Stage ``k``'s output
             (a tensor or a tuple of tensors, ``None`` entries allowed) is stage ``k+1``'s
             input; the last stage's output and the target go to ``loss_fn``. Modules are
-            moved to their device.
+            moved to their device. Also: :func:`~pipeline_rt.split_model`'s stages, or a
+            torch ``Pipe`` (tensors that skip stages are routed, :mod:`pipeline_rt.split`);
+            stages with :mod:`pipeline_rt.skip` layers are wired.
         devices: one device per stage; stages may share a device.
         optimizer: ``optimizer(params) -> torch.optim.Optimizer``, called once per stage
             that has parameters; each is wrapped in
@@ -157,7 +160,7 @@ class Pipeline:
                  timeout: Optional[float] = None, ties: Optional[Sequence[TieSpec]] = None,
                  autocast: Optional[torch.dtype] = None, recompute: Union[bool, Sequence[int]] = False,
                  data_parallel: int = 1, rank_layout: str = "pipeline") -> None:
-        stages, devices = list(stages), [torch.device(d) for d in devices]
+        stages, devices = as_stages(stages), [torch.device(d) for d in devices]
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
         if len(devices) != len(stages):
