@@ -164,7 +164,8 @@ def measure_costs(pipe: Any, batches: Sequence[Any], repeat: int = 8, rounds: in
     steps_done = [0] * n
     cuda = [torch.device(d) if torch.device(d).type == "cuda" else None for d in pipe.devices]
     if timer is None:
-        timer = time.process_time if all(d is None for d in cuda) and torch.get_num_threads() == 1 else time.perf_counter
+        one_cpu_thread = all(d is None for d in cuda) and torch.get_num_threads() == 1
+        timer = time.process_time if one_cpu_thread else time.perf_counter
 
     def timed(kind: str, fn: Callable[[Any, Action], None]) -> Callable[[Any, Action], None]:
         def run(r: Any, a: Action) -> None:

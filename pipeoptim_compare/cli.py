@@ -12,8 +12,8 @@ and verdict, the command line, the date, the device, the load and the run's time
 (:func:`readme_block`).
 
 Time: one process runs every stage in turn, so its wall time is not a pipeline's. The table's
-``sim ms/mb`` is a pipeline of ``depth`` devices instead: the method's schedule on the clock of
-:mod:`pipeline_rt.clock`, with each stage's F, B and STEP costs measured here in a short
+``sim ms`` (per minibatch) is a pipeline of ``depth`` devices instead: the method's schedule on
+the clock of :mod:`pipeline_rt.clock`, with each stage's F, B and STEP costs measured here in a short
 separate run of the same pipeline (:func:`pipeline_rt.clock.measure_costs`).
 
 Every run starts from the same initial weights and sees the same minibatches in the same
@@ -160,17 +160,18 @@ def run_one(task: Task, method: str, optimizer: str, lr: float, depth: int, devi
 WIDTH = 100
 
 #: under the table in results.md and the README: what its time columns are
-TIMING_NOTE = ("sim ms/mb: milliseconds per minibatch of a pipeline of one device per stage, simulated "
-               "(pipeline_rt.clock): the method's schedule, steady state, transfers free, each F, B and STEP "
-               "taking that stage's cost measured here in a short separate run of the same pipeline (median "
-               "over the steady-state minibatches). host ms/mb (results.md only): the wall time of train() in "
-               "this one process, which runs every stage in turn (and, for the predicting methods, measures "
-               "the prediction error): the runtime's work, not a pipeline's time.")
+TIMING_NOTE = ("sim ms (sim ms/mb in results.md): milliseconds per minibatch of a pipeline of one device per "
+               "stage, simulated (pipeline_rt.clock): the method's schedule, steady state, transfers free, each "
+               "F, B and STEP taking that stage's cost measured here in a short separate run of the same pipeline "
+               "(median over the steady-state minibatches; CPU time on one CPU thread, so that other jobs do not "
+               "count). host ms/mb (results.md only): the wall time of train() in this one process, which runs "
+               "every stage in turn (and, for the predicting methods, measures the prediction error): the "
+               "runtime's work, not a pipeline's time.")
 
 
 def columns_line(depth: int) -> str:
     """The one line printed under the terminal table: what its time column is."""
-    return f"sim ms/mb: ms per minibatch on {depth} devices, simulated from stage costs measured here; not wall time"
+    return f"sim ms: ms per minibatch on {depth} devices, simulated from stage costs measured here; not wall time"
 
 
 def wrap(text: str, **options: Any) -> str:
@@ -213,7 +214,7 @@ def terminal_rows(results: Sequence[RunResult], metric_name: str) -> List[List[s
     """The printed table: :func:`table_rows` with the per-stage columns summed (weight MB of
     all stages) or averaged (prediction error over the stages that predict), so that it fits in
     :data:`WIDTH` columns at any depth; the host wall time left out (it is not a pipeline's)."""
-    rows = [["opt", "method", "lr", "train loss", "eval loss", metric_name, "sim ms/mb", "weight MB", "pred. err"]]
+    rows = [["opt", "method", "lr", "train loss", "eval loss", metric_name, "sim ms", "weight MB", "pred. err"]]
     for r in results:
         rows.append([r.optimizer, r.method, f"{r.lr:g}", _fmt(r.final_loss), _fmt(r.eval_loss), _fmt(r.metric),
                      _short(r.sim_ms_per_minibatch), _short(sum(r.weight_mb) if r.weight_mb else None),
@@ -391,7 +392,7 @@ def verdict_text(results: Sequence[RunResult], metric_name: str, unit: str, fact
              + (f", {metric_name} in {unit or 'its own unit'}" if metric else "") + "), the closest method, "
              f"and the minibatches (of {v0.minibatches}) each needs until its training loss (averaged over bins "
              f"of {v0.bin} minibatches) reaches {factor:g}x sync's final training loss (its mean over the last "
-             f"10%), with the simulated time that takes on the sim ms/mb clock; never: not within the run.")
+             f"10%), with the simulated time that takes on the sim ms clock; never: not within the run.")
     bullets = [wrap(line, initial_indent="* " if md else "", subsequent_indent="  ")
                for line in closest_lines(verdicts, unit)]
     rows = verdict_rows(verdicts, metric_name, unit)
@@ -498,8 +499,8 @@ def compare(task: str = "teacher", depth: Optional[int] = None, methods: Sequenc
     print(plain(short))
     print(columns_line(depth) + "\n")
     print(verdict_text(results, metric_name, probe.metric_unit, target, md=False))
-    print("\nwrote (per-stage columns, host wall time and what the time columns are: results.md):\n"
-          + "\n".join(f"  {p}" for p in written))
+    print("\nper-stage columns, host wall time and what the time columns are: results.md")
+    print("wrote:\n" + "\n".join(f"  {p}" for p in written))
     return results
 
 

@@ -103,7 +103,8 @@ def test_compare_tiny_lists_every_file_written(tiny_task, tmp_path, capsys):
     _check_outputs(out, ["sync", "pipedream", "pipeoptim"], ["sgd", "adam"])
     printed = capsys.readouterr().out
     assert "pred. err" in printed and "pipeoptim" in printed
-    assert cli.TIMING_NOTE in (out / "results.md").read_text()
+    assert cli.wrap(cli.TIMING_NOTE) in (out / "results.md").read_text()
+    assert cli.columns_line(2) in printed.splitlines()  # what the time column is, in one line
     listed = printed.split("wrote:\n")[1].split()
     assert sorted(listed) == sorted(str(p) for p in out.iterdir())
 
@@ -292,12 +293,19 @@ def test_readme_block_is_rewritten_by_the_run(tiny_task, tmp_path, capsys):
     block = _block(text)
     assert "old table" not in block
     assert f"`pipeoptim {' '.join(argv)}` on " in block  # the command line, as typed
-    assert "cpu (" in block and "torch " + torch.__version__ in block and "wall time." in block
+    assert "cpu (" in block and "torch " + torch.__version__ in block and " wall time (training " in block
     printed = capsys.readouterr().out
     table = [line for line in block.splitlines() if line.startswith("|")]
     assert [c.strip() for c in table[0].strip("|").split("|")] == cli.terminal_rows([], "accuracy")[0]
     assert [row.split("|")[2].strip() for row in table[2:]] == ["sync", "pipeoptim"]
-    assert cli.TIMING_NOTE in block and str(readme) in printed.split("wrote:\n")[1]
+    assert cli.wrap(cli.TIMING_NOTE) in block and str(readme) in printed.split("wrote:\n")[1]
+    # the verdict: the same text in the README block and in results.md, as the terminal prints it
+    md = (tmp_path / "run" / "results.md").read_text(encoding="utf-8")
+    verdict = block.split(cli.wrap(cli.TIMING_NOTE))[1].strip()
+    assert verdict.startswith("Verdict (computed from this run)") and verdict in md
+    assert verdict.splitlines()[-1].startswith("| sgd | pipeoptim | ")
+    printed_verdict = printed.split("Verdict (computed from this run)")[1].split("\nper-stage columns")[0]
+    assert "sgd: closest to sync by accuracy: pipeoptim" in " ".join(printed_verdict.split())
     # writing again replaces the block, it does not add one
     again = cli.replace_block(text, "new", str(readme))
     assert again.count(cli.README_BEGIN) == 1 and _block(again) == "\nnew\n" and again.endswith(after)
@@ -326,7 +334,7 @@ def test_readme_block_holds_the_default_run_of_the_make_target():
     assert make.split("\ncompare:")[1].split("\n")[1].strip() == "$(BIN)/pipeoptim compare"
     block = _block((ROOT / "README.md").read_text(encoding="utf-8"))
     assert block.startswith("\n") and block.endswith("\n")
-    assert "`pipeoptim compare --readme README.md` on " in block and "wall time." in block
+    assert "`pipeoptim compare --readme README.md` on " in block and " wall time (training " in block
     table = [line for line in block.splitlines() if line.startswith("|")]
     header = cli.terminal_rows([], "accuracy")[0]
     assert table[0] == cli.markdown([header]).splitlines()[0]
