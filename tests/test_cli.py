@@ -179,6 +179,7 @@ def test_entry_mistakes_are_one_clear_line(entry, tmp_path, capsys, spec, messag
     assert err.startswith("pipeoptim compare: error: ") and message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_entry_in_the_current_folder_without_pythonpath(entry, tmp_path):
     """As a user runs it: from the folder holding the module, which is not on PYTHONPATH; a
     mistake prints one line, no traceback."""
@@ -259,6 +260,7 @@ def test_help_is_plain_text(capsys):
         assert "--" in text and "``" not in text and ":func:" not in text and ":mod:" not in text
 
 
+@pytest.mark.slow
 def test_python_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "pipeoptim_compare", "compare", "--help"], capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
