@@ -287,6 +287,7 @@ def figure(results: Sequence[RunResult], title: str, metric_name: str) -> Any:
             drawn = bars.bar(range(len(mine)), [v if v is not None else 0.0 for v in values],
                              color=[colors[r.method][0] for r in mine])
             bars.bar_label(drawn, labels=[_fmt(v, ".3g") for v in values], fontsize=7, padding=1)
+            bars.margins(y=0.12)  # room above the tallest bar for its value
             bars.set_xticks(range(len(mine)), [r.method for r in mine], rotation=45, ha="right", fontsize=8)
             bars.grid(alpha=0.3, axis="y")
     axes[0][0].set_ylabel("training loss (moving average)")

@@ -227,6 +227,8 @@ def test_plot_readable_for_any_number_of_optimizers(n_opt):
     assert all(len(ax.lines) == len(cli.METHODS) for ax in losses)
     assert all(len(ax.patches) == len(cli.METHODS) for ax in bars)
     assert bars[0].get_ylabel() == "held-out accuracy"
+    # every bar carries its value
+    assert [t.get_text() for t in bars[0].texts] == [f"{0.5 + i / 10:.3g}" for i in range(len(cli.METHODS))]
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels == list(cli.METHODS)
     colors = [line.get_color() for line in losses[0].lines]
