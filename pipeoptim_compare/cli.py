@@ -123,7 +123,7 @@ def _pipeline(task: Task, method: str, optimizer: str, lr: float, depth: int, de
 
 
 def run_one(task: Task, method: str, optimizer: str, lr: float, depth: int, devices: List[str],
-            epochs: int, seed: int = 0, minibatches: Optional[int] = None, clock: bool = True) -> RunResult:
+            epochs: int, seed: int = 0, minibatches: Optional[int] = None, clock: bool = False) -> RunResult:
     """Train a copy of ``task``'s model with one method and optimizer, measure.
 
     The task is not changed, so every run on it starts from the same weights; the run seeds
@@ -319,7 +319,7 @@ def _run_all(task: Task, depth: int, methods: Sequence[str], optimizers: Sequenc
     for o, m in bar:
         bar.set_postfix_str(f"{o} {m}")
         rate = lr if lr is not None else task.lr.get(o, 1e-3)
-        results.append(run_one(task, m, o, rate, depth, devs, epochs, seed, minibatches))
+        results.append(run_one(task, m, o, rate, depth, devs, epochs, seed, minibatches, clock=True))
     bar.close()
     return results
 
@@ -391,7 +391,7 @@ def verdict_text(results: Sequence[RunResult], metric_name: str, unit: str, fact
     intro = (f"Verdict (computed from this run): each method against sync with the same optimizer: the gap on "
              f"{'held-out' if v0.by != 'training loss' else 'training'} data (loss as a ratio and difference"
              + (f", {metric_name} in {unit or 'its own unit'}" if metric else "") + "), the closest method, "
-             f"and the minibatches (of {v0.minibatches}) each needs until its training loss (averaged over bins "
+             f"and the minibatches (mb, of {v0.minibatches}) each needs until its training loss (averaged over bins "
              f"of {v0.bin} minibatches) reaches {factor:g}x sync's final training loss (its mean over the last "
              f"10%), with the simulated time that takes on the sim ms clock; never: not within the run.")
     bullets = [wrap(line, initial_indent="* " if md else "", subsequent_indent="  ")
@@ -407,8 +407,8 @@ def readme_block(rows: List[List[str]], verdict_md: str, command: str, device: s
     (training, measuring stage costs), its printed table (:func:`terminal_rows`) as markdown with
     :data:`TIMING_NOTE`, and the verdict (:func:`verdict_text`)."""
     load = "" if load_before is None else f"; 1-minute load average {load_before:.1f} before the run"
-    return (f"<!-- written by the command below; rerun it to refresh this block -->\n"
-            + wrap(f"`{command}` on {datetime.now():%Y-%m-%d}, {device}{load}: {_duration(wall_s)} wall time "
+    return (f"<!-- written by the command below; rerun it to refresh this block -->\n`{command}`\n"
+            + wrap(f"on {datetime.now():%Y-%m-%d}, {device}{load}: {_duration(wall_s)} wall time "
                    f"(training {_duration(train_s)}, measuring stage costs {_duration(clock_s)}).")
             + f"\n\n{markdown(rows)}\n\n{wrap(TIMING_NOTE)}\n\n{verdict_md}")
 

@@ -194,7 +194,7 @@ def verdict_rows(verdicts: Sequence[OptimizerVerdict], metric_name: str, unit: s
         any(v.reference[1] is not None for v in verdicts)
     what = "eval loss" if held else "train loss"
     head = ["opt", "method", f"{what} vs sync"] + ([f"{metric_name} vs sync"] if metric else []) + \
-        ["minibatches to target", "sim. time to target"]
+        ["mb to target", "sim. time to target"]
     rows = [head]
     for v in verdicts:
         for i, g in enumerate(v.gaps):

@@ -285,6 +285,14 @@ def _block(text: str) -> str:
     return text.split(cli.README_BEGIN)[1].split(cli.README_END)[0]
 
 
+def _first_table(text: str) -> list:
+    """The lines of the first markdown table of ``text`` (the run's table; the verdict's follows)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
 def test_readme_block_is_rewritten_by_the_run(tiny_task, tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text(README_LIKE, encoding="utf-8")
@@ -296,10 +304,10 @@ def test_readme_block_is_rewritten_by_the_run(tiny_task, tmp_path, capsys):
     assert text.startswith(before + cli.README_BEGIN + "\n") and text.endswith("\n" + cli.README_END + after)
     block = _block(text)
     assert "old table" not in block
-    assert f"`pipeoptim {' '.join(argv)}` on " in block  # the command line, as typed
+    assert f"`pipeoptim {' '.join(argv)}`\non " in block  # the command line, as typed
     assert "cpu (" in block and "torch " + torch.__version__ in block and " wall time (training " in block
     printed = capsys.readouterr().out
-    table = [line for line in block.splitlines() if line.startswith("|")]
+    table = _first_table(block)
     assert [c.strip() for c in table[0].strip("|").split("|")] == cli.terminal_rows([], "accuracy")[0]
     assert [row.split("|")[2].strip() for row in table[2:]] == ["sync", "pipeoptim"]
     assert cli.wrap(cli.TIMING_NOTE) in block and str(readme) in printed.split("wrote:\n")[1]
@@ -338,8 +346,8 @@ def test_readme_block_holds_the_default_run_of_the_make_target():
     assert make.split("\ncompare:")[1].split("\n")[1].strip() == "$(BIN)/pipeoptim compare"
     block = _block((ROOT / "README.md").read_text(encoding="utf-8"))
     assert block.startswith("\n") and block.endswith("\n")
-    assert "`pipeoptim compare --readme README.md` on " in block and " wall time (training " in block
-    table = [line for line in block.splitlines() if line.startswith("|")]
+    assert "`pipeoptim compare --readme README.md`\non " in block and " wall time (training " in block
+    table = _first_table(block)
     header = cli.terminal_rows([], "accuracy")[0]
     assert table[0] == cli.markdown([header]).splitlines()[0]
     rows = [tuple(c.strip() for c in row.strip("|").split("|")[:2]) for row in table[2:]]

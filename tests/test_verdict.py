@@ -74,7 +74,7 @@ def test_verdict_of_a_run_equals_its_own_numbers(vtask, tmp_path, capsys):
     final = sum(sync.losses[-(n // 10):]) / (n // 10)
     target = 1.1 * final
     rows = _table(md, "opt")
-    assert rows[0] == ["opt", "method", "eval loss vs sync", "accuracy vs sync", "minibatches to target",
+    assert rows[0] == ["opt", "method", "eval loss vs sync", "accuracy vs sync", "mb to target",
                        "sim. time to target"]
     by = {r[1]: r for r in rows[1:]}
     assert list(by) == ["sync", "pipedream", "pipeoptim", "2bw"]
