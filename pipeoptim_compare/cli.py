@@ -364,17 +364,18 @@ def _duration(seconds: float) -> str:
     return f"{m} min {s} s" if m else f"{s} s"
 
 
-def describe_devices(devices: Sequence[str], threads: int) -> str:
+def describe_devices(devices: Sequence[str], threads: int, load: bool = True) -> str:
     """The hardware a run used, in words: CUDA devices by name; the CPU by architecture,
-    core count and load average at the time of the call (other jobs slow a CPU run down)."""
+    core count and (``load``) load average at the time of the call (other jobs slow a CPU run
+    down)."""
     names = []
     for d in dict.fromkeys(devices):
         dev = torch.device(d)
         if dev.type == "cuda":
             names.append(f"{d} ({torch.cuda.get_device_name(dev)})")
         else:
-            load = f", 1-minute load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-            names.append(f"{d} ({platform.machine()}, {os.cpu_count()} cores{load})")
+            now = f", 1-minute load average {os.getloadavg()[0]:.1f}" if load and hasattr(os, "getloadavg") else ""
+            names.append(f"{d} ({platform.machine()}, {os.cpu_count()} cores{now})")
     return f"{', '.join(names)}, torch {torch.__version__}, {threads} thread{'s' * (threads != 1)}"
 
 
@@ -403,10 +404,11 @@ def verdict_text(results: Sequence[RunResult], metric_name: str, unit: str, fact
 def readme_block(rows: List[List[str]], verdict_md: str, command: str, device: str, wall_s: float,
                  train_s: float, clock_s: float, load_before: Optional[float]) -> str:
     """What ``--readme`` writes between the markers: the command line, the date, the device, the
-    load average before the run (``None``: unknown), the wall time of the command and its parts
+    load average before the run (``None``: unknown) and after it, the wall time of the command and its parts
     (training, measuring stage costs), its printed table (:func:`terminal_rows`) as markdown with
     :data:`TIMING_NOTE`, and the verdict (:func:`verdict_text`)."""
-    load = "" if load_before is None else f"; 1-minute load average {load_before:.1f} before the run"
+    load = "" if load_before is None else \
+        f"; 1-minute load average {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after it"
     return (f"<!-- written by the command below; rerun it to refresh this block -->\n`{command}`\n"
             + wrap(f"on {datetime.now():%Y-%m-%d}, {device}{load}: {_duration(wall_s)} wall time "
                    f"(training {_duration(train_s)}, measuring stage costs {_duration(clock_s)}).")
@@ -493,7 +495,7 @@ def compare(task: str = "teacher", depth: Optional[int] = None, methods: Sequenc
     short = terminal_rows(results, metric_name)
     if readme is not None:
         train_s = sum(r.ms_per_minibatch * len(r.losses) for r in results) / 1000
-        block = readme_block(short, verdict_md, command, describe_devices(devs, used_threads),
+        block = readme_block(short, verdict_md, command, describe_devices(devs, used_threads, load=False),
                              time.perf_counter() - t0, train_s, sum(r.clock_s for r in results), load_before)
         readme.write_text(replace_block(_read(readme), block, str(readme)), encoding="utf-8")
         written.append(readme)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -306,6 +307,7 @@ def test_readme_block_is_rewritten_by_the_run(tiny_task, tmp_path, capsys):
     assert "old table" not in block
     assert f"`pipeoptim {' '.join(argv)}`\non " in block  # the command line, as typed
     assert "cpu (" in block and "torch " + torch.__version__ in block and " wall time (training " in block
+    assert re.search(r"1-minute load average \d+\.\d before the run, \d+\.\d after it: ", " ".join(block.split()))
     printed = capsys.readouterr().out
     table = _first_table(block)
     assert [c.strip() for c in table[0].strip("|").split("|")] == cli.terminal_rows([], "accuracy")[0]
