@@ -46,8 +46,18 @@ class Busy(nn.Module):
         return _Busy.apply(x, self.w, self.fwd, self.bwd)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (as ``pipeoptim compare`` runs on the CPU): then the costs are the
+    process's CPU time, whatever else the machine runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("method,chunks", [("pipedream", 1), ("2bw", 3)])
-def test_measured_costs_are_each_stages_own_per_action(method, chunks):
+def test_measured_costs_are_each_stages_own_per_action(method, chunks, one_thread):
     """Stage k spins (k + 1) ms per forward and 2 (k + 1) ms per backward of a minibatch (6 rows):
     the measured cost of each action is its stage's, per micro-batch (2bw: 3 micro-batches of
     a third of the rows, a third of the cost), plus at most the runtime's own work around it."""
