@@ -519,8 +519,9 @@ def _csv_list(choices: Sequence[str]) -> Callable[[str], List[str]]:
 
 DESCRIPTION = ("Train one task with every pipeline method and optimizer, side by side: a table, "
                "loss curves and the held-out metric.")
-EPILOG = ("Every run starts from the same initial weights and data (built once from --seed). "
-          "Outputs: results.md, results.csv, losses.csv and loss_curves.png in --out.")
+EPILOG = ("Every run starts from the same initial weights and data (built once from --seed). It prints the "
+          "table and a verdict (each method against sync, from this run) and writes results.md, results.csv, "
+          "losses.csv and loss_curves.png in --out.")
 
 
 def _positive(s: str) -> int:
