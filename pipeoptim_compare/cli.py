@@ -151,7 +151,7 @@ def run_one(task: Task, method: str, optimizer: str, lr: float, depth: int, devi
     costs, t1 = None, time.perf_counter()
     if clock:
         costs = measure_costs(_pipeline(task, method, optimizer, lr, depth, devices, track_error=False),
-                              epoch, repeat=max(8, depth))
+                              epoch, repeat=max(8, depth), rounds=3)
     return RunResult(method, optimizer, lr, losses, final, ev_loss, ev_metric,
                      1000 * elapsed / len(batches), mb, errors, costs, time.perf_counter() - t1)
 
@@ -163,8 +163,8 @@ WIDTH = 100
 TIMING_NOTE = ("sim ms (sim ms/mb in results.md): milliseconds per minibatch of a pipeline of one device per "
                "stage, simulated (pipeline_rt.clock): the method's schedule, steady state, transfers free, each "
                "F, B and STEP taking that stage's cost measured here in a short separate run of the same pipeline "
-               "(median over the steady-state minibatches; CPU time on one CPU thread, so that other jobs do not "
-               "count). host ms/mb (results.md only): the wall time of train() in this one process, which runs "
+               "(median over the steady-state minibatches, least of 3 rounds; CPU time on one CPU thread, so that "
+               "other jobs do not count). host ms/mb (results.md only): the wall time of train() in this one process, which runs "
                "every stage in turn (and, for the predicting methods, measures the prediction error): the "
                "runtime's work, not a pipeline's time.")
 
