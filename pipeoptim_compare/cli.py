@@ -163,10 +163,10 @@ WIDTH = 100
 TIMING_NOTE = ("sim ms (sim ms/mb in results.md): milliseconds per minibatch of a pipeline of one device per "
                "stage, simulated (pipeline_rt.clock): the method's schedule, steady state, transfers free, each "
                "F, B and STEP taking that stage's cost measured here in a short separate run of the same pipeline "
-               "(median over the steady-state minibatches, least of 3 rounds; CPU time on one CPU thread, so that "
-               "other jobs do not count). host ms/mb (results.md only): the wall time of train() in this one process, which runs "
-               "every stage in turn (and, for the predicting methods, measures the prediction error): the "
-               "runtime's work, not a pipeline's time.")
+               "(median over the steady-state minibatches, least of 3 rounds; CPU time on one CPU thread, so "
+               "that other jobs do not count). host ms/mb (results.md only): the wall time of train() in this one "
+               "process, which runs every stage in turn (and, for the predicting methods, measures the "
+               "prediction error): the runtime's work, not a pipeline's time.")
 
 
 def columns_line(depth: int) -> str:

@@ -128,7 +128,8 @@ def test_readme_names_only_real_options_and_tasks():
     compare_text = readme.split("## Two commands")[1].split("\n## ")[0]
     assert _options(compare_text) <= _parser_options() | {"--help"}, _options(compare_text) - _parser_options()
     named = re.search(r"\(`--task`, one of ([^)]*)\)", compare_text)
-    assert named is not None and set(re.findall(r"`(\w+)`", named.group(1))) == {t for t in TASKS if not t.startswith("_")}
+    assert named is not None
+    assert set(re.findall(r"`(\w+)`", named.group(1))) == {t for t in TASKS if not t.startswith("_")}
 
 
 def test_generated_pages_are_read_again_every_build(tmp_path):
