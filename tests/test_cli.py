@@ -354,3 +354,14 @@ def test_readme_block_holds_the_default_run_of_the_make_target():
     assert table[0] == cli.markdown([header]).splitlines()[0]
     rows = [tuple(c.strip() for c in row.strip("|").split("|")[:2]) for row in table[2:]]
     assert rows == [(o, m) for o in cli.OPTIMIZERS for m in cli.METHOD_NAMES]
+    # its verdict agrees with its table (both written by the run, neither edited by hand)
+    cells = {tuple(r[:2]): r for r in ([c.strip() for c in row.strip("|").split("|")] for row in table[2:])}
+    verdict = _first_table(block.split("Verdict (computed from this run)")[1])
+    for row in verdict[2:]:
+        opt, method, loss, acc = [c.strip() for c in row.strip("|").split("|")][:4]
+        mine, ref = cells[(opt, method)], cells[(opt, "sync")]
+        if method == "sync":
+            assert (loss, acc) == (f"{ref[4]} (ref.)", f"{float(ref[5]):.3g} (ref.)")
+            continue
+        assert float(loss.split("x")[0]) == pytest.approx(float(mine[4]) / float(ref[4]), abs=0.01)
+        assert float(acc.removesuffix(" pts")) == pytest.approx(100 * (float(mine[5]) - float(ref[5])), abs=0.11)
