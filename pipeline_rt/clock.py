@@ -12,8 +12,9 @@ puts a schedule (:func:`pipeline_rt.schedule.build`) on the clock of N ideal dev
   out); :func:`at`: ``T`` at a fractional minibatch count;
 * :func:`measure_costs`: the per-stage costs of a real pipeline on this machine: every F, B and
   STEP action of a short training run timed (the process's CPU time on one CPU thread, so that
-  other jobs on the machine do not count; else wall time, on CUDA with the device synchronised
-  around each action), the median over the steady-state minibatches.
+  other jobs on the machine count less: they still share caches and, on SMT cores, the core;
+  else wall time, on CUDA with the device synchronised around each action), the median over the
+  steady-state minibatches.
 
 ``benchmarks/time_to_target.py``, ``benchmarks/utilisation.py`` and ``pipeoptim compare`` use it.
 """
@@ -137,6 +138,17 @@ class StageCosts:
         return minibatch_times(self.shape, self.num_stages, num_minibatches, self.chunks, self.t_f, self.t_b,
                                self.t_step)
 
+    def least(self, other: "StageCosts") -> "StageCosts":
+        """Per stage and action, the smaller of this and ``other``'s cost (two measurements of
+        the same pipeline: other processes on the machine only ever add time)."""
+        if (self.shape, self.chunks, self.num_stages) != (other.shape, other.chunks, other.num_stages):
+            raise ValueError(f"least: costs of different pipelines ({self.shape}, {self.chunks} chunks, "
+                             f"{self.num_stages} stages vs {other.shape}, {other.chunks}, {other.num_stages})")
+        def low(xs: List[float], ys: List[float]) -> List[float]:
+            return [min(x, y) for x, y in zip(xs, ys)]
+        return StageCosts(low(self.t_f, other.t_f), low(self.t_b, other.t_b), low(self.t_step, other.t_step),
+                          self.shape, self.chunks)
+
     def period(self) -> float:
         """:func:`steady_period` with these costs: seconds per minibatch on N devices."""
         return steady_period(self.shape, self.num_stages, self.chunks, self.t_f, self.t_b, self.t_step)
@@ -154,9 +166,9 @@ def measure_costs(pipe: Any, batches: Sequence[Any], repeat: int = 8, rounds: in
     least of the rounds' medians (other processes on the machine only ever add time).
 
     ``timer`` (seconds): by default :func:`time.process_time` (this process's CPU time) when every
-    stage is on the CPU and torch runs one intra-op thread: the work itself, whatever else the
-    machine runs; else :func:`time.perf_counter` (wall time), with each CUDA stage's device
-    synchronised before and after its timed actions.
+    stage is on the CPU and torch runs one intra-op thread: the work itself, though other jobs
+    still slow it through shared caches (and a shared SMT core); else :func:`time.perf_counter`
+    (wall time), with each CUDA stage's device synchronised before and after its timed actions.
     """
     n = pipe.num_stages
     ex = pipe.executor
@@ -188,15 +200,16 @@ def measure_costs(pipe: Any, batches: Sequence[Any], repeat: int = 8, rounds: in
     for kind in (F, B, STEP):
         ex._handlers[kind] = timed(kind, saved[kind])
     data = [batches[i % len(batches)] for i in range(2 * n + repeat)]
-    best: Dict[str, List[float]] = {}
+    best: Optional[StageCosts] = None
     try:
         for _ in range(rounds):
             times.clear()
             steps_done[:] = [0] * n
             pipe.train(data)
-            for kind in (F, B, STEP):
-                med = [statistics.median(times[(kind, k)]) for k in range(n)]
-                best[kind] = med if kind not in best else [min(x, y) for x, y in zip(best[kind], med)]
+            t_f, t_b, t_step = ([statistics.median(times[(kind, k)]) for k in range(n)] for kind in (F, B, STEP))
+            got = StageCosts(t_f, t_b, t_step, pipe.method.shape, pipe.chunks)
+            best = got if best is None else best.least(got)
     finally:
         ex._handlers.update(saved)
-    return StageCosts(best[F], best[B], best[STEP], pipe.method.shape, pipe.chunks)
+    assert best is not None, "rounds must be at least 1"
+    return best

@@ -77,8 +77,8 @@ class RunResult:
         pred_error: per stage, mean relative prediction error
             ``||W_hat - W_B|| / ||W_B - W_F||`` (``None`` where the method does not predict).
         costs: the per-stage action costs measured for the simulated pipeline clock
-            (:func:`pipeline_rt.clock.measure_costs`), ``None`` when not measured;
-            ``clock_s``: the seconds that measurement took.
+            (:func:`measure_all`), ``None`` when not measured; ``clock_s``: the seconds that
+            measurement took.
     """
 
     method: str
@@ -123,14 +123,13 @@ def _pipeline(task: Task, method: str, optimizer: str, lr: float, depth: int, de
 
 
 def run_one(task: Task, method: str, optimizer: str, lr: float, depth: int, devices: List[str],
-            epochs: int, seed: int = 0, minibatches: Optional[int] = None, clock: bool = False) -> RunResult:
+            epochs: int, seed: int = 0, minibatches: Optional[int] = None) -> RunResult:
     """Train a copy of ``task``'s model with one method and optimizer, measure.
 
     The task is not changed, so every run on it starts from the same weights; the run seeds
     torch from ``seed`` (dropout and other randomness in training repeat across methods).
-    ``minibatches`` keeps only the first that many minibatches of each epoch. ``clock``: also
-    measure the per-stage costs for the simulated pipeline (:attr:`RunResult.costs`), on
-    another copy without the prediction-error measurement, after the run.
+    ``minibatches`` keeps only the first that many minibatches of each epoch. The stage costs
+    (:attr:`RunResult.costs`) are left to :func:`measure_all`.
     """
     predicts = get_method(method).predicts
     pipe = _pipeline(task, method, optimizer, lr, depth, devices, track_error=predicts)
@@ -148,12 +147,37 @@ def run_one(task: Task, method: str, optimizer: str, lr: float, depth: int, devi
     mb = [(v or 1) * sum(p.numel() * p.element_size() for p in st.parameters()) / 2**20
           for v, st in zip(pipe.peak_versions, pipe.stages)]
     errors = [sum(e) / len(e) if e else None for e in pipe.prediction_errors] if predicts else []
-    costs, t1 = None, time.perf_counter()
-    if clock:
-        costs = measure_costs(_pipeline(task, method, optimizer, lr, depth, devices, track_error=False),
-                              epoch, repeat=max(8, depth), rounds=3)
     return RunResult(method, optimizer, lr, losses, final, ev_loss, ev_metric,
-                     1000 * elapsed / len(batches), mb, errors, costs, time.perf_counter() - t1)
+                     1000 * elapsed / len(batches), mb, errors)
+
+
+#: rounds of stage-cost measurements per run (:func:`measure_all`)
+COST_ROUNDS = 3
+
+
+def measure_all(task: Task, results: Sequence[RunResult], depth: int, devices: List[str],
+                minibatches: Optional[int] = None, rounds: int = COST_ROUNDS, progress: bool = False) -> None:
+    """Set every run's :attr:`RunResult.costs`: per run, a pipeline like its own (a fresh copy of
+    ``task``'s stages, no prediction-error measurement) whose F, B and STEP are timed by
+    :func:`pipeline_rt.clock.measure_costs` (``2N + max(8, N)`` minibatches of one epoch, cycled),
+    in ``rounds`` rounds that each measure every run once in turn; per action the least of the
+    rounds' medians. Interleaving spreads each run's rounds over the whole measurement, so that a
+    burst of other work on the machine rarely hits all of them."""
+    from tqdm import tqdm
+
+    epoch = list(task.batches)[:minibatches]
+    pipes = [_pipeline(task, r.method, r.optimizer, r.lr, depth, devices, track_error=False) for r in results]
+    for r in results:
+        r.costs, r.clock_s = None, 0.0
+    bar = tqdm(total=rounds * len(results), desc="stage costs", unit="run", disable=not progress, file=sys.stderr)
+    for _ in range(rounds):
+        for r, pipe in zip(results, pipes):
+            t0 = time.perf_counter()
+            c = measure_costs(pipe, epoch, repeat=max(8, depth))
+            r.costs = c if r.costs is None else r.costs.least(c)
+            r.clock_s += time.perf_counter() - t0
+            bar.update()
+    bar.close()
 
 
 #: columns of the printed table and notes (the full table goes to results.md)
@@ -163,10 +187,10 @@ WIDTH = 100
 TIMING_NOTE = ("sim ms (sim ms/mb in results.md): milliseconds per minibatch of a pipeline of one device per "
                "stage, simulated (pipeline_rt.clock): the method's schedule, steady state, transfers free, each "
                "F, B and STEP taking that stage's cost measured here in a short separate run of the same pipeline "
-               "(median over the steady-state minibatches, least of 3 rounds; CPU time on one CPU thread, so "
-               "that other jobs do not count). host ms/mb (results.md only): the wall time of train() in this one "
-               "process, which runs every stage in turn (and, for the predicting methods, measures the "
-               "prediction error): the runtime's work, not a pipeline's time.")
+               "(median over the steady-state minibatches; the least of 3 rounds, each measuring every run in "
+               "turn; CPU time on one CPU thread, so that other jobs count less). host ms/mb (results.md only): "
+               "the wall time of train() in this one process, which runs every stage in turn (and, for the "
+               "predicting methods, measures the prediction error): the runtime's work, not a pipeline's time.")
 
 
 def columns_line(depth: int) -> str:
@@ -319,8 +343,9 @@ def _run_all(task: Task, depth: int, methods: Sequence[str], optimizers: Sequenc
     for o, m in bar:
         bar.set_postfix_str(f"{o} {m}")
         rate = lr if lr is not None else task.lr.get(o, 1e-3)
-        results.append(run_one(task, m, o, rate, depth, devs, epochs, seed, minibatches, clock=True))
+        results.append(run_one(task, m, o, rate, depth, devs, epochs, seed, minibatches))
     bar.close()
+    measure_all(task, results, depth, devs, minibatches, progress=progress)
     return results
 
 

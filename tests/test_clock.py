@@ -80,3 +80,31 @@ def test_measured_costs_are_each_stages_own_per_action(method, chunks, one_threa
     assert c.period() == steady_period("async-1f1b", 3, chunks, c.t_f, c.t_b, c.t_step)
     assert c.period() == pytest.approx(max(chunks * (c.t_f[k] + c.t_b[k]) + c.t_step[k] for k in range(3)))
     assert len(pipe.train(batches)) == 2  # the pipeline trains on as before
+
+
+def test_least_of_two_measurements_per_action():
+    a = StageCosts([1.0, 5.0], [2.0, 2.0], [0.5, 0.1], "async-1f1b", 2)
+    b = StageCosts([3.0, 4.0], [1.0, 3.0], [0.2, 0.3], "async-1f1b", 2)
+    assert a.least(b) == StageCosts([1.0, 4.0], [1.0, 2.0], [0.2, 0.1], "async-1f1b", 2)
+    with pytest.raises(ValueError, match="different pipelines"):
+        a.least(StageCosts([1.0, 1.0], [1.0, 1.0], [1.0, 1.0], "gpipe", 2))
+
+
+def test_compare_measures_every_run_once_per_round_in_turn(monkeypatch):
+    """pipeoptim compare's costs: rounds interleaved over the runs, the least per action kept."""
+    from pipeoptim_compare import cli
+    from pipeoptim_compare.tasks import get_task
+
+    task = get_task("teacher", depth=2)
+    results = [cli.RunResult(m, "sgd", 0.1, [1.0], 1.0, None, None, 1.0) for m in ("sync", "pipedream")]
+    calls = []
+
+    def fake(pipe, batches, repeat):
+        calls.append(pipe.method.name)
+        x = [3.0, 1.0, 2.0][len(calls) // 2 % 3]  # rounds: 3, 1, 2 (the least: the second)
+        return StageCosts([x, x], [x, x], [x, x], pipe.method.shape, pipe.chunks)
+
+    monkeypatch.setattr(cli, "measure_costs", fake)
+    cli.measure_all(task, results, 2, ["cpu", "cpu"], minibatches=2)
+    assert calls == ["sync", "pipedream"] * cli.COST_ROUNDS
+    assert all(r.costs is not None and r.costs.t_f == [1.0, 1.0] for r in results)
