@@ -60,10 +60,12 @@ class Task:
         val_loader: the held-out minibatches.
         units_per_minibatch: tokens or images in one minibatch (throughput).
         unit: what those units are (``"tokens"``, ``"images"``).
+        split: ``split(model, stages)``: the stage modules (default: an ``nn.Sequential``
+            split by parameter count); e.g. :func:`pipeline_rt.split_model` for any model.
     """
 
     title: str
-    build_model: Callable[[], nn.Sequential]
+    build_model: Callable[[], nn.Module]
     loss_fn: Callable[[Any, Any], Tensor]
     metric: Metric
     metric_name: str
@@ -71,6 +73,7 @@ class Task:
     val_loader: DataLoader
     units_per_minibatch: int
     unit: str
+    split: Callable[[nn.Module, int], List[nn.Module]] = split_by_size
 
 
 @dataclass
@@ -207,7 +210,7 @@ def train_method(task: Task, method: str, args: argparse.Namespace) -> MethodRes
     chunks = get_method(method).num_chunks(args.stages)
 
     torch.manual_seed(args.seed)
-    stages = split_by_size(task.build_model(), args.stages)
+    stages = task.split(task.build_model(), args.stages)
     if chunks > 1:  # running statistics once per minibatch (see pipeline_rt.batchnorm); a no-op without BatchNorm
         stages = [convert_deferred_batch_norm(s, chunks) for s in stages]
     pipe = Pipeline(stages, args.devices,

@@ -9,6 +9,15 @@ Two machines with two processes each (run the same command on both)::
     torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d \\
         --rdzv-endpoint HOST0:29500 --rdzv-id mlp-demo examples/torchrun_pipeline.py
 
+Data-parallel replicas of the pipeline (``D x N`` processes; ``--data-parallel D``)::
+
+    torchrun --nproc-per-node 4 examples/torchrun_pipeline.py --data-parallel 2
+
+Then rank ``r * N + k`` runs stage ``k`` of replica ``r``, and each replica reads its own shard
+of the data: a ``DataLoader`` over a ``DistributedSampler`` with ``num_replicas=D`` and
+``rank=pipe.replica`` (the same shard on the ranks of one replica). The losses printed are the
+global minibatches' (the replicas' minibatches together), the same on every rank.
+
 Every rank builds the same ``Pipeline`` with stage factories, so rank ``k`` constructs only
 stage ``k``. Every rank prints one line about its stage; ``train`` returns the same losses on
 every rank, and rank 0 prints them. With ``--checkpoint-dir`` the run is checkpointed every
@@ -29,6 +38,7 @@ from typing import Callable, List, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from pipeline_rt import Pipeline
 from pipeline_rt.p2p import shutdown
@@ -55,6 +65,15 @@ def make_batches(count: int, rows: int, width: int) -> List[Tuple[torch.Tensor, 
     return out
 
 
+def replica_loader(batches: List[Tuple[torch.Tensor, torch.Tensor]], rows: int, replicas: int,
+                   replica: int) -> DataLoader:
+    """Replica ``replica``'s shard of ``batches``' rows, in minibatches of ``rows`` rows: a
+    ``DistributedSampler`` over the replicas (every replica the same number of minibatches)."""
+    data = TensorDataset(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+    sampler = DistributedSampler(data, num_replicas=replicas, rank=replica, shuffle=True, seed=0, drop_last=True)
+    return DataLoader(data, batch_size=rows, sampler=sampler, drop_last=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="pipeoptim")
@@ -67,15 +86,19 @@ def main() -> None:
     parser.add_argument("--checkpoint-dir", default=None)
     parser.add_argument("--checkpoint-every", type=int, default=8)
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--data-parallel", type=int, default=1, help="replicas of the pipeline (world size D x N)")
     args = parser.parse_args()
 
-    n = int(os.environ.get("WORLD_SIZE", 1))
+    d = args.data_parallel
+    n = int(os.environ.get("WORLD_SIZE", 1)) // d
     stages = [stage_factory(k, n, args.width) for k in range(n)]
     pipe = Pipeline(stages, [args.device] * n, lambda ps: torch.optim.AdamW(ps, lr=args.lr),
-                    nn.functional.mse_loss, method=args.method, backend="dist", timeout=args.timeout)
+                    nn.functional.mse_loss, method=args.method, backend="dist", timeout=args.timeout,
+                    data_parallel=d)
     rank = dist.get_rank()
-    module = pipe.stages[rank]
-    print(f"rank {rank}/{n} (host {os.uname().nodename}): stage {rank}, "
+    k = next(i for i, m in enumerate(pipe.stages) if m is not None)
+    module = pipe.stages[k]
+    print(f"rank {rank}/{n * d} (host {os.uname().nodename}): stage {k} of replica {pipe.replica}, "
           f"{sum(p.numel() for p in module.parameters())} parameters on {next(module.parameters()).device}",
           flush=True)
 
@@ -84,7 +107,9 @@ def main() -> None:
         checkpoints = {"checkpoint_every": args.checkpoint_every, "checkpoint_dir": args.checkpoint_dir}
         if args.resume:
             checkpoints["resume_from"] = args.checkpoint_dir
-    losses = pipe.train(make_batches(args.minibatches, args.rows, args.width), **checkpoints)
+    batches = make_batches(args.minibatches, args.rows, args.width)
+    data = batches if d == 1 else replica_loader(batches, args.rows, d, pipe.replica)
+    losses = pipe.train(data, **checkpoints)
 
     if rank == 0:
         print(f"method {args.method}: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} minibatches")

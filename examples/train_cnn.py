@@ -18,10 +18,12 @@ BatchNorm and micro-batches. Methods that split each minibatch into micro-batche
 normalise over a micro-batch and update its running statistics once per micro-batch, so the
 pipeline refuses plain BatchNorm there. For those methods this script converts every
 BatchNorm with :func:`pipeline_rt.batchnorm.convert_deferred_batch_norm`: the running
-statistics (used by ``evaluate``) are then exactly those of a BatchNorm over the whole
-minibatch, committed once per minibatch; the training-mode normalisation still uses each
+statistics (used by ``evaluate``) are then committed once per minibatch, from all the rows
+each layer received (single-device training's for the first BatchNorm only: later ones
+receive inputs normalised per micro-batch); the training-mode normalisation uses each
 micro-batch's own statistics (rows / chunks per micro-batch), so those methods' losses and
-gradients are not those of single-device training with whole-minibatch BatchNorm. The
+gradients are not those of single-device training with whole-minibatch BatchNorm
+(``pipeline_rt.batchnorm.GhostBatchNorm`` is the exact alternative). The
 asynchronous methods (``pipedream``, ``pipeoptim`` and its variants) forward whole minibatches
 (``chunks=1``) and use plain BatchNorm, as on one device. See docs/batch_dependent.rst.
 

@@ -16,12 +16,23 @@ parameter, and viewed the same way. Every other saved tensor is kept as usual.
 The parameters are matched by storage at the time the context is entered, so it also
 works while the parameters' ``.data`` has been pointed at predicted weights
 (:meth:`PredictiveOptimizer.swap_in`).
+
+Casts of a parameter are followed too. Under :class:`torch.autocast` an op does not see the
+parameter but a cast of it (``weight.to(bfloat16)``, a new tensor outside the parameter's
+storage), and that cast (or a view of it) is what autograd saves. A saved tensor whose storage
+belongs to a cast made by ``aten::_to_copy`` directly from one of the parameters (its dtype is
+none of the parameters', its ``grad_fn`` is ``ToCopyBackward0`` and the next node accumulates
+into the parameter) is redirected as well: at backward it is ``resolve(index)`` cast the same
+way (``.to(dtype, device)``, which is autocast's cast), viewed as the saved tensor was. So the
+backward of a forward under autocast sees the cast of the weights it is to use, not the cast
+of the forward's. (A parameter with ``requires_grad=False`` has no such node: its copies are
+kept as saved, which is right for weights that never change.)
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -50,23 +61,55 @@ class redirect(torch.autograd.graph.saved_tensors_hooks):
         self.resolve = resolve if resolve is not None else live(params)
         # storage pointer -> (index, storage offset of the parameter itself)
         self._by_storage: Dict[int, Tuple[int, int]] = {}
+        # id(parameter) -> index, and the parameters' dtypes, for the casts of a parameter
+        by_id: Dict[int, int] = {}
+        dtypes: Set[torch.dtype] = set()
         for i, p in enumerate(params):
             key = p.untyped_storage().data_ptr()
             if key and key not in self._by_storage:
                 self._by_storage[key] = (i, int(p.storage_offset()))
+            by_id.setdefault(id(p), i)
+            dtypes.add(p.dtype)
         # the hooks hold what they use, not this object: a bound method kept in its own
         # attributes would make a reference cycle per forward, freed only by the cyclic GC
-        super().__init__(functools.partial(_pack, self._by_storage, self.resolve), _unpack)
+        super().__init__(functools.partial(_pack, self._by_storage, by_id, dtypes, self.resolve), _unpack)
 
 
-def _pack(by_storage: Dict[int, Tuple[int, int]], resolve: Callable[[int], Tensor], t: Tensor) -> Any:
-    """What autograd saves for ``t``: a :class:`_Ref` if it lives in a redirected parameter's storage."""
+def _pack(by_storage: Dict[int, Tuple[int, int]], by_id: Dict[int, int], dtypes: Set[torch.dtype],
+          resolve: Callable[[int], Tensor], t: Tensor) -> Any:
+    """What autograd saves for ``t``: a :class:`_Ref` if it lives in a redirected parameter's
+    storage or in a cast of one (:func:`_cast_of`)."""
     if t.layout is torch.strided and t.device.type != "meta":
         hit = by_storage.get(t.untyped_storage().data_ptr())
         if hit is not None:
             i, base_offset = hit
             return _Ref(i, tuple(t.shape), tuple(t.stride()), int(t.storage_offset()) - base_offset, resolve)
+        if t.dtype not in dtypes and t.requires_grad:
+            return _cast_of(by_id, resolve, t)
     return t
+
+
+@functools.lru_cache(maxsize=None)
+def _to_copy_node() -> type:
+    """The class of autograd's node for ``aten::_to_copy`` (``ToCopyBackward0``)."""
+    with torch.enable_grad():  # (a pack hook may run where grad mode is off)
+        return type(torch.zeros(1, requires_grad=True).to(torch.float16).grad_fn)
+
+
+def _cast_of(by_id: Dict[int, int], resolve: Callable[[int], Tensor], t: Tensor) -> Any:
+    """A :class:`_Ref` to a cast of parameter ``i`` if ``t`` is (a view of) ``params[i].to(...)``
+    (autocast's cast: ``aten::_to_copy`` of the parameter itself), else ``t``."""
+    base = t._base
+    if base is None:
+        base = t
+    fn = base.grad_fn
+    if fn is None or type(fn) is not _to_copy_node():
+        return t
+    i = by_id.get(id(getattr(fn.next_functions[0][0], "variable", None)))
+    if i is None:
+        return t
+    return _Ref(i, tuple(t.shape), tuple(t.stride()), int(t.storage_offset()) - int(base.storage_offset()), resolve,
+                (base.dtype, base.device))
 
 
 def _unpack(packed: Any) -> Tensor:
@@ -77,15 +120,20 @@ def _unpack(packed: Any) -> Tensor:
 
 
 class _Ref:
-    """A saved parameter (or view of one), resolved to concrete weights at backward."""
+    """A saved parameter (or view of one, or of a cast of one: ``copy`` is the cast's dtype and
+    device), resolved to concrete weights at backward."""
 
-    __slots__ = ("index", "size", "stride", "offset", "resolve")
+    __slots__ = ("index", "size", "stride", "offset", "resolve", "copy")
 
-    def __init__(self, index: int, size: tuple, stride: tuple, offset: int, resolve: Callable[[int], Tensor]):
+    def __init__(self, index: int, size: tuple, stride: tuple, offset: int, resolve: Callable[[int], Tensor],
+                 copy: Optional[Tuple[torch.dtype, torch.device]] = None):
         self.index, self.size, self.stride, self.offset, self.resolve = index, size, stride, offset, resolve
+        self.copy = copy
 
     def get(self) -> Tensor:
         w = self.resolve(self.index)
+        if self.copy is not None:  # cast as the forward cast (preserving the layout)
+            w = w.to(dtype=self.copy[0], device=self.copy[1])
         if self.offset == 0 and tuple(w.shape) == self.size and tuple(w.stride()) == self.stride:
             return w
         return w.as_strided(self.size, self.stride, w.storage_offset() + self.offset)

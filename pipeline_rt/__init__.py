@@ -16,10 +16,11 @@ from .methods import METHODS, RECOMMENDED, Method, get_method
 from .partition import balance_by_size, balance_by_time, split_by_balance, split_by_size, split_by_time
 from .pipeline import Pipeline
 from .schedule import ScheduleError
+from .split import SplitModel, split_model
 from .stage import StageError
 
 __all__ = [
     "Pipeline", "Info", "METHODS", "RECOMMENDED", "Method", "get_method",
     "split_by_balance", "split_by_size", "split_by_time", "balance_by_size", "balance_by_time",
-    "StageError", "ScheduleError", "CheckpointError", "DataMismatch",
+    "split_model", "SplitModel", "StageError", "ScheduleError", "CheckpointError", "DataMismatch",
 ]

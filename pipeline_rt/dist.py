@@ -22,6 +22,13 @@ too (:class:`~pipeline_rt.feed.DataMismatch` otherwise).
 
 Losses. The last rank keeps the per-minibatch losses; at the end of a run they are
 broadcast, so every rank returns the same floats.
+
+Data-parallel replicas (``data_parallel=D``): the world is ``D x N`` ranks, laid out by
+:class:`~pipeline_rt.layout.Layout`; each replica's stages exchange tensors in their own
+process group, and :mod:`pipeline_rt.reduce` sums each stage's gradients over its replicas
+before every STEP (one hook of the executor core). The first stages agree on the end of the
+data, the last stages sum the losses, a callback's loss and the evaluation sums over the
+replicas; the callback and the progress bar run on replica 0.
 """
 from __future__ import annotations
 
@@ -35,9 +42,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .executor import Evaluation, Executor, Run, eval_mode
+from .executor import Evaluation, Executor, Info, Run, StageRun, eval_mode
 from .feed import as_pair, rows, to_device
+from .layout import Layout
 from .p2p import Channel, CommError, ShapeMismatch, Tensors, Transport
+from .reduce import GradReducer, Replicas, check_replicable
 from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, LazySchedule
 from .stage import Stage, as_leaf, as_tuple
 
@@ -56,14 +65,16 @@ class PipelineCommError(RuntimeError):
     """A transfer between pipeline ranks failed or timed out.
 
     Attributes:
-        stage: the stage (= rank) that raised.
+        stage: the stage that raised.
         action: the schedule action it was running (None for the final loss broadcast).
-        peer: the other stage of the transfer (None for the broadcast).
+        peer: the other stage of the transfer (None for the broadcast and the replicas' collectives).
+        replica: the replica of the rank that raised (0 without data parallelism).
     """
 
-    def __init__(self, message: str, stage: int, action: Optional[Action], peer: Optional[int]) -> None:
+    def __init__(self, message: str, stage: int, action: Optional[Action], peer: Optional[int],
+                 replica: int = 0) -> None:
         super().__init__(message)
-        self.stage, self.action, self.peer = stage, action, peer
+        self.stage, self.action, self.peer, self.replica = stage, action, peer, replica
 
 
 def default_timeout() -> float:
@@ -109,38 +120,65 @@ class DistExecutor(Executor):
 
     Args:
         build_stage: ``build_stage(k) -> Stage``; called for this rank's ``k`` only.
-        devices: one device per stage (the world size must equal their number); this
-            rank's is ``devices[rank]`` (``"cuda"`` without an index means
-            ``cuda:$LOCAL_RANK``).
+        devices: one device per stage (the world size must equal their number times
+            ``data_parallel``); this rank's is ``devices[stage]`` (``"cuda"`` without an
+            index means ``cuda:$LOCAL_RANK``).
         schedule: the :class:`~pipeline_rt.schedule.LazySchedule` to run.
         timeout: seconds any transfer may wait (default ``$PIPELINE_RT_TIMEOUT`` or 300).
         group: the process group (default: the default group, created from torchrun's
-            environment if not yet initialised).
+            environment if not yet initialised); ``data_parallel > 1`` needs the default.
+        data_parallel: replicas of the pipeline (:mod:`pipeline_rt.reduce`).
+        rank_layout: which rank runs which (replica, stage): ``"pipeline"`` or
+            ``"replica"`` (:class:`~pipeline_rt.layout.Layout`).
 
     Attributes:
         stages: one entry per stage: this rank's :class:`Stage`, ``None`` for the others.
-        rank: this process's rank (= its stage).
+        rank: this process's stage (its rank in its replica's process group).
+        global_rank: its rank in the job.
+        replica: its replica (0 without data parallelism).
+        replicas: the :class:`~pipeline_rt.reduce.Replicas` (None without data parallelism).
     """
 
     def __init__(self, build_stage: Callable[[int], Stage], devices: Sequence[Device], schedule: LazySchedule, *,
-                 timeout: Optional[float] = None, group: Optional[dist.ProcessGroup] = None) -> None:
+                 timeout: Optional[float] = None, group: Optional[dist.ProcessGroup] = None,
+                 data_parallel: int = 1, rank_layout: str = "pipeline") -> None:
         self.timeout = default_timeout() if timeout is None else float(timeout)
+        layout = Layout(len(devices), data_parallel, rank_layout)
         if group is None:
             rank = int(os.environ.get("RANK", dist.get_rank() if dist.is_initialized() else 0))
-            init_distributed(rank_device(devices[rank % len(devices)]), self.timeout)
-        self.group = group
-        self.rank, world = dist.get_rank(group), dist.get_world_size(group)
-        if world != len(devices):
-            raise ValueError(f"{len(devices)} stages need {len(devices)} processes (one stage per rank), "
-                             f"but the world size is {world}; launch with --nproc-per-node/--nnodes to match")
+            init_distributed(rank_device(devices[layout.coords(rank % layout.world)[1]]), self.timeout)
+        world = dist.get_world_size(group)
+        if world != layout.world:
+            d = f" x {data_parallel} replicas" if data_parallel > 1 else ""
+            raise ValueError(f"{len(devices)} stages{d} need {layout.world} processes (one stage of one replica per "
+                             f"rank), but the world size is {world}; launch with --nproc-per-node/--nnodes to match")
+        self.replicas: Optional[Replicas] = None
+        self.global_rank = dist.get_rank(group)
+        if data_parallel > 1:
+            if group is not None:
+                raise ValueError("data_parallel > 1 builds its process groups from the default group; pass group=None")
+            self.replicas = Replicas(layout, self.global_rank, rank_device(devices[layout.coords(self.global_rank)[1]]),
+                                     self.timeout)
+            group = self.replicas.pipeline.group
+            self.replica, self.data_parallel = self.replicas.replica, data_parallel
+        self.layout = layout
+        self.rank = dist.get_rank(group)
         self.device = rank_device(devices[self.rank])
         stage = build_stage(self.rank)
         if stage.index != self.rank:
             raise ValueError(f"rank {self.rank} was given stage {stage.index}")
         self.stage = stage
         super().__init__([stage if k == self.rank else None for k in range(world)], schedule)
-        self.transport = Transport(self.device, self.timeout, group)
+        self.transport = self.replicas.pipeline if self.replicas is not None else Transport(self.device, self.timeout)
         k = self.rank
+        if self.replicas is not None:
+            check_replicable(stage.module, k)
+            self.replicas.reducer = GradReducer(stage.params, self.replicas, self.chunks)
+            self.before_step.append(self._reduce)
+            if k == 0:
+                self.agree = self._agree
+            if k == self.num_stages - 1:
+                self.global_rows = self._global_rows
         # one channel per direction and micro-batch index: the shapes of micro-batch m are
         # the same in every minibatch (an uneven split differs between micro-batches only)
         self._links: Dict[Tuple[str, int], Optional[Channel]] = {}
@@ -169,15 +207,71 @@ class DistExecutor(Executor):
         assert channel is not None
         return channel
 
+    @property
+    def group(self) -> Optional[dist.ProcessGroup]:
+        """The process group of this replica's stages (None: the default group). Held by
+        the transport only, which lets it go at :func:`~pipeline_rt.p2p.shutdown`."""
+        return self.transport.group
+
     def _global(self, peer: int) -> int:
         return dist.get_global_rank(self.group, peer) if self.group else peer
+
+    # ------------------------------------------------------------------ data-parallel replicas
+
+    def _reduce(self, run: Run, k: int) -> None:
+        """Before STEP: the sum of the replicas' gradients (:class:`~pipeline_rt.reduce.GradReducer`)."""
+        assert self.replicas is not None and self.replicas.reducer is not None
+        j = run.views[k].actions.cursor.steps
+        self._guard(None, None, self.replicas.reducer.reduce, replicas=True,
+                    where=f"the STEP of minibatch {j} (the all-reduce of its gradients)")
+
+    def _agree(self, j: int, decision: int) -> int:
+        assert self.replicas is not None
+        return self._guard(None, None, lambda: self.replicas.agree(j, decision), replicas=True,  # type: ignore[union-attr]
+                           where=f"the decision whether minibatch {j} exists")
+
+    def _global_rows(self, n: int) -> int:
+        assert self.replicas is not None
+        return self._guard(None, None, lambda: self.replicas.global_rows(n), replicas=True,  # type: ignore[union-attr]
+                           where="the sum of a minibatch's rows")
+
+    def _over_replicas(self, t: Tensor, what: str) -> Tensor:
+        """``t`` summed over the replicas (as is without them)."""
+        if self.replicas is None:
+            return t
+        t = t.to(self.device)
+        return self._guard(None, None, lambda: self.replicas.all_reduce(t, what), replicas=True,  # type: ignore[union-attr]
+                           where=what)
+
+    def _minibatch_done(self, run: Run, st: StageRun, j: int, epoch: int) -> None:
+        if self.replicas is None:
+            return super()._minibatch_done(run, st, j, epoch)
+        # the callback sees the global minibatch's loss and runs on replica 0 (the same
+        # callback is given on every rank: the sum is a collective); its stop reaches the
+        # other replicas through the first stages' agreement
+        loss = None
+        if run.callback is not None:
+            loss = self._over_replicas(run.losses.current(j).reshape(1).clone(), f"all-reduce of minibatch {j}'s loss")
+        if self.replica != 0:
+            return
+        if run.progress is not None:
+            run.progress.update(1)
+        if loss is not None and run.callback is not None:
+            if run.callback(Info(j, epoch, loss.reshape(()))) is False and st.stop_at is None:
+                st.stop_at = j
 
     # ------------------------------------------------------------------ the loop
 
     def _actions(self, run: Run) -> Iterator[Action]:
         return iter(run.views[self.rank].actions)
 
+    def _begin(self, run: Run) -> None:
+        if self.replicas is not None and self.replicas.reducer is not None:
+            self.replicas.reducer.reset()
+
     def _end(self, run: Run, ok: bool) -> List[float]:
+        if self.replicas is not None and self.replicas.reducer is not None:
+            self.replicas.reducer.stop()
         if not ok:
             self.inbox.clear()
             self._outbox.clear()
@@ -185,6 +279,9 @@ class DistExecutor(Executor):
         self._guard(None, None, self.transport.flush)
         last = self.num_stages - 1
         values = run.losses.finish(run.views[last].cursor.steps) if self.rank == last else []
+        if self.rank == last and self.replicas is not None:  # each replica's losses are its share of the global
+            values = self._over_replicas(torch.tensor(values, dtype=torch.float64, device=self.device),
+                                         "all-reduce of the losses over the replicas").tolist()
         count = torch.tensor([len(values)], dtype=torch.int64, device=self.device)
         self._broadcast(count, last, "broadcast of the loss count from the last stage")
         losses = torch.tensor(values, dtype=torch.float64, device=self.device) if self.rank == last else \
@@ -331,24 +428,34 @@ class DistExecutor(Executor):
                 j += 1
             self._guard(None, None, self.transport.flush)
         totals = acc.totals(self.device)
+        if k == last:
+            totals = self._over_replicas(totals, "all-reduce of the evaluation sums over the replicas")
         self._broadcast(totals, last, "broadcast of the evaluation results from the last stage")
         return acc.result(totals.cpu())
 
     # ------------------------------------------------------------------ helpers
 
-    def _guard(self, a: Optional[Action], peer: Optional[int], fn: Callable[[], Any]) -> Any:
-        """Run a communication step; turn a failure into :class:`PipelineCommError`."""
+    def _guard(self, a: Optional[Action], peer: Optional[int], fn: Callable[[], Any], *, replicas: bool = False,
+               where: Optional[str] = None) -> Any:
+        """Run a communication step (with stage ``peer`` of this replica, or with
+        ``replicas``: this stage's other replicas); turn a failure into
+        :class:`PipelineCommError`."""
         try:
             return fn()
         except CommError as e:
-            where = "the end-of-run exchange" if a is None else f"action {a.kind} {a} (micro-batch {(a.mb, a.micro)})"
-            with_peer = "" if peer is None else f" with stage {peer} (rank {peer})"
+            if where is None:
+                where = "the end-of-run exchange" if a is None else f"action {a.kind} {a} (micro-batch {(a.mb, a.micro)})"
+            with_peer = "" if peer is None else f" with stage {peer} (rank {self._global(peer)})"
+            if replicas:
+                assert self.replicas is not None
+                with_peer = f" with {self.replicas.describe()}"
+            me = f"rank {self.global_rank}" + (f", replica {self.replica}" if self.replicas is not None else "")
             table = self.schedule.window(mark=a) if a is not None else self.schedule.window()
-            msg = (f"pipeline stage {self.rank} (rank {self.rank}) failed at {where}{with_peer} "
+            msg = (f"pipeline stage {self.rank} ({me}) failed at {where}{with_peer} "
                    f"[timeout {self.timeout:g} s]: {e}\n"
                    f"A peer that died or stalls leaves this rank waiting; check the other ranks' logs.\n"
                    f"schedule (>>X<< = the failing action):\n{_window(table)}")
-            raise PipelineCommError(msg, self.rank, a, peer) from e
+            raise PipelineCommError(msg, self.rank, a, peer, self.replica) from e
 
 
 def _window(table: str, width: int = _TABLE_WIDTH) -> str:

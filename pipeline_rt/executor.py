@@ -21,6 +21,7 @@ executor. The gradient also carries the sender's forward count, which the checkp
 from __future__ import annotations
 
 import abc
+import numbers
 from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .feed import DataMismatch, Feed
+from .precision import LossScaling
 from .schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Action, Cursor, LazySchedule, StageActions
 from .stage import Stage
 
@@ -194,9 +196,13 @@ class Run:
         progress: a tqdm-like bar updated once per minibatch on the last stage, or None.
         checkpoint: decides and writes the checkpoint cuts (:mod:`pipeline_rt.checkpoint`).
         clip_global: clip the total gradient norm over all stages (flush methods).
+        scaling: float16 loss scaling (flush methods): the STEPs wait for one another, unscale,
+            and all skip when any stage's gradients are not finite (:mod:`pipeline_rt.precision`).
         losses: the per-minibatch losses (on the last stage).
         ready: messages already in transit when the run starts (a resume), as
             ``(kind of the receive, receiving stage, minibatch, micro)``.
+        agree: ``agree(j, decision) -> decision``: the first stages' common decision
+            (data-parallel replicas, :class:`~pipeline_rt.reduce.Replicas`), or None.
     """
 
     feed: Optional[Feed]
@@ -206,15 +212,20 @@ class Run:
     progress: Any = None
     checkpoint: Any = None
     clip_global: Optional[float] = None
+    scaling: Optional[LossScaling] = None
     losses: LossLog = field(default_factory=LossLog)
     ready: List[Tuple[str, int, int, int]] = field(default_factory=list)
+    agree: Optional[Callable[[int, int], int]] = None
 
     def decide(self, j: int, first: StageRun) -> int:
-        """The first stage's decision about minibatch ``j``."""
+        """The first stage's decision about minibatch ``j`` (through ``agree(j, decision)``,
+        the decision common to every data-parallel replica, when set)."""
         if first.stop_at is not None or (self.max_steps is not None and j >= self.max_steps):
-            return STOPPED
-        assert self.feed is not None
-        return EXISTS if self.feed.has(j) else ENDED
+            decision = STOPPED
+        else:
+            assert self.feed is not None
+            decision = EXISTS if self.feed.has(j) else ENDED
+        return decision if self.agree is None else self.agree(j, decision)
 
 
 class Executor(abc.ABC):
@@ -235,6 +246,10 @@ class Executor(abc.ABC):
         self._deferred: List[int] = []
         #: the context each stage computes in (its stream), entered around its F, B and STEP
         self._contexts: List[ContextManager[Any]] = [_NO_CONTEXT] * self.num_stages
+        #: ``hook(run, k)`` run in order before stage ``k``'s STEP (and before any clipping or
+        #: unscaling): the gradient reductions (data-parallel replicas, :mod:`pipeline_rt.reduce`;
+        #: tied parameters, :mod:`pipeline_rt.ties`) append theirs
+        self.before_step: List[Callable[[Run, int], None]] = []
 
     # ------------------------------------------------------------------ transport (subclasses)
 
@@ -275,6 +290,17 @@ class Executor(abc.ABC):
     #: ``(k, unit)``: stage ``k`` is done with ``unit`` (the tensors it held may go); called
     #: after every backward when not None
     _after_backward: Optional[Callable[[int, Unit], None]] = None
+
+    #: data-parallel replicas (``backend="dist"``, :mod:`pipeline_rt.reduce`): this process's
+    #: replica and their number; the first stages' common decision (:attr:`Run.agree`); the
+    #: global minibatch's rows given this replica's (the last stage's loss weights)
+    replica, data_parallel = 0, 1
+    agree: Optional[Callable[[int, int], int]] = None
+    global_rows: Optional[Callable[[int], int]] = None
+
+    def _over_replicas(self, t: Tensor, what: str) -> Tensor:
+        """``t`` summed over the data-parallel replicas (``t`` itself without them)."""
+        return t
 
     def _begin(self, run: Run) -> None:
         """Before the first action of a run."""
@@ -373,7 +399,9 @@ class Executor(abc.ABC):
 
     def _step(self, run: Run, a: Action) -> None:
         k = a.stage
-        if run.clip_global is not None:
+        for hook in self.before_step:
+            hook(run, k)
+        if run.clip_global is not None or run.scaling is not None:
             self._global_step(run, k, run.views[k].actions.cursor.steps)
             return
         stage = self.stages[k]
@@ -384,30 +412,37 @@ class Executor(abc.ABC):
             self._stepped(run, k, run.views[k].actions.cursor.steps)  # (the cursor counts this STEP after it)
 
     def _global_step(self, run: Run, k: int, j: int) -> None:
-        """Clip by the norm over every stage's gradients, then step (flush methods only:
-        each stage's STEP waits for the last one, the first stage's, when nothing else
-        can run in between)."""
+        """Unscale (float16: every stage skips if any gradient is not finite), clip by the
+        norm over every stage's gradients, then step (flush methods only: each stage's STEP
+        waits for the last one, the first stage's, when nothing else can run in between)."""
         self._deferred.append(k)
         mine = [i for i, s in enumerate(self.stages) if s is not None]
         if len(self._deferred) < len(mine):
             return
         ks, self._deferred = sorted(self._deferred), []
-        norms = []
-        for i in ks:
-            grads = self.stages[i].grads()  # type: ignore[union-attr]
-            norms.append(torch.stack(torch._foreach_norm(grads)) if grads else None)
-        total = self._total_norm(run, k, _concat(norms))
+        if run.scaling is not None:
+            run.scaling.unscale([self.stages[i].optimizer for i in ks],  # type: ignore[union-attr]
+                                [self._contexts[i] for i in ks])
+        total = None
+        if run.clip_global is not None:
+            norms = []
+            for i in ks:
+                grads = self.stages[i].grads()  # type: ignore[union-attr]
+                norms.append(torch.stack(torch._foreach_norm(grads)) if grads else None)
+            total = self._total_norm(run, k, _concat(norms))
         for i, stage in ((i, self.stages[i]) for i in ks):
             assert stage is not None
             grads = stage.grads()
-            if grads:
-                assert run.clip_global is not None
+            if grads and run.clip_global is not None:
+                assert total is not None
                 coef = torch.clamp(run.clip_global / (total.to(grads[0].device) + 1e-6), max=1.0)
                 torch._foreach_mul_(grads, coef)
             with self._contexts[i]:
                 stage.step()
             if run.checkpoint is not None:
                 self._stepped(run, i, j)
+        if run.scaling is not None:
+            run.scaling.update()
 
     def _stepped(self, run: Run, k: int, j: int) -> None:
         """Stage ``k`` has run its STEP of minibatch ``j``: the checkpoint's cut (a run that
@@ -460,11 +495,14 @@ class Evaluation:
 
     def add(self, out: Any, target: Any, rows: int) -> None:
         """One minibatch: ``rows * loss_fn(out, target)`` (a sum-reduced loss as it is) and
-        ``rows * metric(out, target)`` into the sums."""
-        vals = [self.loss_fn(out, target)] + ([self.metric(out, target)] if self.metric is not None else [])
+        ``rows * metric(out, target)`` into the sums. The loss is a one-element tensor; the
+        metric one too, or a number (a Python ``float``/``int``/``bool``, a NumPy scalar)."""
+        loss = self.loss_fn(out, target)
+        vals = [loss] + ([_scalar(self.metric(out, target), loss)] if self.metric is not None else [])
         for v in vals:
             if not isinstance(v, Tensor) or v.numel() != 1:
-                raise ValueError("evaluate(): loss_fn and metric must return a scalar tensor per minibatch, got "
+                raise ValueError("evaluate(): loss_fn must return a one-element tensor and metric a one-element "
+                                 f"tensor or a number per minibatch; got "
                                  f"{type(v).__name__}{'' if not isinstance(v, Tensor) else tuple(v.shape)}")
         scale = torch.tensor([1.0 if self.reduction == "sum" else rows] + [rows] * (len(vals) - 1),
                              dtype=torch.float64, device=vals[0].device)
@@ -485,6 +523,15 @@ class Evaluation:
         if rows == 0:
             raise ValueError("evaluate() needs at least one (input, target) minibatch; got none")
         return {"loss": loss / rows, "metric": metric / rows if self.metric is not None else None}
+
+
+def _scalar(value: Any, like: Any) -> Any:
+    """A metric's value as a tensor on ``like``'s device where it is a real number (a Python
+    or NumPy scalar, a 0-d NumPy array); anything else as it is (refused by the caller)."""
+    if not isinstance(value, Tensor) and (isinstance(value, numbers.Real) or getattr(value, "shape", None) == ()):
+        device = like.device if isinstance(like, Tensor) else None
+        return torch.tensor(float(value), dtype=torch.float64, device=device)
+    return value
 
 
 @contextmanager

@@ -12,11 +12,16 @@ concatenation (no drain between epochs); ``batches`` must then be re-iterable (a
 ``DataLoader``), not an iterator.
 
 Fingerprint. In a run that checkpoints or resumes, every minibatch pulled is folded into a
-running hash of its tensors' dtypes, shapes and up to 64 evenly spaced values per tensor
-(values of CUDA tensors are left out: no host sync); a checkpoint stores the hash of the
-minibatches it consumed and a resume that skips them recomputes it, so resuming with different
-data is refused. It is a cheap fingerprint, not a hash of every byte (a run that does neither
-skips it).
+running BLAKE2b hash of its structure (tuples, lists, ``None``), its tensors' dtypes and
+shapes and, for CPU tensors, their values' bytes (:func:`_sums`: up to 32 KiB as they are,
+beyond as the wrapping int64 sums of every 512-byte row and of every column of 8-byte words;
+torch reductions, in torch's threads). A checkpoint stores the hash of the minibatches it
+consumed and a resume that skips them recomputes it, so resuming with data that differs in
+any one element of a CPU tensor (of any real dtype) is refused, as is data with two values
+exchanged or anything else changed, bar changes that cancel in every sum. Of a tensor on
+another device (CUDA: its values would need a device sync) or a sparse one only the dtype
+and shape count, of a target that is not a tensor only its type name. Cost: ``benchmarks/RESULTS.md`` (section ``ckpt``); a run
+that neither checkpoints nor resumes skips it.
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ from .stage import as_tuple
 
 __all__ = ["Feed", "MicroBatch", "DataMismatch", "split_batch", "rows", "as_pair", "to_device"]
 
-_SAMPLES = 64
+_COLUMNS = 64  # the fingerprint's grid of words: 512-byte rows
+_DIRECT = 32768  # bytes hashed as they are (fewer torch calls)
 _KEEP_HASHES = 256  # running hashes kept for checkpoints (a cut asks for one a few minibatches back)
 
 
@@ -49,6 +55,7 @@ class MicroBatch:
     inputs: Optional[Tuple[Optional[Tensor], ...]]
     target: Any
     weight: float = 1.0
+    rows: int = 0
 
 
 def rows(x: Any) -> int:
@@ -82,15 +89,32 @@ def to_device(x: Any, device: torch.device) -> Any:
     return x
 
 
+def _sums(x: Tensor) -> Tuple[Tensor, ...]:
+    """Every byte of a CPU tensor's values: as they are, up to :data:`_DIRECT` bytes; else in
+    a few sums: the bytes as int64 words in a grid of :data:`_COLUMNS` columns, the wrapping
+    (mod 2**64) sums of each row and of each column, and the bytes past the grid as they are.
+
+    Exact for a change of one element of up to 8 bytes (every real dtype): the element lies
+    in one word, and a word that changes changes its row's sum (mod 2**64). Two words
+    exchanged (distinct values) change two rows' sums, or two columns' within one row."""
+    flat = x.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+    if flat.numel() <= _DIRECT:
+        return (flat,)
+    if flat.storage_offset() % 8:  # a slice of a byte tensor: its words start elsewhere
+        flat = flat.clone()
+    full = flat.numel() // (8 * _COLUMNS) * _COLUMNS
+    grid = flat[:8 * full].view(torch.int64).view(-1, _COLUMNS)
+    return grid.sum(1), grid.sum(0), flat[8 * full:]
+
+
 def _digest(h: Any, x: Any) -> None:
+    """Fold ``x`` (a tensor, a tuple or list of them, anything else by its type name) into
+    the hash ``h``: dtype, shape and, on the CPU, the :func:`_sums` of the values."""
     if isinstance(x, Tensor):
         h.update(f"{x.dtype}{tuple(x.shape)}".encode())
-        if x.device.type == "cpu" and x.numel():
-            flat = x.detach().reshape(-1)
-            step = max(1, flat.numel() // _SAMPLES)
-            sample = flat[::step][:_SAMPLES].contiguous()
-            h.update(sample.view(torch.uint8).numpy().tobytes() if sample.dtype != torch.bool
-                     else sample.numpy().tobytes())
+        if x.device.type == "cpu" and x.layout == torch.strided and x.numel():
+            for part in _sums(x):
+                h.update(part.numpy())
     elif isinstance(x, (tuple, list)):
         h.update(b"(")
         for t in x:
@@ -111,10 +135,14 @@ class Feed:
         fingerprint: fold every minibatch into the running hash (needed by a run that
             checkpoints or resumes; ``False`` saves the hashing, and :meth:`fingerprint` then
             refuses).
+        total: ``total(rows) -> rows``: the rows a minibatch's loss is shared over, given its
+            own (data-parallel replicas: the global minibatch's); called once per minibatch,
+            at its first target taken, so ``weight(rows_m, total(rows))`` weighs the targets.
     """
 
     def __init__(self, batches: Iterable[Tuple[Any, Any]], chunks: int, *, epochs: int = 1,
-                 weight: Callable[[int, int], float] = lambda n, total: n / total, fingerprint: bool = True) -> None:
+                 weight: Callable[[int, int], float] = lambda n, total: n / total, fingerprint: bool = True,
+                 total: Optional[Callable[[int], int]] = None) -> None:
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {epochs!r}")
         try:
@@ -125,7 +153,8 @@ class Feed:
         if epochs > 1 and first is batches:
             raise TypeError(f"epochs={epochs} re-iterates batches, but {type(batches).__name__} is an iterator that "
                             f"runs out after one pass; pass a re-iterable (a list, a DataLoader) or epochs=1")
-        self.batches, self.chunks, self.epochs, self.weight = batches, chunks, epochs, weight
+        self.batches, self.chunks, self.epochs, self.weight, self.total = batches, chunks, epochs, weight, total
+        self._totals: Dict[int, int] = {}  # minibatch -> total(rows), while held
         self._hashing = fingerprint
         self._it: Optional[Iterator[Any]] = first
         self._epoch, self._in_epoch = 0, 0
@@ -190,11 +219,11 @@ class Feed:
         self._fold(xs, y)
         micro: List[Optional[MicroBatch]]
         if self.chunks == 1:  # the minibatch is its one micro-batch (a target tuple or list as a tuple)
-            micro = [MicroBatch(xs, as_tuple(y) if isinstance(y, (tuple, list)) else y, self.weight(n, n))]
+            micro = [MicroBatch(xs, as_tuple(y) if isinstance(y, (tuple, list)) else y, self.weight(n, n), n)]
         else:
             parts_x = split_batch(x, self.chunks)
             parts_y = split_batch(y, self.chunks) if isinstance(y, (Tensor, tuple, list)) else [y] * self.chunks
-            micro = [MicroBatch(as_tuple(xm), ym, self.weight(rows(xm), n)) for xm, ym in zip(parts_x, parts_y)]
+            micro = [MicroBatch(as_tuple(xm), ym, self.weight(rows(xm), n), rows(xm)) for xm, ym in zip(parts_x, parts_y)]
         self._held[j] = micro
         self._left[j] = 2 * self.chunks
         self._epochs[j] = self._epoch
@@ -226,7 +255,12 @@ class Feed:
     def take_target(self, j: int, m: int) -> Tuple[Any, float]:
         """The target and loss weight of micro-batch ``(j, m)``, released by the feed."""
         mb = self.micro(j, m)
-        out = mb.target, mb.weight
+        weight = mb.weight
+        if self.total is not None:
+            if j not in self._totals:
+                self._totals[j] = self.total(sum(x.rows for x in self._held[j] if x is not None))
+            weight = self.weight(mb.rows, self._totals[j])
+        out = mb.target, weight
         self._take(j, m, "target")
         return out
 
@@ -237,6 +271,7 @@ class Feed:
         self._left[j] -= 1
         if self._left[j] == 0:
             del self._held[j], self._left[j], self._epochs[j]
+            self._totals.pop(j, None)
 
     @property
     def held(self) -> int:
@@ -275,10 +310,12 @@ class Feed:
                                    f"resume with the data of the run that saved it")
         got = self.fingerprint(count)
         if fingerprint is not None and got != fingerprint:
-            raise DataMismatch(f"the first {count} minibatches differ from those of the run that saved the checkpoint "
-                               f"(fingerprint {got} != {fingerprint}); resume with the same batches, in the same order "
-                               f"(a DataLoader with shuffle needs the same generator seed), or pass skip_consumed=False "
-                               f"with an iterable already positioned after them")
+            raise DataMismatch(f"the first {count} minibatches differ from those of the run that saved the checkpoint\n"
+                               f"(fingerprint {got} != {fingerprint}: exact sums of the bytes of their CPU tensors, their\n"
+                               f"tensors' dtypes and shapes and the types of non-tensor targets; see pipeline_rt.feed).\n"
+                               f"Resume with the same batches, in the same order (a DataLoader with shuffle needs the\n"
+                               f"same generator seed), or pass skip_consumed=False with an iterable already positioned\n"
+                               f"after them")
 
     def _next_dropped(self) -> Optional[Any]:
         pair = self._next()

@@ -5,14 +5,17 @@ splitting minibatches (docs/batch_dependent.rst):
 
 * :func:`batch_dependent` / :func:`check_batch_dependent`: modules whose training-mode
   forward depends on other rows of the batch, which micro-batches would change;
-* :func:`loss_reduction` / :func:`micro_batch_weight`: how a micro-batch's loss is weighted;
+* :func:`declared_reduction` / :func:`loss_reduction` / :func:`micro_batch_weight`: how a
+  micro-batch's loss is weighted;
 * :func:`check_device`: a stage placed on a device this machine does not have;
-* :func:`as_message`: what may pass between stages.
+* :func:`as_message`: what may pass between stages;
+* :func:`error_text`: the layout of their messages (problem, where, fixes; short lines).
 """
 from __future__ import annotations
 
 import functools
 import inspect
+import textwrap
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -23,12 +26,45 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from .batchnorm import DeferredBatchNorm
 from .methods import METHODS
 
-__all__ = ["batch_dependent", "check_batch_dependent", "loss_reduction", "micro_batch_weight",
-           "check_device", "as_message"]
+__all__ = ["batch_dependent", "check_batch_dependent", "BatchDependentError", "loss_reduction",
+           "declared_reduction", "micro_batch_weight", "check_device", "as_message", "error_text"]
 
 REDUCTIONS = ("mean", "sum")
+#: the longest line :func:`error_text` writes (a longer word, e.g. a path, stays whole)
+WIDTH = 100
 _EXACT_WITH_ONE_CHUNK = ("sync", "1f1b-flush")
 _CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def error_text(problem: str, where: Sequence[str] = (), fixes: Sequence[str] = (), see: Optional[str] = None) -> str:
+    """An error message in short lines, grouped: the problem (wrapped at :data:`WIDTH`
+    columns), then ``Where:`` one line per place, ``Fix:`` or ``Fixes (any one):``
+    numbered, and ``See <see>.``; empty groups are left out."""
+    def wrap(text: str, first: str, rest: str) -> List[str]:
+        return textwrap.wrap(text, WIDTH, initial_indent=first, subsequent_indent=rest,
+                             break_long_words=False, break_on_hyphens=False)
+    lines = wrap(problem, "", "")
+    if where:
+        lines.append("Where:")
+        for w in where:
+            lines += wrap(w, "  - ", "    ")
+    if fixes:
+        lines.append("Fix:" if len(fixes) == 1 else "Fixes (any one):")
+        for i, f in enumerate(fixes, 1):
+            lines += wrap(f, "  - " if len(fixes) == 1 else f"  {i}. ", "     ")
+    if see:
+        lines.append(f"See {see}.")
+    return "\n".join(lines)
+
+
+class BatchDependentError(ValueError):
+    """A pipeline refused by :func:`check_batch_dependent`; ``problem``, ``where`` and
+    ``fixes`` are the parts of the message (:func:`error_text`), for a front end (the
+    ``pipeoptim compare`` command line) that offers its own fixes."""
+
+    def __init__(self, problem: str, where: Sequence[str], fixes: Sequence[str], see: Optional[str] = None) -> None:
+        super().__init__(error_text(problem, where, fixes, see))
+        self.problem, self.where, self.fixes, self.see = problem, list(where), list(fixes), see
 
 
 def _is_batch_dependent(m: nn.Module) -> bool:
@@ -78,46 +114,52 @@ def _chunks_fix(method_name: str) -> str:
 def check_batch_dependent(modules: Sequence[Optional[nn.Module]], chunks: int, method_name: str) -> None:
     """Refuse a pipeline whose micro-batches would silently change a batch-dependent layer.
 
-    Raises ``ValueError`` if ``chunks > 1`` and some stage holds a module reported by
-    :func:`batch_dependent` (naming every such module, its stage and the fixes), or if a
-    :class:`~pipeline_rt.batchnorm.DeferredBatchNorm` was converted for another number of
-    micro-batches than ``chunks`` (it would commit its running statistics at the wrong
-    forwards). ``None`` entries (stages run by other processes) are skipped. With
-    ``chunks == 1`` every minibatch is one forward, equal to single-device training, and
-    only the second check applies.
+    Raises :class:`BatchDependentError` (a ``ValueError``) if ``chunks > 1`` and some stage
+    holds a module reported by :func:`batch_dependent` (naming every such module, its stage
+    and the fixes), or if a :class:`~pipeline_rt.batchnorm.DeferredBatchNorm` built for a
+    fixed number of micro-batches (not following the pipeline's) has another number than
+    ``chunks`` (it would commit its running statistics at the wrong forwards). ``None``
+    entries (stages run by other processes) are skipped. With ``chunks == 1`` every
+    minibatch is one forward, equal to single-device training, and only the second check
+    applies.
     """
     for k, module in enumerate(modules):
         if module is None:
             continue
         for name, m in module.named_modules():
-            if isinstance(m, DeferredBatchNorm) and m.chunks != chunks:
-                raise ValueError(
-                    f"stage {k}: {_where(name)} is a DeferredBatchNorm converted with chunks={m.chunks}, but "
-                    f"method {method_name!r} splits each minibatch into {chunks} micro-batches, so its running "
-                    f"statistics would be committed at the wrong forwards; convert with "
-                    f"pipeline_rt.batchnorm.convert_deferred_batch_norm(stage, {chunks}) or set m.chunks = {chunks}")
+            if isinstance(m, DeferredBatchNorm) and not m.follows and m.chunks != chunks:
+                raise BatchDependentError(
+                    f"A {type(m).__name__} built for chunks={m.chunks} is in a pipeline whose method {method_name!r} "
+                    f"splits each minibatch into {chunks} micro-batches: it would commit its running statistics "
+                    f"at the wrong forwards.",
+                    [f"stage {k}: {_where(name)}"],
+                    [f"build or convert it with chunks=None (it then follows the pipeline's chunks), e.g. "
+                     f"pipeline_rt.batchnorm.convert_deferred_batch_norm(stage)",
+                     f"set m.chunks = {chunks} on it"])
     if chunks <= 1:
         return
     found = {k: batch_dependent(module) for k, module in enumerate(modules) if module is not None}
     found = {k: f for k, f in found.items() if f}
     if not found:
         return
-    listed = "; ".join(f"stage {k} holds " + ", ".join(f"{_where(name)} ({type(m).__name__})" for name, m in f)
-                       for k, f in found.items())
-    fixes = [_chunks_fix(method_name)]
-    convertible = [k for k, f in found.items()
-                   if any(isinstance(m, _CONVERTIBLE) and m.track_running_stats for _, m in f)]
+    where = [f"stage {k} holds " + ", ".join(f"{_where(name)} ({type(m).__name__})" for name, m in f)
+             for k, f in found.items()]
+    fixes = []
+    convertible = [k for k, f in found.items() if any(isinstance(m, _CONVERTIBLE) and m.track_running_stats
+                                                      for _, m in f)]
     if convertible:
-        target = f"stages[{convertible[0]}]" if len(convertible) == 1 else "each of stages " + str(convertible)
-        fixes.append(f"convert the BatchNorm1d/2d/3d of {target}: stages[k] = "
-                     f"pipeline_rt.batchnorm.convert_deferred_batch_norm(stages[k], {chunks}) (running statistics "
-                     f"exactly those of single-device training, training-mode normalisation per micro-batch)")
-    fixes.append("set `batch_dependent = False` on each such module to accept its per-micro-batch behaviour")
-    raise ValueError(
-        f"batch-dependent modules: {listed}. Method {method_name!r} splits each minibatch into {chunks} "
-        f"micro-batches, so in training mode they would normalise over (or update running statistics from) "
-        f"each micro-batch instead of the whole minibatch, silently differing from single-device training. "
-        f"Fixes: " + "; or ".join(fixes) + ". See docs/batch_dependent.rst.")
+        ks = f"for k in {convertible}"
+        fixes.append(f"exact, a ghost batch norm over fixed groups of R rows (each micro-batch whole groups): {ks}: "
+                     f"stages[k] = pipeline_rt.batchnorm.GhostBatchNorm.convert(stages[k], group_rows=R)")
+        fixes.append(f"running statistics committed once per minibatch, normalisation per micro-batch: {ks}: "
+                     f"stages[k] = pipeline_rt.batchnorm.convert_deferred_batch_norm(stages[k])")
+    fixes.append(_chunks_fix(method_name))
+    fixes.append("accept the per-micro-batch behaviour: set `batch_dependent = False` on each such module")
+    raise BatchDependentError(
+        f"Batch-dependent modules in a pipeline that splits minibatches: method {method_name!r} splits each "
+        f"minibatch into {chunks} micro-batches, so in training mode these modules would normalise over (or "
+        f"update running statistics from) each micro-batch instead of the whole minibatch, silently differing "
+        f"from single-device training.", where, fixes, "docs/batch_dependent.rst")
 
 
 def _where(name: str) -> str:
@@ -125,15 +167,23 @@ def _where(name: str) -> str:
 
 
 def loss_reduction(loss_fn: Callable[..., Tensor]) -> str:
-    """How ``loss_fn`` reduces over rows: ``"mean"`` or ``"sum"``.
+    """How ``loss_fn`` reduces over rows: ``"mean"`` or ``"sum"``; :func:`declared_reduction`,
+    with a loss whose reduction cannot be seen taken as ``"mean"`` (the pipeline instead
+    probes such a loss once: :mod:`pipeline_rt.lossprobe`)."""
+    return declared_reduction(loss_fn) or "mean"
+
+
+def declared_reduction(loss_fn: Callable[..., Tensor]) -> Optional[str]:
+    """How ``loss_fn`` says it reduces over rows: ``"mean"``, ``"sum"``, or ``None`` where it
+    does not say.
 
     Read from, in order: an attribute ``loss_fn.reduction`` (an ``nn`` loss such as
     ``nn.CrossEntropyLoss(reduction="sum")``, or any callable carrying one); the
     ``reduction`` keyword of a :func:`functools.partial`; the default of a ``reduction``
-    parameter in the function's signature (``F.cross_entropy``: ``"mean"``). A loss whose
-    reduction cannot be seen (a plain function or lambda) is **assumed to be a mean over
-    rows**; give such a function a ``reduction`` attribute if it sums. ``"batchmean"``
-    (``nn.KLDivLoss``) divides by the rows and counts as ``"mean"``.
+    parameter in the function's signature (``F.cross_entropy``: ``"mean"``). A plain
+    function or lambda that calls a loss with ``reduction="sum"`` inside says nothing:
+    ``None``. ``"batchmean"`` (``nn.KLDivLoss``) divides by the rows and counts as
+    ``"mean"``.
 
     ``"mean"`` means an equally weighted mean over rows: a weighted mean (class
     ``weight=``, or an ``ignore_index`` that occurs in the targets) is exact only when every
@@ -145,20 +195,24 @@ def loss_reduction(loss_fn: Callable[..., Tensor]) -> str:
     if red is None and isinstance(loss_fn, functools.partial):
         red = loss_fn.keywords.get("reduction")
         if red is None:
-            return loss_reduction(loss_fn.func)
+            return declared_reduction(loss_fn.func)
     if red is None:
         red = _signature_default(loss_fn)
     if red is None:
-        return "mean"
+        return None
     if red == "batchmean":
         return "mean"
     if red == "none":
-        raise ValueError(f"loss_fn {_name(loss_fn)} has reduction='none': it returns per-row losses, but the "
-                         f"pipeline needs one scalar per micro-batch; reduce them: pass reduction='mean' (or "
-                         f"'sum'), or wrap it, e.g. lambda out, y: loss_fn(out, y).mean()")
+        raise ValueError(error_text(
+            f"loss_fn {_name(loss_fn)} has reduction='none': it returns per-row losses, but the pipeline needs "
+            f"one scalar per micro-batch.",
+            fixes=["pass reduction='mean' (or 'sum')",
+                   "wrap it: lambda out, y: loss_fn(out, y).mean()"]))
     if red not in REDUCTIONS:
-        raise ValueError(f"loss_fn {_name(loss_fn)} has reduction={red!r}; the pipeline knows how to weight "
-                         f"micro-batches only for {REDUCTIONS} (or 'batchmean')")
+        raise ValueError(error_text(
+            f"loss_fn {_name(loss_fn)} has reduction={red!r}; the pipeline knows how to weight micro-batches "
+            f"only for {REDUCTIONS} (or 'batchmean').",
+            fixes=["give the loss reduction='mean' or 'sum'"]))
     return red
 
 
@@ -212,13 +266,14 @@ def check_device(device: Union[torch.device, str, int], stage: int) -> None:
     if not available:
         build = {"cuda": "install a CUDA build of torch", "mps": "run on Apple silicon with an MPS build of torch"
                  }.get(device.type, f"install a torch build with {kind} support")
-        raise ValueError(f"stage {stage} is placed on {device} but this machine has no {kind} device "
-                         f"(torch.{'backends.mps' if device.type == 'mps' else device.type}.is_available() is "
-                         f"False); use devices=['cpu', ...] or {build}")
+        query = f"torch.{'backends.mps' if device.type == 'mps' else device.type}.is_available()"
+        raise ValueError(error_text(f"stage {stage} is placed on {device} but this machine has no {kind} device "
+                                    f"({query} is False).", fixes=["use devices=['cpu', ...]", build]))
     if device.index is not None and device.index >= count:
-        raise ValueError(f"stage {stage} is placed on {device} but this machine has {count} {kind} device(s) "
-                         f"(torch.{device.type}.device_count() is {count}, indices 0..{count - 1}); "
-                         f"use a smaller index (stages may share a device)")
+        raise ValueError(error_text(
+            f"stage {stage} is placed on {device} but this machine has {count} {kind} device(s) "
+            f"(torch.{device.type}.device_count() is {count}, indices 0..{count - 1}).",
+            fixes=["use a smaller index (stages may share a device)"]))
 
 
 def as_message(x: Any, where: str) -> Tuple[Optional[Tensor], ...]:
@@ -235,13 +290,13 @@ def as_message(x: Any, where: str) -> Tuple[Optional[Tensor], ...]:
     if isinstance(x, Tensor):
         return (x,)
     if not isinstance(x, (tuple, list)):
-        raise TypeError(f"{where} must be {allowed}; got {_describe(x)}")
+        raise TypeError(error_text(f"{where} must be {allowed}; got {_describe(x)}."))
     for i, e in enumerate(x):
         if e is not None and not isinstance(e, Tensor):
-            raise TypeError(f"{where} must be {allowed}; got a {type(x).__name__} whose entry {i} is "
-                            f"{_describe(e)} (nest no containers: flatten them into one tuple)")
+            raise TypeError(error_text(f"{where} must be {allowed}; got a {type(x).__name__} whose entry {i} is "
+                                       f"{_describe(e)}.", fixes=["nest no containers: flatten them into one tuple"]))
     if not any(isinstance(e, Tensor) for e in x):
-        raise TypeError(f"{where} must be {allowed} with at least one Tensor; got {_describe(x)}")
+        raise TypeError(error_text(f"{where} must be {allowed} with at least one Tensor; got {_describe(x)}."))
     return tuple(x)
 
 

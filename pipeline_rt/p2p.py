@@ -198,13 +198,14 @@ class Transport:
         self.wait(_posted(post, what), what)
 
     def close(self) -> None:
-        """Post the held sends, wait for every posted operation (deadline: timeout each) and
-        refuse further ones. The collectives' tensors are released by :func:`shutdown` once
+        """Post the held sends, wait for every posted operation (deadline: timeout each),
+        drop the reference to the process group and refuse further operations. The collectives' tensors are released by :func:`shutdown` once
         the process group is gone (here, if none is initialised any more). Idempotent."""
         if self.closed:
             return
         self.flush()
         self.closed = True
+        self.group = None  # let the process group go (its gloo threads are joined when it is destroyed)
         _OPEN.discard(self)
         if not dist.is_initialized():
             self._retained.clear()

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as Fn
 from torch.nn.modules import module as _module
 
-from .batchnorm import DeferredBatchNorm
+from .batchnorm import DeferredBatchNorm, GhostBatchNorm
 
 __all__ = ["may_draw", "QUIET_MODULES", "QUIET_LOSSES"]
 
@@ -59,7 +59,7 @@ QUIET_MODULES: FrozenSet[type] = _nn(
     "BCEWithLogitsLoss", "KLDivLoss", "PoissonNLLLoss", "GaussianNLLLoss", "SoftMarginLoss",
     "MultiLabelSoftMarginLoss", "MultiLabelMarginLoss", "MultiMarginLoss", "HingeEmbeddingLoss",
     "CosineEmbeddingLoss", "MarginRankingLoss", "TripletMarginLoss",
-) | {DeferredBatchNorm}
+) | {DeferredBatchNorm, GhostBatchNorm}
 #: stock dropout classes: quiet at ``p == 0`` (ATen returns the input then, drawing nothing)
 _DROPOUTS: FrozenSet[type] = _nn("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout",
                                  "FeatureAlphaDropout")

@@ -47,6 +47,10 @@ schedule, see :mod:`pipeline_rt.checkpoint`) keep a :class:`Replay` (inputs, a c
 weights they ran on, the stage's RNG state, the version, the prediction distance), and
 :meth:`Stage.load_state_dict` re-runs them, so their backwards see the same graph and the
 same redirected weights.
+
+Recomputation (``recompute=True``, :mod:`pipeline_rt.recompute`): the forward runs without a
+graph and its record keeps a :class:`Replay` (a live forward's version held in the stash);
+the backward first re-runs it from the replay, the same way.
 """
 from __future__ import annotations
 
@@ -60,13 +64,16 @@ from torch import Tensor, nn
 
 from lookahead_opt import PredictiveOptimizer
 from lookahead_opt.compensation import Compensation, StepContext
-from lookahead_opt.redirect import Swapped, redirect
+from lookahead_opt.redirect import Swapped, current_live, redirect
 from lookahead_opt.swapping import ObservingPredictor, WeightPredictor
 
-from .batchnorm import load_pending_stats, pending_stats
+from .batchnorm import Pending, load_pending_stats, pending_stats
 from .guards import as_message
+from .lossprobe import resolve_weight
 from .methods import Method
+from .precision import LossScaling, no_autocast
 from .randomness import may_draw
+from .recompute import backward_weights, is_recomputing, may_recompute, rebuild, recomputing
 
 __all__ = ["Stage", "StageError", "Replay", "as_tuple", "as_leaf", "retain_none"]
 
@@ -118,6 +125,7 @@ class _Record:
     forward_weights: Optional[List[Tensor]] = None  # what the forward ran on (error tracking, compensation)
     start_weights: Optional[List[Tensor]] = None    # the live weights at the forward (error tracking, observing)
     calib: Optional[tuple] = None  # an observing predictor's (start weights, prediction, scales) to observe
+    replay: Optional[Replay] = None  # recompute: what re-runs the forward (pipeline_rt.recompute)
 
     def backward_weight(self, i: int) -> Tensor:
         """Parameter ``i`` of :attr:`weights` (set by the time the backward runs)."""
@@ -140,7 +148,8 @@ class Replay:
 
     unit: Unit
     inputs: Tuple[Optional[Tensor], ...]  # the forward's inputs (leaves; requires_grad as they were)
-    weights: List[Tensor]      # a copy of the weights the forward ran on (live or predicted)
+    weights: List[Tensor]      # a copy of the weights the forward ran on (live or predicted); empty for
+    #                            a recomputed live forward: its version, held in the stash
     version: int               # the STEPs done at the forward
     predicted: bool
     rng: Tuple[Tensor, Optional[Tensor]]  # the stage's CPU and (on CUDA) device RNG states at the forward
@@ -167,12 +176,15 @@ class Stage:
         track_error: measure the prediction error at every backward (see :attr:`errors`).
         lr_scheduler: ``lr_scheduler(optimizer) -> LRScheduler``, stepped after every STEP.
         clip_grad_norm: clip the stage's gradients to this total 2-norm before every STEP.
+        recompute: keep only the inputs of a forward and re-run it right before its backward
+            (:mod:`pipeline_rt.recompute`).
     """
 
     def __init__(self, index: int, num_stages: int, module: nn.Module, optimizer: Optional[PredictiveOptimizer],
                  method: Method, loss_fn: Optional[Callable[[Any, Any], Tensor]] = None, *,
                  check_finite: bool = False, track_error: bool = False,
-                 lr_scheduler: Optional[Callable[[Any], Any]] = None, clip_grad_norm: Optional[float] = None) -> None:
+                 lr_scheduler: Optional[Callable[[Any], Any]] = None, clip_grad_norm: Optional[float] = None,
+                 recompute: bool = False) -> None:
         self.index, self.num_stages = index, num_stages
         self.is_last = index == num_stages - 1
         self.module, self.optimizer, self.method, self.loss_fn = module, optimizer, method, loss_fn
@@ -192,6 +204,7 @@ class Stage:
         self.retain: Callable[[Unit], bool] = retain_none
         self.scheduler = None if lr_scheduler is None or optimizer is None else lr_scheduler(optimizer)
         self.clip_grad_norm = clip_grad_norm
+        self.recompute = recompute
         self._rng: Optional[Tuple[Tensor, Optional[Tensor]]] = None  # the stage's own RNG stream
         self._cuda = _cuda_devices(self.params)
         self._replays: Dict[Unit, Replay] = {}
@@ -208,12 +221,18 @@ class Stage:
         self._needs_forward_weights = method.compensation.needs_forward_weights and bool(self.params)
         self._observed = 0  # observations handed to the predictor
         self._update = _Update()
+        #: the context every forward (and recomputation) of the stage runs in: ``with stage.autocast():``
+        #: (:func:`pipeline_rt.precision.autocast`, set by the pipeline for each run)
+        self.autocast: Callable[[], ContextManager[Any]] = no_autocast
+        #: float16: the loss scaling the last stage's backward applies (:mod:`pipeline_rt.precision`)
+        self.loss_scaling: Optional[LossScaling] = None
         self.start_run()
 
     def start_run(self) -> None:
         """Read what a run needs of the module as it is now: whether its forward (and, at
         the last stage, the loss) may draw random numbers (:func:`~pipeline_rt.randomness.may_draw`)."""
         self._draws = may_draw(self.module, self.loss_fn if self.is_last else None)  # else the RNG swap is skipped
+        self.may_recompute = may_recompute(self.module)  # else pipeline_rt.recompute.backward_weights is skipped
 
     # ------------------------------------------------------------------ actions
 
@@ -242,6 +261,7 @@ class Stage:
         # a replay has no start weights; a stage without parameters has nothing to predict
         rec.track = self.track_error and s > 0 and replay is None and bool(self.params)
         observe = self.observes and predicted and replay is None
+        lazy = self.recompute and not is_recomputing()  # no graph now: the backward re-runs the forward
         if rec.track or observe:
             rec.start_weights = [p.detach().clone() for p in self.params]
         if self._rng is None:
@@ -249,22 +269,24 @@ class Stage:
         rng = self._rng
         # the backward uses the weights the forward saved unless a swap or a step comes between
         # them or its policy is a prediction: only then are the saved weights redirected
-        same = replay is None and not predicted and s == 0 and m.backward != "predict"
+        same = lazy or replay is None and not predicted and s == 0 and m.backward != "predict"
         with self._weights_for(distance, predicted, replay), (self._own_rng(replay) if self._draws else _NO_CONTEXT), \
-                (_NO_CONTEXT if same else redirect(self.params, self._resolver(rec))):
+                (_NO_CONTEXT if same else redirect(self.params, self._resolver(rec))), self.autocast(), \
+                (torch.no_grad() if lazy else _NO_CONTEXT):
             try:
                 out = self.module(*inputs)
                 if self.is_last:
                     assert self.loss_fn is not None, "the last stage needs a loss_fn"
-                    out = self.loss_fn(out, target) * weight
+                    out = self.loss_fn(out, target) * resolve_weight(weight)  # after the loss: lossprobe
             except (RuntimeError, TypeError, ValueError) as e:
                 what = "loss_fn" if self.is_last and "out" in locals() else "forward"
                 raise StageError(
                     f"stage {self.index} {what} failed on micro-batch {unit} with inputs of shapes "
                     f"[{_shapes(inputs)}]: {e}. The previous stage's outputs must match this stage's "
                     f"inputs (check the split of the model).") from e
-            kept = m.backward == "forward" or rec.track or observe or self._needs_forward_weights
-            snap = [p.detach().clone() for p in self.params] if keep or (predicted and kept) else []
+            kept = m.backward == "forward" or rec.track or observe or self._needs_forward_weights or lazy
+            snap = replay.weights if replay is not None and replay.weights else \
+                [p.detach().clone() for p in self.params] if keep or (predicted and kept) else []
         if predicted and m.backward == "forward":
             rec.weights = snap
         if predicted and (rec.track or self._needs_forward_weights):
@@ -278,20 +300,24 @@ class Stage:
         if keep:
             self._replays[unit] = Replay(unit, inputs, snap, rec.version, predicted, rng, s, target, weight,
                                          rec.calib, observed)
+        if lazy:
+            rec.replay = replay or self._replays.get(unit) or \
+                Replay(unit, inputs, snap if predicted else [], rec.version, predicted, rng, s, target, weight,
+                       rec.calib, observed)
         outs = (out,) if isinstance(out, Tensor) else as_tuple(out, f"stage {self.index}'s output")
         if self.is_last:
             rec.loss = loss = outs[0]
             assert loss is not None
             if self.check_finite and not bool(torch.isfinite(loss).all()):
                 raise FloatingPointError(f"stage {self.index}: loss of micro-batch {unit} is {loss.item()}")
-        else:
+        elif not lazy or keep:  # (a recomputed forward's outputs are only needed by a checkpoint's transit)
             rec.outputs = outs
-        if not predicted and (m.backward == "forward" or self._needs_forward_weights):
+        if not predicted and (m.backward == "forward" or self._needs_forward_weights or lazy):
             self._refs[rec.version] += 1  # the version is needed after the next STEP: stash it then
         self._records[unit] = rec
         if len(self._records) > self.peak_in_flight:
             self.peak_in_flight = len(self._records)
-        if predicted or rec.weights is not None:  # otherwise the count of versions held is unchanged
+        if predicted or rec.weights is not None or lazy:  # otherwise the count of versions held is unchanged
             self._count_versions()
         return outs
 
@@ -299,6 +325,8 @@ class Stage:
         """Backward of micro-batch ``unit``; returns the gradients of its inputs."""
         rec = self._records.pop(unit)
         self._replays.pop(unit, None)
+        if rec.replay is not None:  # the forward ran without a graph: re-run it (pipeline_rt.recompute)
+            rec = rebuild(self, unit, rec)
         m = self.method
         if m.backward == "predict":
             extra = self._extra
@@ -315,15 +343,20 @@ class Stage:
             cast(ObservingPredictor, self.predictor).observe(start, prediction, [p.detach() for p in self.params],
                                                              scales)
             self._observed += 1
-        if self.is_last:
-            assert rec.loss is not None
-            torch.autograd.backward(rec.loss)
-        else:
-            assert grads is not None, "a backward before the last stage needs the outputs' gradients"
-            pairs = [(o, g) for o, g in zip(rec.outputs, grads) if o is not None and o.requires_grad and g is not None]
-            if pairs:
-                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        with recomputing(), backward_weights(self, rec, unit) as kw:  # a recomputation inside: exact or refused
+            if self.is_last:
+                assert rec.loss is not None
+                loss = rec.loss if self.loss_scaling is None else self.loss_scaling.scale(rec.loss)
+                torch.autograd.backward(loss, **kw)
+            else:
+                assert grads is not None, "a backward before the last stage needs the outputs' gradients"
+                pairs = [(o, g) for o, g in zip(rec.outputs, grads)
+                         if o is not None and o.requires_grad and g is not None]
+                if pairs:
+                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], **kw)
         self._accumulate(rec)
+        if rec.replay is not None and not rec.predicted:
+            self._release(rec.version)  # the hold a recomputed live forward took on its version
         return tuple(x.grad if x is not None and x.requires_grad else None for x in rec.inputs)
 
     def step(self) -> None:
@@ -399,14 +432,15 @@ class Stage:
             "stash": self._stash,
             "grads": [p.grad for p in self.params],
             "update": (self._update.delay, self._update.key, self._update.weights),
-            "replays": [self._replays[u] for u in self._records],
+            "replays": [dict(vars(self._replays[u])) for u in self._records],  # plain data: loads with weights_only
             # the calibrated scales' statistics / the roll-out's last gradients
             "predictor": None if self.predictor is None or self.predictor is self.optimizer
             else self.predictor.state_dict(),
             "observed": self._observed,
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "rng": self._rng,
-            "pending_stats": pending_stats(self.module),  # a DeferredBatchNorm's partial minibatch
+            # a DeferredBatchNorm's partial minibatch (as plain tuples)
+            "pending_stats": {name: tuple(p) for name, p in pending_stats(self.module).items()},
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -427,12 +461,14 @@ class Stage:
         self._update = _Update(*state.get("update", (0, None, None)))
         if self._update.key is not None and self._update.weights is None:
             self._refs[self._update.key[0]] += 1
-        for r in state["replays"]:
+        for fields in state["replays"]:
+            r = Replay(**fields)
             self._forward(r.unit, r.inputs, r.s, r.target, r.weight, r)
             self._replays[r.unit] = r
         self._rng = state["rng"]
         self.module.load_state_dict(state["module"])
-        load_pending_stats(self.module, state["pending_stats"])  # after the replays, which counted
+        pending = {name: Pending(*p) for name, p in state["pending_stats"].items()}
+        load_pending_stats(self.module, pending)  # after the replays, which counted
 
     # ------------------------------------------------------------------ helpers
 
@@ -460,11 +496,11 @@ class Stage:
 
     def _resolver(self, rec: _Record) -> Callable[[int], Tensor]:
         policy, params = self.method.backward, self.params
-        if policy == "live":
-            return lambda i: params[i].detach()
+        if policy == "live":  # (current_live: the parameters may hold other weights during the backward)
+            return lambda i: current_live(params[i])
         if policy == "forward" and not rec.predicted:
             stash, v = self._stash, rec.version
-            return lambda i: stash[v][i] if v in stash else params[i].detach()
+            return lambda i: stash[v][i] if v in stash else current_live(params[i])
         return rec.backward_weight
 
     def _release(self, version: int) -> None:
@@ -474,7 +510,8 @@ class Stage:
             self._stash.pop(version, None)
 
     def _count_versions(self) -> None:
-        held = 1 + len(self._stash) + sum(r.weights is not None for r in self._records.values())
+        held = 1 + len(self._stash) + sum(r.weights is not None or r.replay is not None and bool(r.replay.weights)
+                                          for r in self._records.values())
         if self._buffer_used:
             held += 1  # the predictor's reusable buffer
         self.peak_versions = max(self.peak_versions, held)

@@ -44,6 +44,8 @@ from pipeline_rt import Pipeline
 from pipeline_rt.clock import StageCosts, measure_costs
 from pipeline_rt.methods import METHODS, RECOMMENDED, get_method
 
+from .batchnorm import MODES as BATCH_NORM_MODES
+from .batchnorm import BatchNormError, prepare_batch_norm
 from .tasks import TASKS, EntryPointError, Task, entry_parts, evaluate, get_task, set_bn_chunks
 from .verdict import FACTOR, closest_lines, verdict, verdict_rows
 
@@ -466,7 +468,8 @@ def compare(task: str = "teacher", depth: Optional[int] = None, methods: Sequenc
             lr: Optional[float] = None, devices: str = "cpu", out: Optional[Path] = None,
             seed: int = 0, progress: bool = True, threads: Optional[int] = None,
             minibatches: Optional[int] = None, readme: Optional[Path] = None,
-            command: str = "pipeoptim compare", target: float = FACTOR) -> List[RunResult]:
+            command: str = "pipeoptim compare", target: float = FACTOR,
+            batch_norm: str = "refuse") -> List[RunResult]:
     """Run every (optimizer, method) pair on one build of ``task`` (see :func:`load_task` for
     ``depth``) and write the table, the plot and the losses into ``out``.
 
@@ -479,6 +482,10 @@ def compare(task: str = "teacher", depth: Optional[int] = None, methods: Sequenc
     :func:`readme_block`, with ``command`` as the command line recorded there (checked before
     training: :class:`ReadmeError`). ``target``: the verdict's target is this times sync's
     final training loss (:mod:`pipeoptim_compare.verdict`).
+
+    ``batch_norm``: what to do with the model's batch norms where a method splits minibatches
+    (``"refuse"``, ``"ghost"``, ``"deferred"``: :mod:`pipeoptim_compare.batchnorm`; checked
+    before training: :class:`~pipeoptim_compare.batchnorm.BatchNormError`).
     """
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -486,6 +493,9 @@ def compare(task: str = "teacher", depth: Optional[int] = None, methods: Sequenc
         readme = Path(readme)
         _block_span(_read(readme), str(readme))
     probe, depth = load_task(task, depth, seed)
+    bn_note = prepare_batch_norm(probe, depth, methods, batch_norm)
+    if bn_note:
+        print(bn_note)
     epochs = epochs or probe.epochs
     devs = _devices(devices, depth)
     out = Path(out) if out else Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
@@ -601,6 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--readme", type=Path, default=None, metavar="FILE",
                    help=f"also replace the block between {README_BEGIN} and {README_END} in FILE with the "
                         "table, the verdict, the command line, the date, the device, the load and the times")
+    c.add_argument("--batch-norm", choices=BATCH_NORM_MODES, default="refuse",
+                   help="batch norms where a method splits minibatches into micro-batches: refuse (stop with the "
+                        "fixes), ghost (exact: ghost batch norm over groups of rows dividing every micro-batch) or "
+                        "deferred (running statistics once per minibatch, normalisation per micro-batch) [refuse]")
     return p
 
 
@@ -614,9 +628,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     optimizers=args.optimizers, epochs=args.epochs, lr=args.lr, devices=args.devices,
                     out=args.out, seed=args.seed, progress=not args.no_progress,
                     threads=args.threads, minibatches=args.minibatches, readme=args.readme,
-                    command=shlex.join(["pipeoptim", *argv]), target=args.target)
-        except (EntryPointError, ReadmeError) as e:
-            print(f"pipeoptim compare: error: {e}", file=sys.stderr)
+                    command=shlex.join(["pipeoptim", *argv]), target=args.target, batch_norm=args.batch_norm)
+        except (EntryPointError, ReadmeError, BatchNormError) as e:
+            msg = str(e)
+            sep = "\n" if "\n" in msg else " "  # a message of several lines starts on its own line
+            print(f"pipeoptim compare: error:{sep}{msg}", file=sys.stderr)
             return 2
     return 0
 

@@ -40,12 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline_rt.batchnorm import DeferredBatchNorm
+from pipeline_rt.batchnorm import DeferredBatchNorm, GhostBatchNorm
 from pipeline_rt.partition import split_by_balance
 
 __all__ = [
     "Task", "TASKS", "register_task", "get_task", "from_entry_point", "EntryPointError", "evaluate",
-    "corpus_text", "CharTransformerBlock", "render_shapes", "SHAPES", "GhostBatchNorm2d", "set_bn_chunks",
+    "corpus_text", "CharTransformerBlock", "render_shapes", "SHAPES", "set_bn_chunks",
 ]
 
 Batch = Tuple[Tensor, Tensor]
@@ -428,59 +428,10 @@ def denoise_task(depth: int = 8, seed: int = 0, *, blocks: int = 8, channels: in
 # ----------------------------------------------------------------------------- cnnbn
 
 
-class GhostBatchNorm2d(DeferredBatchNorm):
-    """Batch norm over fixed groups of ``group`` consecutive rows (ghost batches), with the
-    running statistics of :class:`~pipeline_rt.batchnorm.DeferredBatchNorm`.
-
-    Training mode normalises every group of ``group`` rows with that group's own per-channel
-    mean and (biased) variance, then applies the affine weight and bias. A micro-batch made
-    of whole groups is therefore normalised exactly as in the whole minibatch, so splitting
-    a minibatch into micro-batches (``1f1b-flush``, ``2bw``) computes the same function as
-    one forward of it (``sync``, ``pipedream``, ``pipeoptim``), up to float rounding. An
-    input whose rows are not a multiple of ``group`` is refused (``ValueError``): its
-    normalisation would depend on how the minibatch was cut.
-
-    Running statistics (used in eval mode): those of a plain batch norm on the whole
-    minibatch (its mean and unbiased variance, all rows), committed once per ``chunks``
-    training forwards by :class:`~pipeline_rt.batchnorm.DeferredBatchNorm`; set ``chunks``
-    to the pipeline's micro-batches per minibatch (:func:`set_bn_chunks`; the pipeline
-    refuses a mismatch). Eval mode: a plain batch norm with the running statistics.
-    """
-
-    def __init__(self, num_features: int, group: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 *, chunks: int = 1) -> None:
-        super().__init__(num_features, eps, momentum, affine=True, chunks=chunks)
-        if not isinstance(group, int) or group < 1:
-            raise ValueError(f"GhostBatchNorm2d: group must be a positive int, got {group!r}")
-        self.group = group
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, group={self.group}"
-
-    def forward(self, input: Tensor) -> Tensor:
-        if not self.training:
-            return super().forward(input)
-        self._check_input_dim(input)
-        n, c = input.shape[:2]
-        if n % self.group:
-            raise ValueError(
-                f"GhostBatchNorm2d: {n} rows are not a multiple of its group of {self.group} rows, so the "
-                f"normalisation would depend on how the minibatch is split; use micro-batches of a multiple of "
-                f"{self.group} rows (minibatch rows / chunks)")
-        k, rest = n // self.group, input.shape[2:]
-        # (rows, C, *) -> (group, k * C, *): group j's channel c becomes channel j * C + c of one
-        # batch norm over `group` rows (its batch statistics only: F.batch_norm's fused kernel)
-        xt = input.reshape(k, self.group, c, *rest).transpose(0, 1).reshape(self.group, k * c, *rest)
-        out = F.batch_norm(xt, None, None, self.weight.repeat(k), self.bias.repeat(k), True, 0.0, self.eps)
-        out = out.reshape(self.group, k, c, *rest).transpose(0, 1).reshape(input.shape)
-        with torch.no_grad():
-            self._accumulate(input.detach())
-        return out
-
-
 def set_bn_chunks(modules: Union[nn.Module, Sequence[nn.Module]], chunks: int) -> int:
     """Set ``chunks`` (micro-batches per minibatch) on every
-    :class:`~pipeline_rt.batchnorm.DeferredBatchNorm` (so every :class:`GhostBatchNorm2d`) in
+    :class:`~pipeline_rt.batchnorm.DeferredBatchNorm` (so every
+    :class:`~pipeline_rt.batchnorm.GhostBatchNorm`) in
     ``modules`` and drop any partial minibatch; return how many were set. Call it with the
     pipeline's ``chunks`` before building the pipeline (which checks it)."""
     if not isinstance(chunks, int) or chunks < 1:
@@ -496,13 +447,13 @@ def set_bn_chunks(modules: Union[nn.Module, Sequence[nn.Module]], chunks: int) -
 
 class BNConvBlock(nn.Module):
     """``x + conv2(ReLU(BN(conv1(ReLU(BN(x))))))``, 3x3 convolutions, pre-activation: the
-    ``cnnbn`` net's unit (BN: :class:`GhostBatchNorm2d`)."""
+    ``cnnbn`` net's unit (BN: :class:`~pipeline_rt.batchnorm.GhostBatchNorm`)."""
 
     def __init__(self, channels: int, group: int, momentum: Optional[float] = 0.1) -> None:
         super().__init__()
-        self.bn1 = GhostBatchNorm2d(channels, group, momentum=momentum)
+        self.bn1 = GhostBatchNorm(channels, group, momentum=momentum, chunks=1)
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = GhostBatchNorm2d(channels, group, momentum=momentum)
+        self.bn2 = GhostBatchNorm(channels, group, momentum=momentum, chunks=1)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -527,11 +478,11 @@ def cnnbn_task(depth: int = 8, seed: int = 0, *, blocks: int = 8, channels: int 
     average pooling and a linear classifier (the stem rides with the first block and the
     head with the last, so stages have equal work).
 
-    Batch norm. Every norm is a :class:`GhostBatchNorm2d`: training mode normalises over
-    fixed groups of ``bn_rows`` consecutive rows (ghost batches) of the minibatch, so a
-    method that splits the minibatch into micro-batches of whole groups computes exactly
-    the same function as one that forwards it whole; the running statistics (eval mode)
-    are the whole minibatch's, committed once per minibatch by the library's
+    Batch norm. Every norm is a :class:`~pipeline_rt.batchnorm.GhostBatchNorm`: training mode
+    normalises over fixed groups of ``bn_rows`` consecutive rows (ghost batches) of the
+    minibatch, so a method that splits the minibatch into micro-batches of whole groups
+    computes exactly the same function as one that forwards it whole; the running statistics
+    (eval mode) are the whole minibatch's, committed once per minibatch by the library's
     :class:`~pipeline_rt.batchnorm.DeferredBatchNorm`. The task is built for one forward per
     minibatch (``chunks=1``); for a pipeline with ``chunks`` micro-batches call
     :func:`set_bn_chunks` ``(stages, chunks)`` first (the pipeline refuses a mismatch, and
@@ -568,7 +519,7 @@ def cnnbn_task(depth: int = 8, seed: int = 0, *, blocks: int = 8, channels: int 
     blocks = max(blocks, depth)
     model = _stack(blocks, seed, lambda: BNConvBlock(channels, bn_rows, bn_momentum),
                    first=lambda: [nn.Conv2d(1, channels, 3, padding=1, bias=False)],
-                   last=lambda: [GhostBatchNorm2d(channels, bn_rows, momentum=bn_momentum), nn.ReLU(),
+                   last=lambda: [GhostBatchNorm(channels, bn_rows, momentum=bn_momentum, chunks=1), nn.ReLU(),
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, len(SHAPES))])
     # default lrs: sync's lowest last-epoch train loss at depth 8, seed 0, on a grid of factors of 2
     # (SGD-momentum 0.02..0.4: 0.1; Adam 1e-3..1.6e-2: 8e-3; AdamW shares Adam's, as in the other tasks)

@@ -15,7 +15,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -156,18 +156,25 @@ def oracle_eval(spec: Spec, method: str) -> Any:
                   **spec.train)[1]
 
 
-def _worker(rank: int, spec: Spec, port: int, out: str) -> None:
+def _run(rank: int, spec: Spec) -> Dict[str, Any]:
+    """One rank of a :class:`Spec`: per method, the losses, its stage's weights, the evaluation."""
+    result: Dict[str, Any] = {}
+    for method in spec.methods:
+        pipe = pipeline(spec, method, "dist", **spec.pipe)
+        kwargs = {k: v.format(method=method) if isinstance(v, str) else v for k, v in spec.train.items()}
+        count = spec.rank_minibatches.get(rank, spec.minibatches)
+        losses, evaluated = _train(spec, pipe, batches(count, spec.ragged), **kwargs)
+        result[method] = (losses, weights(pipe.stages[rank]), evaluated)
+    return result
+
+
+def _worker(rank: int, spec: Any, port: int, out: str) -> None:
+    """A rank: ``spec.run(rank)`` where the spec has one (another test's launch), else :func:`_run`."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(spec.world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    result: Dict[str, Any] = {}
     try:
-        for method in spec.methods:
-            pipe = pipeline(spec, method, "dist", **spec.pipe)
-            kwargs = {k: v.format(method=method) if isinstance(v, str) else v for k, v in spec.train.items()}
-            count = spec.rank_minibatches.get(rank, spec.minibatches)
-            losses, evaluated = _train(spec, pipe, batches(count, spec.ragged), **kwargs)
-            result[method] = (losses, weights(pipe.stages[rank]), evaluated)
+        result = spec.run(rank) if hasattr(spec, "run") else _run(rank, spec)
     except BaseException:
         Path(out, f"rank{rank}.err").write_text(traceback.format_exc())
         raise
@@ -190,13 +197,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(spec: Spec, out: Path, deadline: float = 60.0, wait_for: Optional[Sequence[int]] = None) -> Outcome:
-    """Run ``spec.world`` gloo ranks; wait until the ranks ``wait_for`` (default: all) have
-    exited, at most ``deadline`` s, then kill what is left."""
+def launch(spec: Any, out: Path, deadline: float = 60.0, wait_for: Optional[Sequence[int]] = None,
+           target: Callable[[int, Any, int, str], None] = _worker) -> Outcome:
+    """Run ``spec.world`` gloo ranks of ``target(rank, spec, port, out)`` (default: this
+    module's worker, which runs a :class:`Spec`, or any picklable object with ``world`` and
+    ``run(rank) -> result``); wait until the ranks ``wait_for`` (default: all) have exited,
+    at most ``deadline`` s, then kill what is left."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "pipeline_rt.pipeline", "pipeline_rt.dist"])
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, spec, port, str(out))) for r in range(spec.world)]
+    procs = [ctx.Process(target=target, args=(r, spec, port, str(out))) for r in range(spec.world)]
     t0 = time.monotonic()
     for p in procs:
         p.start()

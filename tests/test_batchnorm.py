@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline_rt import Pipeline
-from pipeline_rt.batchnorm import (DeferredBatchNorm, Pending, convert_deferred_batch_norm, load_pending_stats,
-                                   pending_stats)
+from pipeline_rt.batchnorm import (DeferredBatchNorm, GhostBatchNorm, Pending, convert_deferred_batch_norm,
+                                   load_pending_stats, pending_stats)
 
 ROWS = 15  # uneven splits for chunks 2, 4 and 7 (at least 2 rows each)
 
@@ -218,3 +219,132 @@ def test_every_schedule_forwards_a_minibatchs_micro_batches_consecutively():
                 for k in range(stages):
                     units = [a.unit for a in sched.compute(k) if a.kind == F]
                     assert units == [(j, m) for j in range(6) for m in range(chunks)], (shape, stages, chunks, k)
+
+
+# ---------------------------------------------------------------------- what DeferredBatchNorm guarantees
+
+
+class _Residual(nn.Module):
+    """``x + conv(relu(bn(x)))``: a pre-activation ResNet unit."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(c, momentum=None), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(torch.relu(self.bn(x)))
+
+
+def _resnet(seed=0):
+    torch.manual_seed(seed)
+    stage0 = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=None), nn.ReLU(),
+                           _Residual(4)).double()
+    stage1 = nn.Sequential(_Residual(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    return [stage0, stage1]
+
+
+def _image_batches(count, rows=16, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, 2, 5, 5, generator=g, dtype=torch.float64) * 2 + 1,
+             torch.randint(0, 3, (rows,), generator=g)) for _ in range(count)]
+
+
+def _norms(stages):
+    return [m for s in stages for m in s.modules() if isinstance(m, _BatchNorm)]
+
+
+def test_deferred_batch_norm_guarantee_first_exact_later_not():
+    """Pinned against single-device training with nn.BatchNorm2d after one minibatch of 4
+    micro-batches: the first batch norm's running statistics are exact; the later ones are
+    not (their inputs went through per-micro-batch normalisations), nor is the loss.
+    ``momentum=None``: the first commit is the minibatch's statistics themselves."""
+    ref = _resnet()
+    stages = [DeferredBatchNorm.convert(s) for s in _resnet()]  # chunks=None: the pipeline's 4
+    pipe = Pipeline(stages, ["cpu", "cpu"], lambda ps: torch.optim.SGD(ps, lr=0.1), nn.functional.cross_entropy,
+                    method="sync", chunks=4)
+    assert all(m.chunks == 4 for m in _norms(pipe.stages))
+    (x, y), = batch = _image_batches(1)
+    loss = pipe.train(batch)[0]
+    ref_loss = nn.functional.cross_entropy(ref[1](ref[0](x)), y).item()
+    ours, theirs = _norms(pipe.stages), _norms(ref)
+    assert len(ours) == 3 and all(isinstance(m, DeferredBatchNorm) for m in ours)
+    _assert_same_stats(ours[0], theirs[0])                      # the first: exact
+    for m, r in zip(ours[1:], theirs[1:]):                      # the later ones: not
+        off = max((m.running_mean - r.running_mean).abs().max(), (m.running_var - r.running_var).abs().max())
+        assert off > 1e-3, off  # 6e-3 here, rounding is 1e-15
+    assert abs(loss - ref_loss) > 1e-3                          # normalisation per micro-batch
+
+
+# ---------------------------------------------------------------------- GhostBatchNorm
+
+
+GHOST_SHAPES = {"1d-2D": (2,), "1d-3D": (2, 5), "2d": (2, 3, 4), "3d": (2, 2, 2, 3)}
+
+
+@pytest.mark.parametrize("shape", sorted(GHOST_SHAPES))
+@pytest.mark.parametrize("affine", [True, False])
+def test_ghost_batch_norm_normalises_each_group_as_a_batch_norm_on_it(shape, affine):
+    torch.manual_seed(0)
+    gb = GhostBatchNorm(2, 3, affine=affine, chunks=2).double()
+    if affine:
+        nn.init.uniform_(gb.weight, 0.5, 1.5)
+        nn.init.normal_(gb.bias)
+    x = torch.randn(12, *GHOST_SHAPES[shape], dtype=torch.float64) * 3 + 1
+    out = torch.cat([gb(xm) for xm in torch.tensor_split(x, 2)])  # two micro-batches of two groups
+    ref = torch.cat([nn.functional.batch_norm(x[i:i + 3], None, None, gb.weight, gb.bias, True, 0.0, gb.eps)
+                     for i in range(0, 12, 3)])
+    assert_close(out, ref)
+    mean, var = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    nn.functional.batch_norm(x, mean, var, training=True, momentum=0.1)  # all 12 rows at once
+    assert_close(gb.running_mean, mean)
+    assert_close(gb.running_var, var)
+    assert int(gb.num_batches_tracked) == 1
+    with pytest.raises(ValueError, match="an input of 4 rows is not a multiple of group_rows=3"):
+        gb(x[:4])
+
+
+def _ghost_model(seed=0):
+    return [GhostBatchNorm.convert(s, group_rows=4) for s in _resnet(seed)]
+
+
+@pytest.mark.parametrize("method", ["sync", "1f1b-flush"])
+def test_ghost_batch_norm_under_micro_batches_equals_single_device_training(method):
+    """The same ghost batch norm model trained on one device, one forward per minibatch:
+    the pipeline with 4 micro-batches of 4 rows gives the same losses, weights and running
+    statistics at every layer."""
+    ref = _ghost_model()
+    opt = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
+    pipe = Pipeline(_ghost_model(), ["cpu", "cpu"], opt, nn.functional.cross_entropy, method=method, chunks=4)
+    batches = _image_batches(3)
+    losses = pipe.train(batches)
+    model = nn.Sequential(*ref)
+    ref_opt, expected = opt(model.parameters()), []
+    for x, y in batches:
+        ref_opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        ref_opt.step()
+        expected.append(loss.item())
+    assert_close(torch.tensor(losses), torch.tensor(expected))
+    for p, q in zip(nn.Sequential(*pipe.stages).state_dict().values(), model.state_dict().values()):
+        assert_close(p, q)  # weights and running statistics of every batch norm
+    assert [m.chunks for m in _norms(pipe.stages)] == [4, 4, 4] and [m.chunks for m in _norms(ref)] == [1, 1, 1]
+
+
+def test_convert_to_ghost_keeps_tensors_and_follows_the_pipeline():
+    bn1, bn3, untracked = nn.BatchNorm1d(4, eps=1e-3), nn.BatchNorm3d(2, momentum=None), \
+        nn.BatchNorm2d(2, track_running_stats=False)
+    bn1.eval()
+    model = nn.Sequential(nn.Conv3d(2, 2, 1), bn3, nn.Sequential(untracked, nn.Flatten(), nn.Linear(2, 4), bn1))
+    params = list(model.parameters())
+    assert GhostBatchNorm.convert(model, group_rows=4) is model
+    g3, g1 = model[1], model[2][3]
+    assert type(g3) is GhostBatchNorm and type(g1) is GhostBatchNorm and model[2][0] is untracked
+    assert (g1.group_rows, g1.eps, g1.training, g1.follows, g3.momentum) == (4, 1e-3, False, True, None)
+    assert g1.weight is bn1.weight and g1.running_var is bn1.running_var
+    assert [p is q for p, q in zip(model.parameters(), params)] == [True] * len(params)
+    root = GhostBatchNorm.convert(nn.BatchNorm2d(3), group_rows=2, chunks=5)
+    assert type(root) is GhostBatchNorm and (root.chunks, root.follows) == (5, False)
+    assert "group_rows=2" in repr(root)
+    with pytest.raises(ValueError, match="group_rows must be a positive int"):
+        GhostBatchNorm(3, 0)

@@ -1,5 +1,5 @@
-"""The training examples (examples/train_lm.py, examples/train_cnn.py) run end to end with
-``--tiny``, each in a fresh interpreter: exit 0, the plot, table and results are written,
+"""The training examples (examples/train_lm.py, examples/train_cnn.py, examples/train_gpt2_hf.py)
+run end to end with ``--tiny``, each in a fresh interpreter: exit 0, the plot, table and results are written,
 the loss goes down, and a run resumed from a mid-run checkpoint ends exactly where the
 uninterrupted run ended."""
 from __future__ import annotations
@@ -32,7 +32,8 @@ def mean(values: List[float]) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, methods", [("train_lm.py", "sync,pipeoptim"), ("train_cnn.py", "sync,pipeoptim")])
+@pytest.mark.parametrize("script, methods", [("train_lm.py", "sync,pipeoptim"), ("train_cnn.py", "sync,pipeoptim"),
+                                             ("train_gpt2_hf.py", "sync,pipeoptim")])
 def test_tiny_run_learns(tmp_path: Path, script: str, methods: str) -> None:
     res = run_example(script, tmp_path / "out", "--method", methods)
     table = (tmp_path / "out" / "results.md").read_text()

@@ -1,6 +1,8 @@
 """pipeline_rt.guards: each check raises when it must, names the problem, the place and the fix,
 and lets through what is fine."""
+import contextlib
 import functools
+import re
 
 import pytest
 import torch
@@ -10,6 +12,19 @@ from torch import nn
 from pipeline_rt.batchnorm import convert_deferred_batch_norm
 from pipeline_rt.guards import (as_message, batch_dependent, check_batch_dependent, check_device, loss_reduction,
                                 micro_batch_weight)
+
+
+def _flat(e):
+    """An error's message with its lines joined (messages are wrapped at guards.WIDTH)."""
+    return " ".join(line.strip() for line in str(e.value if hasattr(e, "value") else e).splitlines())
+
+
+@contextlib.contextmanager
+def raises(exc, pattern):
+    """pytest.raises(exc) matching ``pattern`` against the message with its lines joined."""
+    with pytest.raises(exc) as e:
+        yield e
+    assert re.search(pattern, _flat(e)), _flat(e)
 
 
 class RowMixer(nn.Module):
@@ -60,12 +75,13 @@ def test_check_batch_dependent_names_module_stage_and_fixes():
     with pytest.raises(ValueError) as e:
         check_batch_dependent(_stages(), 4, "sync")
     msg = str(e.value)
-    for part in ("batch-dependent modules: stage 1 holds module '1.0' (BatchNorm1d).", "'sync'",
+    flat = " ".join(line.strip() for line in msg.splitlines())
+    for part in ("Where: - stage 1 holds module '1.0' (BatchNorm1d) Fixes (any one):", "'sync'",
                  "4 micro-batches", "chunks=1", "equals single-device training exactly",
-                 "convert the BatchNorm1d/2d/3d of stages[1]: stages[k] = "
-                 "pipeline_rt.batchnorm.convert_deferred_batch_norm(stages[k], 4)",
-                 "batch_dependent = False", "docs/batch_dependent.rst"):
-        assert part in msg, (part, msg)
+                 "for k in [1]: stages[k] = pipeline_rt.batchnorm.GhostBatchNorm.convert(stages[k], group_rows=R)",
+                 "for k in [1]: stages[k] = pipeline_rt.batchnorm.convert_deferred_batch_norm(stages[k])",
+                 "batch_dependent = False", "See docs/batch_dependent.rst."):
+        assert part in flat, (part, msg)
     assert "stage 0" not in msg
 
 
@@ -74,21 +90,22 @@ def test_check_batch_dependent_names_every_stage():
     with pytest.raises(ValueError) as e:
         check_batch_dependent(stages, 2, "1f1b-flush")
     msg = str(e.value)
-    assert ("stage 1 holds module '1.0' (BatchNorm1d); stage 2 holds module '1' (RowMixer); "
-            "stage 3 holds the stage module itself (BatchNorm1d).") in msg
-    assert "convert the BatchNorm1d/2d/3d of each of stages [1, 3]" in msg
+    flat = _flat(e)
+    assert ("Where:\n  - stage 1 holds module '1.0' (BatchNorm1d)\n  - stage 2 holds module '1' (RowMixer)\n"
+            "  - stage 3 holds the stage module itself (BatchNorm1d)\n") in msg
+    assert "for k in [1, 3]: stages[k] = pipeline_rt.batchnorm.GhostBatchNorm.convert" in flat
 
 
 def test_check_batch_dependent_fix_depends_on_method_and_module():
-    with pytest.raises(ValueError, match="changes the method"):
+    with raises(ValueError, "changes the method"):
         check_batch_dependent(_stages(), 4, "2bw")
-    with pytest.raises(ValueError, match="the default of method 'pipedream'"):
+    with raises(ValueError, "the default of method 'pipedream'"):
         check_batch_dependent(_stages(), 4, "pipedream")
     with pytest.raises(ValueError) as e:  # convert does not handle these: not offered
         check_batch_dependent([nn.Sequential(nn.InstanceNorm1d(4, track_running_stats=True), RowMixer())], 2, "sync")
     msg = str(e.value)
     assert "stage 0" in msg and "(InstanceNorm1d)" in msg and "(RowMixer)" in msg
-    assert "convert_deferred_batch_norm" not in msg
+    assert "convert_deferred_batch_norm" not in msg and "GhostBatchNorm" not in msg
 
 
 def test_check_batch_dependent_lets_through_what_is_fine():
@@ -106,8 +123,8 @@ def test_check_batch_dependent_refuses_a_deferred_batch_norm_for_other_chunks():
     stages = _stages()
     stages[1] = convert_deferred_batch_norm(stages[1], 4)
     for chunks in (1, 2):
-        with pytest.raises(ValueError, match=rf"stage 1: module '1.0' is a DeferredBatchNorm converted with "
-                                             rf"chunks=4, but .* into {chunks} micro-batches"):
+        with raises(ValueError, rf"(?s)A DeferredBatchNorm built for chunks=4 .* into {chunks} "
+                                             rf"micro-batches.*Where: - stage 1: module '1.0' Fixes"):
             check_batch_dependent(stages, chunks, "sync")
 
 
@@ -140,11 +157,11 @@ def test_loss_reduction_reads_what_it_can_see():
 
 def test_loss_reduction_refuses_per_row_and_unknown_reductions():
     for fn in (nn.CrossEntropyLoss(reduction="none"), functools.partial(F.mse_loss, reduction="none")):
-        with pytest.raises(ValueError, match="reduction='none': it returns per-row losses.*reduce them"):
+        with raises(ValueError, "reduction='none': it returns per-row losses.*Fixes"):
             loss_reduction(fn)
     odd = nn.MSELoss()
     odd.reduction = "median"
-    with pytest.raises(ValueError, match="reduction='median'"):
+    with raises(ValueError, "reduction='median'"):
         loss_reduction(odd)
 
 
@@ -168,9 +185,9 @@ def test_micro_batch_weight_gives_the_whole_minibatch_loss_and_gradient(reductio
 
 def test_micro_batch_weight_values_and_errors():
     assert micro_batch_weight("mean", 3, 10) == 0.3 and micro_batch_weight("sum", 3, 10) == 1.0
-    with pytest.raises(ValueError, match="reduction must be one of"):
+    with raises(ValueError, "reduction must be one of"):
         micro_batch_weight("none", 3, 10)
-    with pytest.raises(ValueError, match="rows=11, total=10"):
+    with raises(ValueError, "rows=11, total=10"):
         micro_batch_weight("mean", 11, 10)
 
 
@@ -180,11 +197,11 @@ def test_check_device_refuses_cuda_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError) as e:
         check_device(torch.device("cuda:1"), 2)
-    msg = str(e.value)
+    msg = _flat(e)
     for part in ("stage 2 is placed on cuda:1", "no CUDA device", "torch.cuda.is_available() is False",
                  "devices=['cpu', ...]", "install a CUDA build of torch"):
         assert part in msg, (part, msg)
-    with pytest.raises(ValueError, match="stage 0 is placed on cuda but"):
+    with raises(ValueError, "stage 0 is placed on cuda but"):
         check_device("cuda", 0)
 
 
@@ -193,14 +210,14 @@ def test_check_device_refuses_a_cuda_index_beyond_device_count(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     check_device(torch.device("cuda:1"), 3)
     check_device(torch.device("cuda"), 3)
-    with pytest.raises(ValueError, match=r"stage 3 is placed on cuda:2 but this machine has 2 CUDA device\(s\) "
+    with raises(ValueError, r"stage 3 is placed on cuda:2 but this machine has 2 CUDA device\(s\) "
                                          r"\(torch.cuda.device_count\(\) is 2, indices 0..1\)"):
         check_device(torch.device("cuda:2"), 3)
 
 
 def test_check_device_refuses_mps_without_mps_and_passes_cpu(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    with pytest.raises(ValueError, match=r"stage 1 is placed on mps but .*torch.backends.mps.is_available\(\) "
+    with raises(ValueError, r"stage 1 is placed on mps but .*torch.backends.mps.is_available\(\) "
                                          r"is False"):
         check_device(torch.device("mps"), 1)
     check_device(torch.device("cpu"), 0)
@@ -228,6 +245,37 @@ def test_as_message_passes_tensors_and_none_entries_unchanged():
 ])
 def test_as_message_refuses_what_cannot_pass_naming_where(bad, what):
     for where in ("stage 1's output", "minibatch 3's input"):
-        with pytest.raises(TypeError, match=rf"^{where} must be a Tensor, or a tuple/list of Tensors "
+        with raises(TypeError, rf"^{where} must be a Tensor, or a tuple/list of Tensors "
                                             rf"\(None entries pass through unchanged\).*{what}"):
             as_message(bad, where)
+
+
+# ---------------------------------------------------------------------- readable messages
+
+def test_long_messages_are_short_lines_grouped(monkeypatch):
+    """Every long message the guards raise: problem, ``Where:``, ``Fix(es)``, lines of at most
+    guards.WIDTH columns (the batch-dependent one was one line of 1,700 characters)."""
+    from pipeline_rt import guards
+    from pipeline_rt.lossprobe import ReductionProbe
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    mismatch = _stages()
+    mismatch[1] = convert_deferred_batch_norm(mismatch[1], 4)
+    many = _stages() + [nn.Sequential(nn.Linear(2, 2), RowMixer()), nn.BatchNorm1d(2)]
+    calls = {
+        "batch-dependent": lambda: check_batch_dependent(many, 4, "2bw"),
+        "chunks mismatch": lambda: check_batch_dependent(mismatch, 2, "1f1b-flush"),
+        "device": lambda: check_device("cuda:3", 7),
+        "message": lambda: as_message({"hidden_states": 1, "attention_mask": 2}, "stage 3's output"),
+        "reduction none": lambda: loss_reduction(nn.CrossEntropyLoss(reduction="none")),
+        "loss probe": lambda: ReductionProbe(lambda o, t: o.sum() ** 2, strict=True)(torch.ones(4, 2), torch.ones(4)),
+    }
+    for name, call in calls.items():
+        with pytest.raises((ValueError, TypeError)) as e:
+            call()
+        lines = str(e.value).splitlines()
+        assert max(len(line) for line in lines) <= 100 == guards.WIDTH, (name, str(e.value))
+        if name != "message":
+            assert lines[-1].startswith(("Fix", "  ", "See ")), (name, lines)
+    text = str(pytest.raises(ValueError, calls["batch-dependent"]).value)
+    assert len(text.splitlines()) >= 10 and "\nWhere:\n" in text and "\nFixes (any one):\n  1. " in text

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as Fn
 
 from pipeline_rt import Pipeline
-from pipeline_rt.batchnorm import DeferredBatchNorm
+from pipeline_rt.batchnorm import DeferredBatchNorm, GhostBatchNorm
 from pipeline_rt.randomness import QUIET_LOSSES, QUIET_MODULES, may_draw
 from pipeline_rt.stage import Stage
 
@@ -73,6 +73,7 @@ CASES = {
     "MarginRankingLoss": (nn.MarginRankingLoss, ((4,), (4,), torch.tensor([1, -1, 1, -1]))),
     "TripletMarginLoss": (nn.TripletMarginLoss, ((4, 3), (4, 3), (4, 3))),
     "DeferredBatchNorm": (lambda: DeferredBatchNorm(6, chunks=1), X1),
+    "GhostBatchNorm": (lambda: GhostBatchNorm(6, 2, chunks=1), X1),
 }
 NOT_CALLED = {nn.ModuleList, nn.ModuleDict}  # containers, never called themselves
 REAL_RNG_STATE = Stage.rng_state

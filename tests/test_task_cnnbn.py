@@ -20,8 +20,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline_rt import Pipeline, StageError
-from pipeline_rt.batchnorm import DeferredBatchNorm, convert_deferred_batch_norm
-from pipeoptim_compare.tasks import SHAPES, TASKS, GhostBatchNorm2d, evaluate, get_task, set_bn_chunks
+from pipeline_rt.batchnorm import DeferredBatchNorm, GhostBatchNorm, convert_deferred_batch_norm
+from pipeoptim_compare.tasks import SHAPES, TASKS, evaluate, get_task, set_bn_chunks
 
 SMALL = {"train_size": 128, "eval_size": 64}  # 4 minibatches of 32
 
@@ -42,13 +42,13 @@ def _run(stages, x):
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
-    """A deep copy with every GhostBatchNorm2d replaced by an nn.BatchNorm2d holding copies of
+    """A deep copy with every GhostBatchNorm replaced by an nn.BatchNorm2d holding copies of
     its weight, bias and running statistics (same state_dict keys)."""
     ref = copy.deepcopy(model)
 
     def swap(m: nn.Module) -> None:
         for name, child in m.named_children():
-            if isinstance(child, GhostBatchNorm2d):
+            if isinstance(child, GhostBatchNorm):
                 bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum).to(child.weight.dtype)
                 bn.load_state_dict(child.state_dict())
                 bn.train(child.training)
@@ -106,7 +106,7 @@ def test_stages_equal_the_oracle(float64):
 def test_batch_norm_is_really_there(float64):
     task = get_task("cnnbn", depth=8, **SMALL)
     task.model.double()
-    bns = [m for m in task.model.modules() if isinstance(m, GhostBatchNorm2d)]
+    bns = [m for m in task.model.modules() if isinstance(m, GhostBatchNorm)]
     assert len(bns) == 2 * 8 + 1 and all(isinstance(m, (_BatchNorm, DeferredBatchNorm)) for m in bns)
     x, _ = task.batches[0]
     x = x.double()
@@ -126,7 +126,7 @@ def test_ghost_batch_norm_unit(float64):
     """Output and gradient: plain BN per group; running stats: plain BN on all rows, committed
     once per `chunks` forwards; rows not a multiple of the group are refused."""
     torch.manual_seed(0)
-    gb = GhostBatchNorm2d(3, 4, chunks=2).double()
+    gb = GhostBatchNorm(3, 4, chunks=2).double()
     plain = nn.BatchNorm2d(3).double()
     with torch.no_grad():
         gb.weight.uniform_(0.5, 1.5)
@@ -147,7 +147,7 @@ def test_ghost_batch_norm_unit(float64):
     torch.testing.assert_close(gb.running_mean, plain.running_mean)
     torch.testing.assert_close(gb.running_var, plain.running_var)
     assert int(gb.num_batches_tracked) == 1
-    with pytest.raises(ValueError, match="not a multiple of its group of 4 rows"):
+    with pytest.raises(ValueError, match="6 rows is not a multiple of group_rows=4"):
         gb(torch.randn(6, 3, 2, 2))
 
 
@@ -188,7 +188,7 @@ def test_benchmark_runs_flush_and_2bw_with_their_chunks():
         pipe, task, batches, _ = le.make_pipeline("cnnbn", "sgdm", 4, 1.0, method, 3, 0)
         assert pipe.chunks == (1 if method == "sync" else 4)
         assert all(m.chunks == pipe.chunks for s in pipe.stages for m in s.modules()
-                   if isinstance(m, GhostBatchNorm2d))
+                   if isinstance(m, GhostBatchNorm))
         losses[method] = pipe.train(batches)
     torch.testing.assert_close(torch.tensor(losses["1f1b-flush"]), torch.tensor(losses["sync"]),
                                rtol=1e-4, atol=1e-4)
@@ -212,12 +212,12 @@ def test_refused_not_silently_wrong():
     task = get_task("cnnbn", depth=4, **SMALL)
     plain = _plain_copy(task.model)
     stages = [plain[0:2], plain[2:4], plain[4:6], plain[6:8]]
-    with pytest.raises(ValueError, match="batch-dependent modules"):
+    with pytest.raises(ValueError, match="Batch-dependent modules"):
         Pipeline(stages, ["cpu"] * 4, _sgdm, task.loss_fn, method="1f1b-flush", chunks=2)
-    with pytest.raises(ValueError, match="DeferredBatchNorm converted with chunks=1"):
+    with pytest.raises(ValueError, match="GhostBatchNorm built for chunks=1"):
         Pipeline(task.split(4), ["cpu"] * 4, _sgdm, task.loss_fn, method="1f1b-flush", chunks=2)
     pipe = _pipe(task, 4, "1f1b-flush", 3)  # 32 rows -> 11, 11, 10
-    with pytest.raises(StageError, match="11 rows are not a multiple of its group of 4 rows"):
+    with pytest.raises(StageError, match="11 rows is not a multiple of group_rows=4"):
         pipe.train(task.batches[:1])
 
 

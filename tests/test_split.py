@@ -1,0 +1,255 @@
+"""split_model (pipeline_rt.split) and declared skips (pipeline_rt.skip), float64 on CPU.
+
+Oracles: single-device training of the same model on the same data (the flush methods),
+and, for the asynchronous methods, the same pipeline split by hand with the skipped
+tensor passed explicitly along the chain (an exact oracle: the feature under test is
+the routing, the hand-written chain has none). The transformers GPT-2 is built from a
+tiny config (random weights, nothing downloaded) and traced once per module; each test
+starts from the same saved weights.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Dict, List, Sequence, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import pipeline_rt
+from pipeline_rt import METHODS, Pipeline, split_model
+from pipeline_rt.randomness import may_draw
+from split_worker import (DIST_CASES, DIST_ROWS, WIDTH, First, Last, Middle, SkipNet, adam, dist_worker, run_skip,
+                          skip_data, skip_stages, skip_stages_cached)
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+VOCAB, SEQ = 32, 8
+GPT_SPLITS = ["transformer.h.1", "transformer.h.2", "transformer.h.3"]
+
+
+def sgd(ps: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(ps, lr=0.1, momentum=0.9)
+
+
+def lm_loss(out: Any, y: Tensor) -> Tensor:
+    return F.cross_entropy(out.logits.flatten(0, 1), y.flatten())
+
+
+def gpt2(layers: int = 4, dropout: float = 0.0, tie: bool = False) -> nn.Module:
+    cfg = transformers.GPT2Config(n_layer=layers, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
+                                  use_cache=False, tie_word_embeddings=tie, resid_pdrop=dropout, embd_pdrop=dropout,
+                                  attn_pdrop=dropout, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).double()
+
+
+def tokens(rows: Sequence[int], seed: int = 1) -> List[Tuple[Tensor, Tensor]]:
+    """Next-token minibatches of ``rows`` rows each (uneven micro-batches, a short last one)."""
+    g = torch.Generator().manual_seed(seed)
+    return [(w[:, :-1], w[:, 1:]) for w in (torch.randint(0, VOCAB, (r, SEQ + 1), generator=g) for r in rows)]
+
+
+def single_device(model: nn.Module, data: Sequence[Tuple[Any, Tensor]], loss_fn: Any,
+                  make_opt: Any = sgd) -> List[float]:
+    opt = make_opt(model.parameters())
+    losses = []
+    for x, y in data:
+        opt.zero_grad()
+        loss = loss_fn(model(*(x if isinstance(x, tuple) else (x,))), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def traced(layers: int, dropout: float) -> Tuple[nn.Module, pipeline_rt.SplitModel, Dict[str, Tensor]]:
+    """GPT-2 split into ``layers`` stages (one block each), and its initial state."""
+    model = gpt2(layers, dropout)
+    stages = split_model(model, GPT_SPLITS[:layers - 1], (torch.zeros(4, SEQ, dtype=torch.long),))
+    return model, stages, copy.deepcopy(model.state_dict())
+
+
+@pytest.fixture(scope="module")
+def gpt() -> Tuple[nn.Module, pipeline_rt.SplitModel, Dict[str, Tensor]]:
+    """GPT-2, 4 layers, untied, dropout off, in 4 stages (traced once for the module)."""
+    return traced(4, 0.0)
+
+
+def fresh(gpt: Any) -> Tuple[nn.Module, pipeline_rt.SplitModel, nn.Module]:
+    """The split GPT-2 at its initial weights, and an unsplit copy."""
+    model, stages, init = gpt
+    model.load_state_dict(init)
+    return model, stages, copy.deepcopy(model)
+
+
+def test_gpt2_sync_equals_single_device(gpt):
+    """Uneven micro-batches (7 rows in 4) and a short last minibatch (5 rows); the weights come back into the model."""
+    model, stages, ref = fresh(gpt)
+    data = tokens([7, 7, 5])
+    assert len(stages) == 4 and not any(n.startswith("_") for s in stages for n, _ in s.named_parameters())
+    pipe = Pipeline(stages, ["cpu"] * 4, sgd, lm_loss, method="sync")
+    assert pipe.chunks == 4
+    losses = pipe.train(data)
+    torch.testing.assert_close(losses, single_device(ref, data, lm_loss))
+    other = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.zero_()
+    stages.load_into(other)
+    names = {n for s in stages for n in s.state_dict()}
+    assert names == set(model.state_dict())  # the names are the model's
+    for (name, p), q in zip(ref.named_parameters(), other.parameters()):
+        torch.testing.assert_close(q, p, msg=name)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_gpt2_every_method_trains(gpt, method):
+    model, stages, _ = fresh(gpt)
+    before = [p.detach().clone() for p in model.parameters()]
+    pipe = Pipeline(stages, ["cpu"] * 4, sgd, lm_loss, method=method)
+    losses = pipe.train(tokens([6] * 4))
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_gpt2_eval_and_forward_run_the_eval_graph():
+    """Dropout on: training draws, evaluate/forward equal the unsplit model in eval mode."""
+    model, stages, ref = fresh(traced(2, 0.1))
+    # the graphs say which stages draw (each gets its own RNG stream): these do, SkipNet's do not
+    assert [may_draw(s) for s in stages] == [True, True]
+    assert not any(may_draw(s) for s in skip_stages_cached("split"))
+    data = tokens([6, 6, 3], seed=5)
+    pipe = Pipeline(stages, ["cpu"] * 2, sgd, lm_loss, method="pipeoptim")
+    ref.eval()
+    with torch.no_grad():
+        expect = sum(lm_loss(ref(x), y).item() * len(x) for x, y in data) / sum(len(x) for x, _ in data)
+        logits = ref(data[0][0]).logits
+    assert pipe.evaluate(data)["loss"] == pytest.approx(expect, rel=1e-12)
+    torch.testing.assert_close(pipe.forward(data[0][0]).logits, logits)
+    torch.manual_seed(0)
+    train_mode = pipe.train(data[:1])[0]  # dropout draws in training
+    assert abs(train_mode - lm_loss(ref(data[0][0]), data[0][1]).item()) > 1e-6
+
+
+def test_gpt2_pipe_of_torch_pipeline_accepted_and_its_submodules_refused(gpt):
+    from torch.distributed.pipelining import SplitPoint, pipeline
+    _, _, ref = fresh(gpt)
+    model = copy.deepcopy(ref)
+    x = tokens([4])[0][0]
+    pipe_ir = pipeline(model, (x,), split_spec={n: SplitPoint.BEGINNING for n in GPT_SPLITS})
+    with pytest.raises(ValueError, match="split_model"):
+        Pipeline([pipe_ir.get_stage_module(k) for k in range(4)], ["cpu"] * 4, sgd, lm_loss, method="sync")
+
+    def flat(out: Tensor, y: Tensor) -> Tensor:  # torch's Pipe returns the output's tensors: the logits
+        return F.cross_entropy(out.flatten(0, 1), y.flatten())
+
+    pipe = Pipeline(pipe_ir, ["cpu"] * 4, sgd, flat, method="sync", chunks=1)
+    data = tokens([4] * 3)
+    torch.testing.assert_close(pipe.train(data), single_device(ref, data, lm_loss))
+    with pytest.raises(RuntimeError, match="eval mode"):  # one graph, dropout baked in training mode
+        pipe.evaluate(data)
+    with pytest.raises(pipeline_rt.StageError, match="traced for shapes"):  # static shapes: the example's only
+        pipe.train(tokens([3]))
+
+
+def test_gpt2_tied_embeddings_refused():
+    with pytest.raises(ValueError, match="tie_word_embeddings=False"):
+        split_model(gpt2(1, tie=True), ["transformer.h.0"], (torch.zeros(2, SEQ, dtype=torch.long),))
+
+
+# ---------------------------------------------------------------------- a tensor used three stages later
+
+
+@pytest.mark.parametrize("kind", ["split", "skip"])
+def test_skip_sync_equals_single_device(kind):
+    data = skip_data()
+    net = SkipNet()
+    expect = single_device(net, data, F.mse_loss, adam)
+    losses, weights, _ = run_skip(kind, "sync", data=data)
+    torch.testing.assert_close(losses, expect)
+    torch.testing.assert_close(weights, [p.detach() for p in net.parameters()])
+    # the declared skip also runs outside a pipeline: the stages in sequence are the model
+    if kind == "skip":
+        seq = nn.Sequential(*skip_stages("skip"))
+        torch.testing.assert_close(seq(data[0][0]), SkipNet()(data[0][0]))
+
+
+@pytest.mark.parametrize("kind", ["split", "skip"])
+@pytest.mark.parametrize("method", ["pipedream", "pipeoptim", "2bw"])
+def test_skip_async_equals_explicit_chain(kind, method):
+    expect_losses, expect_weights, _ = run_skip("carry", method)
+    losses, weights, _ = run_skip(kind, method)
+    assert losses == expect_losses
+    for w, e in zip(weights, expect_weights):
+        assert torch.equal(w, e)
+
+
+def test_skip_dist_equals_local(tmp_path):
+    """One launch of 4 gloo ranks for every case: the same losses, weights and evaluation
+    (held-out data, a short last batch) as the local executor."""
+    from dist_worker import Spec, launch
+    out = launch(Spec(world=4), tmp_path, deadline=120.0, target=dist_worker)
+    assert out.exitcodes == [0] * 4, out.errors
+    for case in DIST_CASES:
+        losses, weights, evaluated = run_skip(*case, data=skip_data(DIST_ROWS), evaluate=True)
+        for rank, result in enumerate(out.results):
+            got_losses, got_weights, got_eval = result[case]
+            assert got_losses == losses and got_eval == evaluated, (case, rank)
+            mine = [w for w in weights[2 * rank:2 * rank + 2]]  # each stage holds one Linear: weight, bias
+            assert all(torch.equal(a, b) for a, b in zip(got_weights, mine)) and len(got_weights) == 2, (case, rank)
+
+
+def test_declared_skip_errors():
+    lins = [nn.Linear(2, 2) for _ in range(3)]
+    with pytest.raises(ValueError, match="never popped"):
+        Pipeline([First(lins[0]), Middle(lins[1])], ["cpu"] * 2, sgd, F.mse_loss)
+    with pytest.raises(ValueError, match="no earlier layer stashes"):
+        Pipeline([Last(lins[0]), First(lins[1])], ["cpu"] * 2, sgd, F.mse_loss)
+    with pytest.raises(ValueError, match="give stage modules"):
+        Pipeline([lambda: First(lins[0]), lambda: Last(lins[1])], ["cpu"] * 2, sgd, F.mse_loss).train(skip_data([2]))
+
+
+# ---------------------------------------------------------------------- traced batch norm
+
+
+class BNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.a, self.bn, self.b = nn.Linear(WIDTH, 6), nn.BatchNorm1d(6), nn.Linear(6, 1)
+        self.double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.relu(self.bn(self.a(x))))
+
+
+def test_traced_batch_norm_refused_under_micro_batches_exact_with_one():
+    data = skip_data([8, 8, 6])
+    net = BNNet()
+    ref = copy.deepcopy(net)
+    stages = split_model(net, ["bn", "b"], (data[0][0],))
+    with pytest.raises(ValueError, match="batch-dependent modules: stage 1 holds module 'bn'"):
+        Pipeline(stages, ["cpu"] * 3, sgd, F.mse_loss, method="sync")
+    pipe = Pipeline(stages, ["cpu"] * 3, sgd, F.mse_loss, method="sync", chunks=1)
+    torch.testing.assert_close(pipe.train(data), single_device(ref, data, F.mse_loss))
+    torch.testing.assert_close(net.bn.running_mean, ref.bn.running_mean)
+    # eval: the running statistics, left unchanged
+    ref.eval()
+    stats = net.bn.running_mean.clone()
+    with torch.no_grad():
+        expect = sum(F.mse_loss(ref(x), y).item() * len(x) for x, y in data) / sum(len(x) for x, _ in data)
+    assert pipe.evaluate(data)["loss"] == pytest.approx(expect, rel=1e-12)
+    torch.testing.assert_close(pipe.forward(data[0][0]), ref(data[0][0]))
+    assert torch.equal(net.bn.running_mean, stats)
+
+
+def test_split_model_errors():
+    net = SkipNet()
+    with pytest.raises(ValueError, match="not submodules"):
+        split_model(net, ["l9"], (torch.zeros(4, WIDTH, dtype=torch.float64),))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        split_model(net, ["l1"], (torch.zeros(1, WIDTH, dtype=torch.float64),))
