@@ -11,7 +11,7 @@ EXTRAS ?= dev,docs
 INSTALL := $(BIN)/python -m pip -q --disable-pip-version-check --no-input install --no-compile
 export PIP_ROOT_USER_ACTION := ignore
 
-.PHONY: venv test compare readme docs typecheck bench clean
+.PHONY: venv test test-fast compare readme docs typecheck bench clean
 
 $(BIN)/.ok: pyproject.toml
 	@echo "setting up $(VENV) (torch first, then pipeoptim[$(EXTRAS)]); a few minutes"
@@ -25,6 +25,11 @@ venv: $(BIN)/.ok
 
 test: venv
 	$(BIN)/python -m pytest -q -x -p no:cacheprovider
+
+# the inner loop: every test but those marked slow (torchrun soak runs, end-to-end example and
+# README runs, exhaustive schedule sweeps); `make test` runs them all
+test-fast: venv
+	$(BIN)/python -m pytest -q -x -p no:cacheprovider -m "not slow"
 
 compare: venv
 	$(BIN)/pipeoptim compare

@@ -5,15 +5,15 @@ whose dumps keep each run's training-loss curve: the mean of each 1/20 of an epo
 method's curve on the clock of a simulated N-device pipeline and reports the simulated time at
 which the curve first reaches ``--factor`` (1.1) times sync's last-epoch loss of the same seed.
 
-The clock (:func:`utilisation.stage_clock`): the method's schedule (:func:`pipeline_rt.schedule.build` with
+The clock (:mod:`pipeline_rt.clock`): the method's schedule (:func:`pipeline_rt.schedule.build` with
 its shape and ``chunks``, over the run's whole number of minibatches: warm-up, steady state and
 drain) run on N ideal devices where stage k's F, B and STEP take that stage's measured costs,
 transfers are free and every stage runs its actions in order, each as soon as its inputs are
-there (the same rule as :func:`utilisation.ideal_time`, with per-stage costs). Minibatch j is done
+there (the same rule as ``ideal_time``, with per-stage costs). Minibatch j is done
 when its STEP has run at every stage; between minibatches the time is interpolated linearly.
 
-The costs (:func:`measure`): a real training run of the cell's pipeline (the task's stage modules,
-optimizer and lr, the method's micro-batch size: rows per micro-batch = minibatch rows / chunks;
+The costs (:func:`measure`, :func:`pipeline_rt.clock.measure_costs`): a real training run of
+the cell's pipeline (the task's stage modules, optimizer and lr, the method's micro-batch size: rows per micro-batch = minibatch rows / chunks;
 ``sync`` with one micro-batch) on this machine's CPU, one thread, with every F, B and STEP action
 of the runtime's executor timed (``Executor._handlers``: the stage's forward/backward/step and
 the host work around it on that stage: the micro-batch's slicing, the loss log, the method's own
@@ -22,8 +22,8 @@ per-stage cost of an action is the median over the steady-state minibatches (war
 left out) of ``--repeat`` minibatches. Sends and receives are not timed (free in the simulation;
 on one CPU they are aliasing).
 
-Time to target (:func:`time_to_target`): the curve's points are at the centres of their bins (in
-minibatches); the first point at or below the target and the one before it are interpolated
+Time to target (:func:`time_to_target`, :func:`pipeoptim_compare.verdict.reach`): the curve's
+points are at the centres of their bins (in minibatches); the first point at or below the target and the one before it are interpolated
 linearly, and that fractional minibatch count is put on the clock. ``never``: the curve does not
 reach the target. Per cell the time is the mean over the seeds (``never k/n`` when k of n seeds
 never reach it; ranked as infinite); ``fastest or within 5%``: a method's time is at most 1.05x
@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import learning_efficiency as le  # noqa: E402
-from pipeline_rt.schedule import B, F, STEP, build  # noqa: E402
-from utilisation import stage_clock  # noqa: E402
+from pipeline_rt.clock import at, measure_costs, minibatch_times, steady_period  # noqa: E402,F401  (at: tests)
+from pipeoptim_compare.verdict import reach  # noqa: E402
 
 FIELD = ("sync", "1f1b-flush", "2bw", "pipedream", "pipeoptim")
 RECOMMENDED = "pipeoptim-calroll"
@@ -62,47 +61,6 @@ COSTS = Path(__file__).with_name("le_stage_costs.json")
 INF = float("inf")
 
 Costs = Dict[str, object]  # {"t_f": [per stage], "t_b": [...], "t_step": [...], "shape", "chunks", "rows", ...}
-
-
-# ----------------------------------------------------------------------------- the clock
-
-def minibatch_times(shape: str, num_stages: int, num_minibatches: int, chunks: int, t_f: Sequence[float],
-                    t_b: Sequence[float], t_step: Sequence[float]) -> List[float]:
-    """``T[j]``: the simulated time at which minibatch j's STEP has run at every stage (each stage's
-    j-th STEP applies minibatch j's gradient in every shape)."""
-    sched = build(shape, num_stages, num_minibatches, chunks)
-    steps, _ = stage_clock(sched, t_f, t_b, t_step)
-    return [max(s[j] for s in steps) for j in range(num_minibatches)]
-
-
-def at(ts: Sequence[float], x: float) -> float:
-    """``ts`` (one value per minibatch index) linearly interpolated at fractional index ``x``."""
-    if x <= 0:
-        return ts[0]
-    i = int(math.floor(x))
-    if i >= len(ts) - 1:
-        return ts[-1]
-    return ts[i] + (x - i) * (ts[i + 1] - ts[i])
-
-
-def reach(curve: Sequence[Optional[float]], size: int, total: int, target: float) -> Optional[float]:
-    """The fractional minibatch index where the binned curve (bin ``i``: the mean of minibatches
-    ``i*size .. i*size+size-1``, the last bin cut at ``total``) first reaches ``target``: its points
-    sit at their bins' centres, interpolated linearly between the first point at or below the target
-    and the point before it. ``None``: never (a non-finite point ends the curve)."""
-    prev = None
-    for i, y in enumerate(curve):
-        if y is None or not math.isfinite(y):
-            return None
-        n_i = min(size, total - i * size) if total else size
-        x = i * size + (n_i - 1) / 2
-        if y <= target:
-            if prev is None:
-                return x
-            px, py = prev
-            return px + (py - target) / (py - y) * (x - px)
-        prev = (x, y)
-    return None
 
 
 def time_to_target(rec: Dict[str, object], ts: Sequence[float], target: float) -> Optional[float]:
@@ -118,42 +76,14 @@ def time_to_target(rec: Dict[str, object], ts: Sequence[float], target: float) -
 
 def measure(task: str, opt: str, depth: int, method: str, *, repeat: int = 24, rounds: int = 3, seed: int = 0,
             mult: float = 1.0) -> Costs:
-    """Per-stage costs of the F, B and STEP actions of ``method`` on the cell's pipeline: in each of
-    ``rounds`` real training runs of ``depth + repeat + depth`` minibatches (the task's data, cycled)
-    the median over the ``repeat`` steady-state minibatches; then the least of the rounds' medians
-    (other processes on the machine only ever add time)."""
+    """Per-stage costs of the F, B and STEP actions of ``method`` on the cell's pipeline
+    (:func:`pipeline_rt.clock.measure_costs`: in each of ``rounds`` real training runs of
+    ``depth + repeat + depth`` minibatches, the task's data cycled, the median over the ``repeat``
+    steady-state minibatches; then the least of the rounds' medians)."""
     pipe, tk, batches, lr = le.make_pipeline(task, opt, depth, mult, method, None, seed)
-    n, chunks = pipe.num_stages, pipe.chunks
-    times: Dict[Tuple[str, int], List[float]] = {}
-    ex = pipe.executor
-    steps_done = [0] * n
-
-    def timed(kind, fn):
-        def run(r, a):
-            t0 = time.perf_counter()
-            fn(r, a)
-            dt = time.perf_counter() - t0
-            mb = a.mb if kind != STEP else steps_done[a.stage]
-            if kind == STEP:
-                steps_done[a.stage] += 1
-            if depth <= mb < depth + repeat:  # steady state: warm-up and drain left out
-                times.setdefault((kind, a.stage), []).append(dt)
-        return run
-
-    for kind in (F, B, STEP):
-        ex._handlers[kind] = timed(kind, ex._handlers[kind])
-    total = 2 * depth + repeat
-    data = [batches[i % len(batches)] for i in range(total)]
-    best: Dict[str, List[float]] = {}
-    for _ in range(rounds):
-        times.clear()
-        steps_done[:] = [0] * n
-        pipe.train(data)
-        for kind in (F, B, STEP):
-            med = [statistics.median(times[(kind, k)]) for k in range(n)]
-            best[kind] = med if kind not in best else [min(x, y) for x, y in zip(best[kind], med)]
-    return {"t_f": best[F], "t_b": best[B], "t_step": best[STEP], "shape": pipe.method.shape, "chunks": chunks,
-            "rows": len(batches[0][0]) / chunks, "samples": repeat, "rounds": rounds, "device": device_name(),
+    c = measure_costs(pipe, batches, repeat=repeat, rounds=rounds)
+    return {"t_f": c.t_f, "t_b": c.t_b, "t_step": c.t_step, "shape": c.shape, "chunks": c.chunks,
+            "rows": len(batches[0][0]) / c.chunks, "samples": repeat, "rounds": rounds, "device": device_name(),
             "threads": torch.get_num_threads()}
 
 
@@ -291,8 +221,7 @@ def cost_table(costs_all: Dict[str, Dict[str, Costs]], methods: Sequence[str]) -
             c = per[m]
             n = len(c["t_f"])
             tf, tb, ts = (1e6 * sum(c[x]) / n for x in ("t_f", "t_b", "t_step"))
-            ts_ = minibatch_times(c["shape"], depth, 3 * depth + 8, c["chunks"], c["t_f"], c["t_b"], c["t_step"])
-            steady = (ts_[2 * depth + 4] - ts_[depth + 4]) / depth
+            steady = steady_period(c["shape"], depth, c["chunks"], c["t_f"], c["t_b"], c["t_step"])
             lines.append(f"| {ck} | {m} | {c['rows']:g} | {c['chunks']} | {tf:.0f} | {tb:.0f} | {ts:.0f} | "
                          f"{c['chunks'] * (tf + tb):.0f} | {1e3 * steady:.2f} |")
     return "\n".join(lines) + "\n"

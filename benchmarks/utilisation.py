@@ -7,7 +7,7 @@ stage's stream on CUDA; each stage has one scalar parameter, so ``STEP`` is near
 each method the script measures ``Pipeline.train`` time per minibatch and compares it with
 the *ideal*: the schedule itself (``pipeline_rt.schedule.build``) run on an ideal machine
 where each F and B takes its time, STEP and transfers none, and each stage waits only for
-its inputs.
+its inputs (``pipeline_rt.clock.ideal_time``).
 
 * ``ideal util`` = work / (N x ideal time): what the schedule's bubbles (fill, drain,
   flushes) leave.
@@ -29,7 +29,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +42,8 @@ from _sections import provenance, write_section  # noqa: E402
 from pipeline_rt import Pipeline  # noqa: E402
 from pipeoptim_compare.cli import METHOD_NAMES  # noqa: E402
 from pipeline_rt.methods import get_method  # noqa: E402
-from pipeline_rt.schedule import B, F, RECV_B, RECV_F, SEND_B, SEND_F, STEP, Schedule, build  # noqa: E402
+from pipeline_rt.clock import ideal_time  # noqa: E402
+from pipeline_rt.schedule import build  # noqa: E402
 
 _CYCLES_PER_S: Dict[int, float] = {}
 
@@ -97,55 +98,6 @@ class BusyStage(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rows = x.shape[0]
         return _Busy.apply(x, self.scale, self.fwd * rows, self.bwd * rows)
-
-
-def stage_clock(sched: Schedule, t_f: Sequence[float], t_b: Sequence[float],
-                t_step: Sequence[float]) -> Tuple[List[List[float]], List[float]]:
-    """Run ``sched`` on ideal devices where stage k's F takes ``t_f[k]``, B ``t_b[k]`` and STEP
-    ``t_step[k]``, transfers take nothing, and every stage runs its actions in order, each as
-    soon as its inputs (the neighbour's send) are there. Returns, per stage, the end time of each
-    of its STEPs, and each stage's final clock."""
-    n = sched.num_stages
-    clock, pos = [0.0] * n, [0] * n
-    sent: Dict[tuple, float] = {}
-    steps: List[List[float]] = [[] for _ in range(n)]
-    remaining = sum(len(a) for a in sched.actions)
-    while remaining:
-        progressed = False
-        for k in range(n):
-            acts = sched.actions[k]
-            while pos[k] < len(acts):
-                a = acts[pos[k]]
-                kind = a.kind
-                if kind == RECV_F or kind == RECV_B:
-                    src = (SEND_F, k - 1, a.mb, a.micro) if kind == RECV_F else (SEND_B, k + 1, a.mb, a.micro)
-                    t = sent.get(src)
-                    if t is None:
-                        break
-                    if t > clock[k]:
-                        clock[k] = t
-                elif kind == SEND_F or kind == SEND_B:
-                    sent[(kind, k, a.mb, a.micro)] = clock[k]
-                elif kind == F:
-                    clock[k] += t_f[k]
-                elif kind == B:
-                    clock[k] += t_b[k]
-                elif kind == STEP:
-                    clock[k] += t_step[k]
-                    steps[k].append(clock[k])
-                pos[k] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:
-            raise RuntimeError("schedule cannot make progress")
-    return steps, clock
-
-
-def ideal_time(sched: Schedule, t_f: float, t_b: float, t_step: float = 0.0) -> float:
-    """Makespan of ``sched`` when each F takes ``t_f``, B ``t_b``, STEP ``t_step`` at every stage
-    and transfers nothing (:func:`stage_clock` with equal costs)."""
-    n = sched.num_stages
-    return max(stage_clock(sched, [t_f] * n, [t_b] * n, [t_step] * n)[1])
 
 
 def measure(method: str, depth: int, devices: List[str], minibatches: int, rows: int, fwd_s: float, bwd_s: float,

@@ -1,6 +1,7 @@
 """Sphinx configuration (Sphinx and a bundled MathJax only; builds and renders offline with -W)."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import os
@@ -117,6 +118,75 @@ def _check_exports(app, env):
                                "(or a '#:' comment above it)")
 
 
+#: a marker line in a page, replaced by the text its function generates from the code (the
+#: parser, the method table), so that what the docs list cannot drift from what the code takes
+GENERATED = {}
+
+
+def generated(marker: str):
+    """Register ``fn() -> rst`` as the text that replaces the line ``.. <marker>::``."""
+    def deco(fn):
+        GENERATED[f".. {marker}::"] = fn
+        return fn
+    return deco
+
+
+_RST_SPECIAL = re.compile(r"([\\*`|_-])")
+
+
+def _rst_text(text: str) -> str:
+    """Plain text (a help string) with rst's markup characters escaped (and hyphens, so that
+    ``--entry`` is not made a dash)."""
+    return _RST_SPECIAL.sub(r"\\\1", text)
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    """The parser of ``pipeoptim compare`` (the subcommand of the CLI's parser)."""
+    from pipeoptim_compare.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["compare"]
+
+
+@generated("pipeoptim-compare-options")
+def compare_options() -> str:
+    """Every option of ``pipeoptim compare`` as a definition list: the invocation (option
+    strings and argument, as ``--help`` shows them) and the help text, from the parser."""
+    parser = compare_parser()
+    fmt = parser._get_formatter()
+    items = []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        invocation = fmt._format_action_invocation(action)
+        items.append(f"``{invocation}``\n   {_rst_text(fmt._expand_help(action))}\n")
+    return "\n".join(items)
+
+
+@generated("pipeline-methods")
+def method_names() -> str:
+    """``pipeline_rt.METHODS``, every name in a comma-separated line of literals."""
+    from pipeline_rt import METHODS
+
+    return ", ".join(f"``{m}``" for m in METHODS) + "\n"
+
+
+def _generated_text(app, docname, source):
+    """Replace every :data:`GENERATED` marker line of a page with its generated text."""
+    for marker, fn in GENERATED.items():
+        if marker in source[0]:
+            source[0] = source[0].replace(marker, fn())
+
+
+def _always_reread(app, env, added, changed, removed):
+    """Pages with a :data:`GENERATED` marker are read again on every build: the code they are
+    generated from may have changed while the page did not."""
+    return [doc for doc in env.found_docs - set(removed)
+            if any(m in open(env.doc2path(doc), encoding="utf-8").read() for m in GENERATED)]
+
+
 def setup(app):
     app.connect("source-read", _api_page)
+    app.connect("source-read", _generated_text)
+    app.connect("env-get-outdated", _always_reread)
     app.connect("env-check-consistency", _check_exports)

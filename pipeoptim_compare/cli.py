@@ -3,11 +3,18 @@
 With no arguments it trains the built-in ``teacher`` task on an 8-stage CPU pipeline with
 ``sync`` (the reference: sequential training), the recommended method
 (:data:`pipeline_rt.RECOMMENDED`), the paper's ``pipeoptim`` and ``pipedream`` for
-SGD-momentum, Adam and AdamW (``--methods`` takes any of ``METHODS``), prints a table and writes
-``results.md``, ``results.csv``, ``losses.csv`` and ``loss_curves.png`` into
-``./runs/compare-<time>``. ``--readme README.md`` also rewrites the block of ``README.md``
-between :data:`README_BEGIN` and :data:`README_END` with that table, the command line, the
-date, the device and the wall time (:func:`readme_block`).
+SGD-momentum, Adam and AdamW (``--methods`` takes any of ``METHODS``), prints a table and the
+verdict (:mod:`pipeoptim_compare.verdict`: each method's gap to ``sync`` and its minibatches
+and simulated time to a target loss) and writes ``results.md``, ``results.csv``, ``losses.csv``
+and ``loss_curves.png`` into ``./runs/compare-<time>``. ``--readme README.md`` also rewrites
+the block of ``README.md`` between :data:`README_BEGIN` and :data:`README_END` with that table
+and verdict, the command line, the date, the device, the load and the run's times
+(:func:`readme_block`).
+
+Time: one process runs every stage in turn, so its wall time is not a pipeline's. The table's
+``sim ms`` (per minibatch) is a pipeline of ``depth`` devices instead: the method's schedule on
+the clock of :mod:`pipeline_rt.clock`, with each stage's F, B and STEP costs measured here in a short
+separate run of the same pipeline (:func:`pipeline_rt.clock.measure_costs`).
 
 Every run starts from the same initial weights and sees the same minibatches in the same
 order (the task is built once from ``--seed`` and copied for every run, which is also seeded),
@@ -34,11 +41,13 @@ import torch
 from torch import nn
 
 from pipeline_rt import Pipeline
+from pipeline_rt.clock import StageCosts, measure_costs
 from pipeline_rt.methods import METHODS, RECOMMENDED, get_method
 
 from .batchnorm import MODES as BATCH_NORM_MODES
 from .batchnorm import BatchNormError, prepare_batch_norm
 from .tasks import TASKS, EntryPointError, Task, entry_parts, evaluate, get_task, set_bn_chunks
+from .verdict import FACTOR, closest_lines, verdict, verdict_rows
 
 __all__ = ["main", "compare", "load_task", "run_one", "RunResult", "OPTIMIZERS", "METHOD_NAMES", "readme_block",
            "replace_block", "describe_devices", "ReadmeError", "README_BEGIN", "README_END"]
@@ -64,10 +73,14 @@ class RunResult:
         losses: training loss of every minibatch, in order.
         final_loss: mean training loss over the last 10% of minibatches.
         eval_loss, metric: on the task's held-out data (``None`` without any).
-        ms_per_minibatch: wall time of ``train`` divided by the number of minibatches.
+        ms_per_minibatch: wall time of ``train`` divided by the number of minibatches (host
+            time of this one process running every stage in turn, not a pipeline's).
         weight_mb: per stage, peak weight memory (versions held x the stage's parameter bytes), MB.
         pred_error: per stage, mean relative prediction error
             ``||W_hat - W_B|| / ||W_B - W_F||`` (``None`` where the method does not predict).
+        costs: the per-stage action costs measured for the simulated pipeline clock
+            (:func:`measure_all`), ``None`` when not measured; ``clock_s``: the seconds that
+            measurement took.
     """
 
     method: str
@@ -80,6 +93,14 @@ class RunResult:
     ms_per_minibatch: float
     weight_mb: List[float] = field(default_factory=list)
     pred_error: List[Optional[float]] = field(default_factory=list)
+    costs: Optional[StageCosts] = None
+    clock_s: float = 0.0
+
+    @property
+    def sim_ms_per_minibatch(self) -> Optional[float]:
+        """Milliseconds per minibatch of the simulated N-device pipeline, steady state
+        (:meth:`StageCosts.period`); ``None`` without measured costs."""
+        return None if self.costs is None else 1000 * self.costs.period()
 
 
 def _devices(spec: str, depth: int) -> List[str]:
@@ -91,24 +112,31 @@ def _devices(spec: str, depth: int) -> List[str]:
     return devs
 
 
+def _pipeline(task: Task, method: str, optimizer: str, lr: float, depth: int, devices: List[str],
+              track_error: bool) -> Pipeline:
+    """A pipeline of a copy of ``task``'s stages (the task is left as it was)."""
+    stages = copy.deepcopy(task.split(depth))
+    for st, dev in zip(stages, devices):
+        st.to(dev)
+    make = OPTIMIZERS[optimizer]
+    set_bn_chunks(stages, get_method(method).num_chunks(depth))  # a task's DeferredBatchNorms commit once per minibatch
+    return Pipeline(stages, devices, lambda ps: make(list(ps), lr), task.loss_fn, method=method,
+                    track_error=track_error)
+
+
 def run_one(task: Task, method: str, optimizer: str, lr: float, depth: int, devices: List[str],
             epochs: int, seed: int = 0, minibatches: Optional[int] = None) -> RunResult:
     """Train a copy of ``task``'s model with one method and optimizer, measure.
 
     The task is not changed, so every run on it starts from the same weights; the run seeds
     torch from ``seed`` (dropout and other randomness in training repeat across methods).
-    ``minibatches`` keeps only the first that many minibatches of each epoch.
+    ``minibatches`` keeps only the first that many minibatches of each epoch. The stage costs
+    (:attr:`RunResult.costs`) are left to :func:`measure_all`.
     """
-    stages = copy.deepcopy(task.split(depth))
-    for st, dev in zip(stages, devices):
-        st.to(dev)
-    make = OPTIMIZERS[optimizer]
-    meth = get_method(method)
-    predicts = meth.predicts
-    set_bn_chunks(stages, meth.num_chunks(depth))  # a task's DeferredBatchNorms commit once per minibatch
-    pipe = Pipeline(stages, devices, lambda ps: make(list(ps), lr), task.loss_fn, method=method,
-                    track_error=predicts)
-    batches = list(task.batches)[:minibatches] * epochs
+    predicts = get_method(method).predicts
+    pipe = _pipeline(task, method, optimizer, lr, depth, devices, track_error=predicts)
+    epoch = list(task.batches)[:minibatches]
+    batches = epoch * epochs
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     losses = [float(x) for x in pipe.train(batches)]
@@ -125,13 +153,57 @@ def run_one(task: Task, method: str, optimizer: str, lr: float, depth: int, devi
                      1000 * elapsed / len(batches), mb, errors)
 
 
+#: rounds of stage-cost measurements per run (:func:`measure_all`)
+COST_ROUNDS = 3
+
+
+def measure_all(task: Task, results: Sequence[RunResult], depth: int, devices: List[str],
+                minibatches: Optional[int] = None, rounds: int = COST_ROUNDS, progress: bool = False) -> None:
+    """Set every run's :attr:`RunResult.costs`: per run, a pipeline like its own (a fresh copy of
+    ``task``'s stages, no prediction-error measurement) whose F, B and STEP are timed by
+    :func:`pipeline_rt.clock.measure_costs` (``2N + max(8, N)`` minibatches of one epoch, cycled),
+    in ``rounds`` rounds that each measure every run once in turn; per action the least of the
+    rounds' medians. Interleaving spreads each run's rounds over the whole measurement, so that a
+    burst of other work on the machine rarely hits all of them."""
+    from tqdm import tqdm
+
+    epoch = list(task.batches)[:minibatches]
+    pipes = [_pipeline(task, r.method, r.optimizer, r.lr, depth, devices, track_error=False) for r in results]
+    for r in results:
+        r.costs, r.clock_s = None, 0.0
+    bar = tqdm(total=rounds * len(results), desc="stage costs", unit="run", disable=not progress, file=sys.stderr)
+    for _ in range(rounds):
+        for r, pipe in zip(results, pipes):
+            t0 = time.perf_counter()
+            c = measure_costs(pipe, epoch, repeat=max(8, depth))
+            r.costs = c if r.costs is None else r.costs.least(c)
+            r.clock_s += time.perf_counter() - t0
+            bar.update()
+    bar.close()
+
+
 #: columns of the printed table and notes (the full table goes to results.md)
 WIDTH = 100
 
-#: printed under the table: what its time column includes
-TIMING_NOTE = ("ms/minibatch: wall time of train() here. For the predicting methods it includes measuring the "
-               "prediction error (copies of the stage's weights at each forward, two norms at each backward); "
-               "benchmarks/pipeline_step.py times the methods without it.")
+#: under the table in results.md and the README: what its time columns are
+TIMING_NOTE = ("sim ms (sim ms/mb in results.md): milliseconds per minibatch of a pipeline of one device per "
+               "stage, simulated (pipeline_rt.clock): the method's schedule, steady state, transfers free, each "
+               "F, B and STEP taking that stage's cost measured here in a short separate run of the same pipeline "
+               "(median over the steady-state minibatches; the least of 3 rounds, each measuring every run in "
+               "turn; CPU time on one CPU thread, so that other jobs count less). host ms/mb (results.md only): "
+               "the wall time of train() in this one process, which runs every stage in turn (and, for the "
+               "predicting methods, measures the prediction error): the runtime's work, not a pipeline's time.")
+
+
+def columns_line(depth: int) -> str:
+    """The one line printed under the terminal table: what its time column is."""
+    return f"sim ms: ms per minibatch on {depth} devices, simulated from stage costs measured here; not wall time"
+
+
+def wrap(text: str, **options: Any) -> str:
+    """``text`` in lines of at most :data:`WIDTH` characters (terminal, results.md, README);
+    ``options`` go to :func:`textwrap.fill`."""
+    return textwrap.fill(text, WIDTH, break_on_hyphens=False, break_long_words=False, **options)
 
 
 def _fmt(x: Optional[float], spec: str = ".3f") -> str:
@@ -145,11 +217,11 @@ def _per_stage(xs: Sequence[Optional[float]], spec: str) -> str:
 def table_rows(results: Sequence[RunResult], metric_name: str) -> List[List[str]]:
     """Header plus one row per run (strings), in the order of ``results``: every column,
     per stage ones included (``results.md`` and ``results.csv``)."""
-    rows = [["optimizer", "method", "lr", "train loss", "eval loss", metric_name, "ms/minibatch",
-             "weight MB per stage", "pred. error per stage"]]
+    rows = [["optimizer", "method", "lr", "train loss", "eval loss", metric_name, "sim ms/mb",
+             "host ms/mb", "weight MB per stage", "pred. error per stage"]]
     for r in results:
         rows.append([r.optimizer, r.method, f"{r.lr:g}", _fmt(r.final_loss), _fmt(r.eval_loss), _fmt(r.metric),
-                     _fmt(r.ms_per_minibatch, ".1f"), _per_stage(r.weight_mb, ".2f"),
+                     _short(r.sim_ms_per_minibatch), _short(r.ms_per_minibatch), _per_stage(r.weight_mb, ".2f"),
                      _per_stage(r.pred_error, ".2f")])
     return rows
 
@@ -167,11 +239,11 @@ def _short(x: Optional[float]) -> str:
 def terminal_rows(results: Sequence[RunResult], metric_name: str) -> List[List[str]]:
     """The printed table: :func:`table_rows` with the per-stage columns summed (weight MB of
     all stages) or averaged (prediction error over the stages that predict), so that it fits in
-    :data:`WIDTH` columns at any depth."""
-    rows = [["opt", "method", "lr", "train loss", "eval loss", metric_name, "ms/mb", "weight MB", "pred. err"]]
+    :data:`WIDTH` columns at any depth; the host wall time left out (it is not a pipeline's)."""
+    rows = [["opt", "method", "lr", "train loss", "eval loss", metric_name, "sim ms", "weight MB", "pred. err"]]
     for r in results:
         rows.append([r.optimizer, r.method, f"{r.lr:g}", _fmt(r.final_loss), _fmt(r.eval_loss), _fmt(r.metric),
-                     _short(r.ms_per_minibatch), _short(sum(r.weight_mb) if r.weight_mb else None),
+                     _short(r.sim_ms_per_minibatch), _short(sum(r.weight_mb) if r.weight_mb else None),
                      _fmt(_mean(r.pred_error), ".2f")])
     return rows
 
@@ -238,8 +310,10 @@ def figure(results: Sequence[RunResult], title: str, metric_name: str) -> Any:
         if held:
             bars = axes[1][j]
             values = [(r.metric if use_metric else r.eval_loss) for r in mine]
-            bars.bar(range(len(mine)), [v if v is not None else 0.0 for v in values],
-                     color=[colors[r.method][0] for r in mine])
+            drawn = bars.bar(range(len(mine)), [v if v is not None else 0.0 for v in values],
+                             color=[colors[r.method][0] for r in mine])
+            bars.bar_label(drawn, labels=[_fmt(v, ".3g") for v in values], fontsize=7, padding=1)
+            bars.margins(y=0.12)  # room above the tallest bar for its value
             bars.set_xticks(range(len(mine)), [r.method for r in mine], rotation=45, ha="right", fontsize=8)
             bars.grid(alpha=0.3, axis="y")
     axes[0][0].set_ylabel("training loss (moving average)")
@@ -273,6 +347,7 @@ def _run_all(task: Task, depth: int, methods: Sequence[str], optimizers: Sequenc
         rate = lr if lr is not None else task.lr.get(o, 1e-3)
         results.append(run_one(task, m, o, rate, depth, devs, epochs, seed, minibatches))
     bar.close()
+    measure_all(task, results, depth, devs, minibatches, progress=progress)
     return results
 
 
@@ -316,27 +391,55 @@ def _duration(seconds: float) -> str:
     return f"{m} min {s} s" if m else f"{s} s"
 
 
-def describe_devices(devices: Sequence[str], threads: int) -> str:
+def describe_devices(devices: Sequence[str], threads: int, load: bool = True) -> str:
     """The hardware a run used, in words: CUDA devices by name; the CPU by architecture,
-    core count and load average at the time of the call (other jobs slow a CPU run down)."""
+    core count and (``load``) load average at the time of the call (other jobs slow a CPU run
+    down)."""
     names = []
     for d in dict.fromkeys(devices):
         dev = torch.device(d)
         if dev.type == "cuda":
             names.append(f"{d} ({torch.cuda.get_device_name(dev)})")
         else:
-            load = f", 1-minute load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-            names.append(f"{d} ({platform.machine()}, {os.cpu_count()} cores{load})")
+            now = f", 1-minute load average {os.getloadavg()[0]:.1f}" if load and hasattr(os, "getloadavg") else ""
+            names.append(f"{d} ({platform.machine()}, {os.cpu_count()} cores{now})")
     return f"{', '.join(names)}, torch {torch.__version__}, {threads} thread{'s' * (threads != 1)}"
 
 
-def readme_block(rows: List[List[str]], command: str, device: str, wall_s: float) -> str:
-    """What ``--readme`` writes between the markers: the command line, the date, the device
-    and the wall time of the run, its printed table (:func:`terminal_rows`) as markdown and
-    :data:`TIMING_NOTE`."""
-    return (f"<!-- written by the command below; rerun it to refresh this block -->\n"
-            f"`{command}` on {datetime.now():%Y-%m-%d}, {device}: {_duration(wall_s)} wall time.\n\n"
-            f"{markdown(rows)}\n\n{TIMING_NOTE}")
+def verdict_text(results: Sequence[RunResult], metric_name: str, unit: str, factor: float = FACTOR,
+                 md: bool = True) -> str:
+    """The verdict (:func:`pipeoptim_compare.verdict.verdict`) in words and a table, as markdown
+    (``md``: results.md, the README) or for the terminal; every line at most :data:`WIDTH`
+    characters, except the markdown table's rows."""
+    verdicts = verdict(results, factor, metric_name=metric_name)
+    if not verdicts:
+        return wrap("No verdict: it compares every method with sync; add sync to --methods.")
+    v0 = verdicts[0]
+    metric = any(r.metric is not None for r in results)
+    intro = (f"Verdict (computed from this run): each method against sync with the same optimizer: the gap on "
+             f"{'held-out' if v0.by != 'training loss' else 'training'} data (loss as a ratio and difference"
+             + (f", {metric_name} in {unit or 'its own unit'}" if metric else "") + "), the closest method, "
+             f"and the minibatches (mb, of {v0.minibatches}) each needs until its training loss (averaged over bins "
+             f"of {v0.bin} minibatches) reaches {factor:g}x sync's final training loss (its mean over the last "
+             f"10%), with the simulated time that takes on the sim ms clock; never: not within the run.")
+    bullets = [wrap(line, initial_indent="* " if md else "", subsequent_indent="  ")
+               for line in closest_lines(verdicts, unit)]
+    rows = verdict_rows(verdicts, metric_name, unit)
+    return "\n\n".join([wrap(intro), "\n".join(bullets), markdown(rows) if md else plain(rows)])
+
+
+def readme_block(rows: List[List[str]], verdict_md: str, command: str, device: str, wall_s: float,
+                 train_s: float, clock_s: float, load_before: Optional[float]) -> str:
+    """What ``--readme`` writes between the markers: the command line, the date, the device, the
+    load average before the run (``None``: unknown) and after it, the wall time of the command and its parts
+    (training, measuring stage costs), its printed table (:func:`terminal_rows`) as markdown with
+    :data:`TIMING_NOTE`, and the verdict (:func:`verdict_text`)."""
+    load = "" if load_before is None else \
+        f"; 1-minute load average {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after it"
+    return (f"<!-- written by the command below; rerun it to refresh this block -->\n`{command}`\n"
+            + wrap(f"on {datetime.now():%Y-%m-%d}, {device}{load}: {_duration(wall_s)} wall time "
+                   f"(training {_duration(train_s)}, measuring stage costs {_duration(clock_s)}).")
+            + f"\n\n{markdown(rows)}\n\n{wrap(TIMING_NOTE)}\n\n{verdict_md}")
 
 
 #: pipeline depth when neither ``--depth`` nor a list of stages gives one
@@ -365,7 +468,8 @@ def compare(task: str = "teacher", depth: Optional[int] = None, methods: Sequenc
             lr: Optional[float] = None, devices: str = "cpu", out: Optional[Path] = None,
             seed: int = 0, progress: bool = True, threads: Optional[int] = None,
             minibatches: Optional[int] = None, readme: Optional[Path] = None,
-            command: str = "pipeoptim compare", batch_norm: str = "refuse") -> List[RunResult]:
+            command: str = "pipeoptim compare", target: float = FACTOR,
+            batch_norm: str = "refuse") -> List[RunResult]:
     """Run every (optimizer, method) pair on one build of ``task`` (see :func:`load_task` for
     ``depth``) and write the table, the plot and the losses into ``out``.
 
@@ -376,13 +480,15 @@ def compare(task: str = "teacher", depth: Optional[int] = None, methods: Sequenc
 
     ``readme``: a file whose :data:`README_BEGIN` ... :data:`README_END` block is replaced by
     :func:`readme_block`, with ``command`` as the command line recorded there (checked before
-    training: :class:`ReadmeError`).
+    training: :class:`ReadmeError`). ``target``: the verdict's target is this times sync's
+    final training loss (:mod:`pipeoptim_compare.verdict`).
 
     ``batch_norm``: what to do with the model's batch norms where a method splits minibatches
     (``"refuse"``, ``"ghost"``, ``"deferred"``: :mod:`pipeoptim_compare.batchnorm`; checked
     before training: :class:`~pipeoptim_compare.batchnorm.BatchNormError`).
     """
     t0 = time.perf_counter()
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if readme is not None:
         readme = Path(readme)
         _block_span(_read(readme), str(readme))
@@ -406,11 +512,12 @@ def compare(task: str = "teacher", depth: Optional[int] = None, methods: Sequenc
         torch.set_num_threads(old_threads)
     metric_name = probe.metric_name if probe.metric else "metric"
     rows = table_rows(results, metric_name)
+    verdict_md = verdict_text(results, metric_name, probe.metric_unit, target)
     written = [out / "results.md", out / "results.csv", out / "losses.csv", out / "loss_curves.png"]
     written[0].write_text(
-        f"# pipeoptim compare: task {task}, depth {depth}, {epochs} epoch(s) of "
-        f"{len(probe.batches[:minibatches])} minibatches, "
-        f"devices {devices}, seed {seed}\n\n" + markdown(rows) + "\n\n" + TIMING_NOTE + "\n", encoding="utf-8")
+        wrap(f"# pipeoptim compare: task {task}, depth {depth}, {epochs} epoch(s) of "
+             f"{len(probe.batches[:minibatches])} minibatches, devices {devices}, seed {seed}")
+        + "\n\n" + markdown(rows) + "\n\n" + wrap(TIMING_NOTE) + "\n\n" + verdict_md + "\n", encoding="utf-8")
     with open(written[1], "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows(rows)
     with open(written[2], "w", newline="", encoding="utf-8") as f:
@@ -422,12 +529,16 @@ def compare(task: str = "teacher", depth: Optional[int] = None, methods: Sequenc
          f"initial weights for every method", metric_name)
     short = terminal_rows(results, metric_name)
     if readme is not None:
-        block = readme_block(short, command, describe_devices(devs, used_threads), time.perf_counter() - t0)
+        train_s = sum(r.ms_per_minibatch * len(r.losses) for r in results) / 1000
+        block = readme_block(short, verdict_md, command, describe_devices(devs, used_threads, load=False),
+                             time.perf_counter() - t0, train_s, sum(r.clock_s for r in results), load_before)
         readme.write_text(replace_block(_read(readme), block, str(readme)), encoding="utf-8")
         written.append(readme)
     print(plain(short))
-    print("\n" + textwrap.fill(TIMING_NOTE + " Per-stage columns: results.md.", WIDTH))
-    print("\nwrote:\n" + "\n".join(f"  {p}" for p in written))
+    print(columns_line(depth) + "\n")
+    print(verdict_text(results, metric_name, probe.metric_unit, target, md=False))
+    print("\nper-stage columns, host wall time and what the time columns are: results.md")
+    print("wrote:\n" + "\n".join(f"  {p}" for p in written))
     return results
 
 
@@ -443,8 +554,9 @@ def _csv_list(choices: Sequence[str]) -> Callable[[str], List[str]]:
 
 DESCRIPTION = ("Train one task with every pipeline method and optimizer, side by side: a table, "
                "loss curves and the held-out metric.")
-EPILOG = ("Every run starts from the same initial weights and data (built once from --seed). "
-          "Outputs: results.md, results.csv, losses.csv and loss_curves.png in --out.")
+EPILOG = ("Every run starts from the same initial weights and data (built once from --seed). It prints the "
+          "table and a verdict (each method against sync, from this run) and writes results.md, results.csv, "
+          "losses.csv and loss_curves.png in --out.")
 
 
 def _positive(s: str) -> int:
@@ -452,6 +564,13 @@ def _positive(s: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
     return n
+
+
+def _positive_float(s: str) -> float:
+    x = float(s)
+    if not x > 0 or not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
+    return x
 
 
 def _entry(spec: str) -> str:
@@ -487,9 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of data, initial weights and training (every task, --entry included) [0]")
     c.add_argument("--threads", type=int, default=None, help="torch intra-op threads [1 on CPU]")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    c.add_argument("--target", type=_positive_float, default=FACTOR, metavar="FACTOR",
+                   help=f"the verdict's target training loss: FACTOR times sync's final one [{FACTOR:g}]")
     c.add_argument("--readme", type=Path, default=None, metavar="FILE",
                    help=f"also replace the block between {README_BEGIN} and {README_END} in FILE with the "
-                        "table, the command line, the date, the device and the wall time")
+                        "table, the verdict, the command line, the date, the device, the load and the times")
     c.add_argument("--batch-norm", choices=BATCH_NORM_MODES, default="refuse",
                    help="batch norms where a method splits minibatches into micro-batches: refuse (stop with the "
                         "fixes), ghost (exact: ghost batch norm over groups of rows dividing every micro-batch) or "
@@ -507,7 +628,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     optimizers=args.optimizers, epochs=args.epochs, lr=args.lr, devices=args.devices,
                     out=args.out, seed=args.seed, progress=not args.no_progress,
                     threads=args.threads, minibatches=args.minibatches, readme=args.readme,
-                    command=shlex.join(["pipeoptim", *argv]), batch_norm=args.batch_norm)
+                    command=shlex.join(["pipeoptim", *argv]), target=args.target, batch_norm=args.batch_norm)
         except (EntryPointError, ReadmeError, BatchNormError) as e:
             msg = str(e)
             sep = "\n" if "\n" in msg else " "  # a message of several lines starts on its own line

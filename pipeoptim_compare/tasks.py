@@ -68,6 +68,9 @@ class Task:
         eval_data: held-out ``(inputs, targets)``, a list of such minibatches, or ``None``.
         metric: ``metric(output, target) -> float`` on held-out data (e.g. accuracy), or ``None``.
         metric_name: how to label the metric in tables.
+        metric_unit: how a difference of the metric is reported: ``"points"`` (a fraction such
+            as accuracy: the difference times 100, percentage points), a unit (``"dB"``: the
+            difference as it is) or ``""`` (the difference as it is, no unit).
         lr: default learning rate per optimizer name (``"sgd"``, ``"adam"``, ``"adamw"``).
         epochs: default number of epochs.
         stages: an explicit list of stage modules, when the task was given as stages
@@ -81,6 +84,7 @@ class Task:
     eval_data: Optional[EvalData] = None
     metric: Optional[Callable[[Tensor, Tensor], float]] = None
     metric_name: str = "accuracy"
+    metric_unit: str = "points"
     lr: Dict[str, float] = field(default_factory=lambda: {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3})
     epochs: int = 1
     stages: Optional[List[nn.Module]] = None
@@ -417,7 +421,7 @@ def denoise_task(depth: int = 8, seed: int = 0, *, blocks: int = 8, channels: in
     model = _stack(blocks, seed, lambda: ConvBlock(channels),
                    first=lambda: [nn.Conv2d(1, channels, 3, padding=1)],
                    last=lambda: [nn.GroupNorm(4, channels), nn.Conv2d(channels, 1, 3, padding=1)])
-    return Task("denoise", model, batches, F.mse_loss, eval_data, psnr, metric_name="PSNR dB",
+    return Task("denoise", model, batches, F.mse_loss, eval_data, psnr, metric_name="PSNR dB", metric_unit="dB",
                 lr={"sgd": 0.01, "adam": 2e-3, "adamw": 2e-3}, epochs=2)
 
 
@@ -650,7 +654,7 @@ def from_entry_point(spec: str, seed: int = 0) -> Task:
     metric = fields.get("metric")
     name = getattr(metric, "__name__", "")
     return Task(spec, model, batches, fields.get("loss_fn") or F.cross_entropy, held, metric,
-                metric_name=name if name.isidentifier() else "metric", stages=stages)
+                metric_name=name if name.isidentifier() else "metric", metric_unit="", stages=stages)
 
 
 def evaluate(stages: Sequence[nn.Module], data: EvalData, loss_fn: LossFn,

@@ -149,6 +149,7 @@ def test_extend_a_finished_run(tmp_path):
     _assert_same(_run(spec, "pipeoptim", data, epochs=2, resume_from=tmp_path), want, "extended")
 
 
+@pytest.mark.slow
 def test_dist_resume_is_exact(tmp_path):
     methods = ("pipedream", "pipeoptim")
     ckpt = str(tmp_path / "ckpt" / "{method}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +104,8 @@ def test_compare_tiny_lists_every_file_written(tiny_task, tmp_path, capsys):
     _check_outputs(out, ["sync", "pipedream", "pipeoptim"], ["sgd", "adam"])
     printed = capsys.readouterr().out
     assert "pred. err" in printed and "pipeoptim" in printed
-    assert cli.TIMING_NOTE in (out / "results.md").read_text()
+    assert cli.wrap(cli.TIMING_NOTE) in (out / "results.md").read_text()
+    assert cli.columns_line(2) in printed.splitlines()  # what the time column is, in one line
     listed = printed.split("wrote:\n")[1].split()
     assert sorted(listed) == sorted(str(p) for p in out.iterdir())
 
@@ -178,6 +180,7 @@ def test_entry_mistakes_are_one_clear_line(entry, tmp_path, capsys, spec, messag
     assert err.startswith("pipeoptim compare: error: ") and message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_entry_in_the_current_folder_without_pythonpath(entry, tmp_path):
     """As a user runs it: from the folder holding the module, which is not on PYTHONPATH; a
     mistake prints one line, no traceback."""
@@ -225,6 +228,8 @@ def test_plot_readable_for_any_number_of_optimizers(n_opt):
     assert all(len(ax.lines) == len(cli.METHODS) for ax in losses)
     assert all(len(ax.patches) == len(cli.METHODS) for ax in bars)
     assert bars[0].get_ylabel() == "held-out accuracy"
+    # every bar carries its value
+    assert [t.get_text() for t in bars[0].texts] == [f"{0.5 + i / 10:.3g}" for i in range(len(cli.METHODS))]
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels == list(cli.METHODS)
     colors = [line.get_color() for line in losses[0].lines]
@@ -258,6 +263,7 @@ def test_help_is_plain_text(capsys):
         assert "--" in text and "``" not in text and ":func:" not in text and ":mod:" not in text
 
 
+@pytest.mark.slow
 def test_python_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "pipeoptim_compare", "compare", "--help"], capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
@@ -280,6 +286,14 @@ def _block(text: str) -> str:
     return text.split(cli.README_BEGIN)[1].split(cli.README_END)[0]
 
 
+def _first_table(text: str) -> list:
+    """The lines of the first markdown table of ``text`` (the run's table; the verdict's follows)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
 def test_readme_block_is_rewritten_by_the_run(tiny_task, tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text(README_LIKE, encoding="utf-8")
@@ -291,13 +305,21 @@ def test_readme_block_is_rewritten_by_the_run(tiny_task, tmp_path, capsys):
     assert text.startswith(before + cli.README_BEGIN + "\n") and text.endswith("\n" + cli.README_END + after)
     block = _block(text)
     assert "old table" not in block
-    assert f"`pipeoptim {' '.join(argv)}` on " in block  # the command line, as typed
-    assert "cpu (" in block and "torch " + torch.__version__ in block and "wall time." in block
+    assert f"`pipeoptim {' '.join(argv)}`\non " in block  # the command line, as typed
+    assert "cpu (" in block and "torch " + torch.__version__ in block and " wall time (training " in block
+    assert re.search(r"1-minute load average \d+\.\d before the run, \d+\.\d after it: ", " ".join(block.split()))
     printed = capsys.readouterr().out
-    table = [line for line in block.splitlines() if line.startswith("|")]
+    table = _first_table(block)
     assert [c.strip() for c in table[0].strip("|").split("|")] == cli.terminal_rows([], "accuracy")[0]
     assert [row.split("|")[2].strip() for row in table[2:]] == ["sync", "pipeoptim"]
-    assert cli.TIMING_NOTE in block and str(readme) in printed.split("wrote:\n")[1]
+    assert cli.wrap(cli.TIMING_NOTE) in block and str(readme) in printed.split("wrote:\n")[1]
+    # the verdict: the same text in the README block and in results.md, as the terminal prints it
+    md = (tmp_path / "run" / "results.md").read_text(encoding="utf-8")
+    verdict = block.split(cli.wrap(cli.TIMING_NOTE))[1].strip()
+    assert verdict.startswith("Verdict (computed from this run)") and verdict in md
+    assert verdict.splitlines()[-1].startswith("| sgd | pipeoptim | ")
+    printed_verdict = printed.split("Verdict (computed from this run)")[1].split("\nper-stage columns")[0]
+    assert "sgd: closest to sync by accuracy: pipeoptim" in " ".join(printed_verdict.split())
     # writing again replaces the block, it does not add one
     again = cli.replace_block(text, "new", str(readme))
     assert again.count(cli.README_BEGIN) == 1 and _block(again) == "\nnew\n" and again.endswith(after)
@@ -326,9 +348,20 @@ def test_readme_block_holds_the_default_run_of_the_make_target():
     assert make.split("\ncompare:")[1].split("\n")[1].strip() == "$(BIN)/pipeoptim compare"
     block = _block((ROOT / "README.md").read_text(encoding="utf-8"))
     assert block.startswith("\n") and block.endswith("\n")
-    assert "`pipeoptim compare --readme README.md` on " in block and "wall time." in block
-    table = [line for line in block.splitlines() if line.startswith("|")]
+    assert "`pipeoptim compare --readme README.md`\non " in block and " wall time (training " in block
+    table = _first_table(block)
     header = cli.terminal_rows([], "accuracy")[0]
     assert table[0] == cli.markdown([header]).splitlines()[0]
     rows = [tuple(c.strip() for c in row.strip("|").split("|")[:2]) for row in table[2:]]
     assert rows == [(o, m) for o in cli.OPTIMIZERS for m in cli.METHOD_NAMES]
+    # its verdict agrees with its table (both written by the run, neither edited by hand)
+    cells = {tuple(r[:2]): r for r in ([c.strip() for c in row.strip("|").split("|")] for row in table[2:])}
+    verdict = _first_table(block.split("Verdict (computed from this run)")[1])
+    for row in verdict[2:]:
+        opt, method, loss, acc = [c.strip() for c in row.strip("|").split("|")][:4]
+        mine, ref = cells[(opt, method)], cells[(opt, "sync")]
+        if method == "sync":
+            assert (loss, acc) == (f"{ref[4]} (ref.)", f"{float(ref[5]):.3g} (ref.)")
+            continue
+        assert float(loss.split("x")[0]) == pytest.approx(float(mine[4]) / float(ref[4]), abs=0.01)
+        assert float(acc.removesuffix(" pts")) == pytest.approx(100 * (float(mine[5]) - float(ref[5])), abs=0.11)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -69,3 +70,71 @@ def test_exports_of_both_libraries_must_be_documented(monkeypatch):
     assert warnings(dict.fromkeys(targets)) == []
     (missing,) = warnings(dict.fromkeys(targets - {"pipeline_rt.methods.METHODS"}))
     assert missing.startswith("pipeline_rt.METHODS is exported but not documented")
+
+
+# ----------------------------------------------------------------------------- generated, not copied
+
+def _options(text: str) -> set:
+    """Every ``--option`` named in ``text``."""
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", text))
+
+
+def _parser_options() -> set:
+    conf = _conf()
+    return {o for a in conf.compare_parser()._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+
+
+def test_quickstart_option_list_is_the_parsers():
+    """docs/quickstart.rst's option list is generated from the parser (every option, its argument
+    and help as ``--help`` shows them) and its method list from ``METHODS``; nothing copied by hand."""
+    from pipeline_rt import METHODS
+    from pipeoptim_compare.cli import build_parser
+
+    conf = _conf()
+    page = (ROOT / "docs" / "quickstart.rst").read_text(encoding="utf-8")
+    assert ".. pipeoptim-compare-options::" in page and ".. pipeline-methods::" in page
+    source = [page]
+    conf._generated_text(None, "quickstart", source)
+    rendered = source[0]
+    assert ".. pipeoptim-compare-options::" not in rendered and ".. pipeline-methods::" not in rendered
+    generated = conf.compare_options()
+    listed = re.findall(r"^``(.*)``\n   (.*)$", generated, re.M)
+    parser = conf.compare_parser()
+    fmt = parser._get_formatter()
+    want = [(fmt._format_action_invocation(a), fmt._expand_help(a)) for a in parser._actions
+            if "--help" not in a.option_strings]
+    assert [(inv, re.sub(r"\\(.)", r"\1", help)) for inv, help in listed] == want  # rst escapes undone
+    assert {o for inv, _ in listed for o in _options(inv)} == _parser_options()
+    assert conf.method_names() == ", ".join(f"``{m}``" for m in METHODS) + "\n"
+    # the page names no option the parser lacks (hand-written text around the generated list)
+    assert _options(page) <= _parser_options() | {"--help"}, _options(page) - _parser_options()
+    assert build_parser().prog == "pipeoptim"
+
+
+def test_quickstart_lists_every_built_in_task():
+    from pipeoptim_compare.tasks import TASKS
+
+    page = (ROOT / "docs" / "quickstart.rst").read_text(encoding="utf-8")
+    section = page.split("Built-in tasks\n--------------\n")[1].split("\n----")[0]
+    listed = re.findall(r"^``(\w+)``$", section, re.M)
+    assert sorted(listed) == sorted(t for t in TASKS if not t.startswith("_"))
+    assert not re.search(r"\b(All|all) (two|three|four|five)\b", section)  # no count to go stale
+
+
+def test_readme_names_only_real_options_and_tasks():
+    from pipeoptim_compare.tasks import TASKS
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    compare_text = readme.split("## Two commands")[1].split("\n## ")[0]
+    assert _options(compare_text) <= _parser_options() | {"--help"}, _options(compare_text) - _parser_options()
+    named = re.search(r"\(`--task`, one of ([^)]*)\)", compare_text)
+    assert named is not None
+    assert set(re.findall(r"`(\w+)`", named.group(1))) == {t for t in TASKS if not t.startswith("_")}
+
+
+def test_generated_pages_are_read_again_every_build(tmp_path):
+    conf = _conf()
+    (tmp_path / "a.rst").write_text("x\n\n.. pipeline-methods::\n")
+    (tmp_path / "b.rst").write_text("y\n")
+    env = SimpleNamespace(found_docs={"a", "b"}, doc2path=lambda d: tmp_path / f"{d}.rst")
+    assert conf._always_reread(None, env, set(), set(), set()) == ["a"]

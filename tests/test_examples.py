@@ -31,6 +31,7 @@ def mean(values: List[float]) -> float:
     return sum(values) / len(values)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, methods", [("train_lm.py", "sync,pipeoptim"), ("train_cnn.py", "sync,pipeoptim"),
                                              ("train_gpt2_hf.py", "sync,pipeoptim")])
 def test_tiny_run_learns(tmp_path: Path, script: str, methods: str) -> None:
@@ -52,6 +53,7 @@ def test_tiny_run_learns(tmp_path: Path, script: str, methods: str) -> None:
         assert all(m["evals"][-1]["metric"] > 0.3 for m in res["methods"])  # accuracy, chance is 0.1
 
 
+@pytest.mark.slow
 def test_resume_from_mid_run_checkpoint_is_exact(tmp_path: Path) -> None:
     options = ("--method", "pipeoptim", "--epochs", "2", "--checkpoint-every", "10")
     full = run_example("train_cnn.py", tmp_path / "full", *options)["methods"][0]

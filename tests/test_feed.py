@@ -85,6 +85,7 @@ def _measure(count: int):
     return peak - returned, first[0] - t0
 
 
+@pytest.mark.slow
 def test_memory_and_start_up_do_not_grow_with_the_number_of_minibatches():
     """15,000 vs 1,500 minibatches of a generator: the traced peak (less the returned list of
     floats and its resize, which must grow) within 1.3x, the time to the first forward within

@@ -24,6 +24,7 @@ def test_blocks_are_found():
     assert len(blocks(README.read_text(encoding="utf-8"))) >= 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line,source", blocks(README.read_text(encoding="utf-8")),
                          ids=lambda v: f"line{v}" if isinstance(v, int) else "")
 def test_readme_block_runs(line, source, tmp_path):

@@ -198,6 +198,7 @@ def test_weight_versions_are_computed_once_per_schedule():
 # ----------------------------------------------------------------------------- lazy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", SHAPES)
 def test_lazy_schedule_equals_the_built_one(shape):
     """Per-stage actions and the prediction distance of every forward, counted on the lazy

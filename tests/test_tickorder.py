@@ -9,6 +9,7 @@ from pipeline_rt.schedule import SHAPES, Cursor, LazySchedule, build
 from pipeline_rt.tickorder import Period, tick_order, ticks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", SHAPES)
 def test_replayed_order_equals_the_built_one(shape):
     """Every depth 1..8, chunks 1..4, length 1..40; a second pass replays the drains
