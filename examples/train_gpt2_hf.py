@@ -28,17 +28,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import sysconfig
 from typing import Any, Dict, List
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import Task, main  # noqa: E402
-from train_lm import Windows, bits_per_byte, stdlib_bytes  # noqa: E402
+from train_lm import bits_per_byte, text_task  # noqa: E402
 
 from pipeline_rt import split_model  # noqa: E402
 
@@ -84,21 +82,8 @@ def metric(out: Any, targets: Tensor) -> Tensor:
 
 def build_task(args: argparse.Namespace, p: Dict[str, Any]) -> Task:
     """The stdlib text, its loaders and the GPT-2 of preset ``p``."""
-    data = torch.frombuffer(bytearray(stdlib_bytes(p["data_bytes"])), dtype=torch.uint8)
-    cut = int(0.9 * len(data))
-    train, val = Windows(data[:cut], p["seq"]), Windows(data[cut:], p["seq"])
-    val_rows = min(len(val), p["val_batches"] * args.batch_size)
-
-    def train_loader(epoch: int) -> DataLoader:
-        sampler = RandomSampler(train, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        return DataLoader(train, batch_size=args.batch_size, sampler=sampler, drop_last=True)
-
-    print(f"text: {len(data)} bytes of {sysconfig.get_paths()['stdlib']}/**.py ({len(train)} training windows)")
-    return Task(title=f"transformers GPT-2 ({p['layers']} layers, d={p['dim']}, context {p['seq']})",
-                build_model=lambda: gpt2(p["layers"], p["dim"], p["heads"], p["seq"]),
-                loss_fn=lm_loss, metric=metric, metric_name="bits/byte", train_loader=train_loader,
-                val_loader=DataLoader(torch.utils.data.Subset(val, range(val_rows)), batch_size=args.batch_size),
-                units_per_minibatch=args.batch_size * p["seq"], unit="tokens", split=split_blocks(p["seq"]))
+    return text_task(args, p, "transformers GPT-2", lambda: gpt2(p["layers"], p["dim"], p["heads"], p["seq"]),
+                     lm_loss, metric, split=split_blocks(p["seq"]))
 
 
 if __name__ == "__main__":

@@ -139,8 +139,10 @@ def bits_per_byte(logits: Tensor, targets: Tensor) -> Tensor:
     return lm_loss(logits, targets) / math.log(2)
 
 
-def build_task(args: argparse.Namespace, p: Dict[str, Any]) -> Task:
-    """The stdlib text, its loaders and the model of preset ``p``."""
+def text_task(args: argparse.Namespace, p: Dict[str, Any], title: str, build_model: Any, loss_fn: Any,
+              metric: Any, **task: Any) -> Task:
+    """The stdlib text of preset ``p``, its loaders, and the language model ``build_model()``
+    on it (``task``: more :class:`Task` fields)."""
     data = torch.frombuffer(bytearray(stdlib_bytes(p["data_bytes"])), dtype=torch.uint8)
     split = int(0.9 * len(data))
     train, val = Windows(data[:split], p["seq"]), Windows(data[split:], p["seq"])
@@ -151,11 +153,17 @@ def build_task(args: argparse.Namespace, p: Dict[str, Any]) -> Task:
         return DataLoader(train, batch_size=args.batch_size, sampler=sampler, drop_last=True)
 
     print(f"text: {len(data)} bytes of {sysconfig.get_paths()['stdlib']}/**.py ({len(train)} training windows)")
-    return Task(title=f"byte-level GPT ({p['layers']} layers, d={p['dim']}, context {p['seq']})",
-                build_model=lambda: gpt(p["layers"], p["dim"], p["heads"], p["seq"]),
-                loss_fn=lm_loss, metric=bits_per_byte, metric_name="bits/byte", train_loader=train_loader,
+    return Task(title=f"{title} ({p['layers']} layers, d={p['dim']}, context {p['seq']})",
+                build_model=build_model, loss_fn=loss_fn, metric=metric, metric_name="bits/byte",
+                train_loader=train_loader,
                 val_loader=DataLoader(torch.utils.data.Subset(val, range(val_rows)), batch_size=args.batch_size),
-                units_per_minibatch=args.batch_size * p["seq"], unit="tokens")
+                units_per_minibatch=args.batch_size * p["seq"], unit="tokens", **task)
+
+
+def build_task(args: argparse.Namespace, p: Dict[str, Any]) -> Task:
+    """The stdlib text, its loaders and the model of preset ``p``."""
+    return text_task(args, p, "byte-level GPT", lambda: gpt(p["layers"], p["dim"], p["heads"], p["seq"]), lm_loss,
+                     bits_per_byte)
 
 
 if __name__ == "__main__":
