@@ -183,20 +183,22 @@ def test_gpt2_tied_asynchronous_methods_refused(method):
 
 
 def test_gpt2_tied_dist_equals_single_device(tmp_path):
-    """2 gloo ranks each split the tied GPT-2 alike (the tie found among the stages given as
-    modules: broadcast, gradient all-reduce before STEP); sync equals single-device training."""
+    """4 gloo ranks each split the tied GPT-2 alike (the tie found among the stages given as
+    modules: broadcast, gradient all-reduce before STEP; stages 1 and 2 hold none of it);
+    sync equals single-device training."""
     from dist_worker import launch
-    out = launch(TiedRuns(world=2), tmp_path, deadline=120.0)
-    assert out.exitcodes == [0] * 2, out.errors
-    ref = gpt2(2, tie=True)
+    out = launch(TiedRuns(world=4), tmp_path, deadline=120.0)
+    assert out.exitcodes == [0] * 4, out.errors
+    ref = gpt2(4, tie=True)
     losses = single_device(ref, tokens(DIST_ROWS_GPT), lm_loss)
     expect = ref.state_dict()
     for rank, result in enumerate(out.results):
-        assert result["ties"] == [{0: "transformer.wte.weight", 1: "lm_head.weight"}]
+        assert result["ties"] == [{0: "transformer.wte.weight", 3: "lm_head.weight"}]
         torch.testing.assert_close(result["losses"], losses, msg=f"rank {rank}")
-        assert "lm_head.weight" in result["state"]  # stage 0 holds the tie under both names
         for name, t in result["state"].items():
             torch.testing.assert_close(t, expect[name], msg=f"rank {rank}: {name}")
+    assert {"transformer.wte.weight", "lm_head.weight"} <= set(out.results[0]["state"])  # both names
+    assert "lm_head.weight" in out.results[3]["state"]
 
 
 # ---------------------------------------------------------------------- a tensor used three stages later
