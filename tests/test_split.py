@@ -4,8 +4,9 @@ Oracles: single-device training of the same model on the same data (the flush me
 and, for the asynchronous methods, the same pipeline split by hand with the skipped
 tensor passed explicitly along the chain (an exact oracle: the feature under test is
 the routing, the hand-written chain has none). The transformers GPT-2 is built from a
-tiny config (random weights, nothing downloaded) and traced once per module; each test
-starts from the same saved weights.
+tiny config (random weights, nothing downloaded; tests/gpt2_worker.py), untied and tied
+(tie_word_embeddings=True: the first and last stages share one Parameter), and traced once
+per module; each test starts from the same saved weights.
 """
 from __future__ import annotations
 
