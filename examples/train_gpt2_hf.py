@@ -11,10 +11,15 @@ cosine schedule, clipping), evaluated after every epoch (loss, and bits per byte
 in ``--out``: plot.png, results.md, results.json, ckpt/ (see ``examples/_common.py``).
 
 Tied embeddings. GPT-2 ties its input embedding (stage 0) to its output projection (the
-last stage); a parameter held by two stages is refused by ``split_model`` for now (two
-optimizers would step two copies), so this example unties them (``tie_word_embeddings=False``).
+last stage). ``split_model`` keeps the tie (both stages hold the model's one parameter) and
+``Pipeline`` trains it exactly under the flush methods (``sync``, ``1f1b-flush``: one step on
+the sum of both stages' gradients, as single-device training). The asynchronous methods
+refuse a tie: their first and last stages update at different times (or on predicted
+weights), so the two uses would see different versions of one parameter. Every method of
+``--method`` trains the same model, so the embeddings are tied (``tie_word_embeddings=True``)
+when every method is a flush method, and untied otherwise.
 
-CPU, about a minute on 2 cores::
+CPU, about a minute on 2 cores (untied; ``--method sync,1f1b-flush``: tied)::
 
     python examples/train_gpt2_hf.py --tiny --method sync,pipeoptim
 
@@ -38,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import Task, main  # noqa: E402
 from train_lm import bits_per_byte, text_task  # noqa: E402
 
-from pipeline_rt import split_model  # noqa: E402
+from pipeline_rt import get_method, split_model  # noqa: E402
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "tiny": dict(layers=4, dim=32, heads=4, seq=32, data_bytes=16_000, val_batches=2,
@@ -50,13 +55,18 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def gpt2(layers: int, dim: int, heads: int, seq: int) -> nn.Module:
-    """A byte-level GPT-2 from a config: random weights, dropout 0.1, untied embeddings."""
+def gpt2(layers: int, dim: int, heads: int, seq: int, tie: bool) -> nn.Module:
+    """A byte-level GPT-2 from a config: random weights, dropout 0.1, embeddings tied or not."""
     from transformers import GPT2Config, GPT2LMHeadModel
     config = GPT2Config(vocab_size=256, n_positions=seq, n_embd=dim, n_layer=layers, n_head=heads,
                         resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, use_cache=False,
-                        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+                        tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(config)
+
+
+def flush_only(methods: List[str]) -> bool:
+    """Whether every method is a flush method (``sync``, ``1f1b-flush``), which trains a tie exactly."""
+    return all(get_method(m).shape != "async-1f1b" for m in methods)
 
 
 def split_blocks(seq: int) -> Any:
@@ -82,8 +92,11 @@ def metric(out: Any, targets: Tensor) -> Tensor:
 
 def build_task(args: argparse.Namespace, p: Dict[str, Any]) -> Task:
     """The stdlib text, its loaders and the GPT-2 of preset ``p``."""
-    return text_task(args, p, "transformers GPT-2", lambda: gpt2(p["layers"], p["dim"], p["heads"], p["seq"]),
-                     lm_loss, metric, split=split_blocks(p["seq"]))
+    tie = flush_only(args.methods)
+    print(f"embeddings {'tied' if tie else 'untied (an asynchronous method cannot train a tie)'}")
+    return text_task(args, p, f"transformers GPT-2, {'tied' if tie else 'untied'} embeddings",
+                     lambda: gpt2(p["layers"], p["dim"], p["heads"], p["seq"], tie), lm_loss, metric,
+                     split=split_blocks(p["seq"]))
 
 
 if __name__ == "__main__":

@@ -41,8 +41,14 @@ chain (stage ``k``'s output tuple is stage ``k+1``'s input tuple):
   graph (ops tagged ``nondeterministic_seeded``) and marked ``draws_random`` for
   :mod:`pipeline_rt.randomness`: a stage that draws gets its own RNG stream, one that does not
   skips the swap.
-* **Ties.** A parameter used by two stages (tied input and output embeddings) would be copied
-  into each by torch's tracer and stepped by two optimizers: refused, with the fix.
+* **Ties.** A parameter used by several stages (GPT-2's input embedding, stage 0, tied to its
+  output projection, the last stage) is copied into each by torch's ``Pipe``; ``split_model``
+  puts the model's one ``nn.Parameter`` back in every stage that uses it (under each of the
+  model's names for it: a tie appears in ``state_dict()`` under both). ``Pipeline`` finds it
+  by identity and trains it as a tie (:mod:`pipeline_rt.ties`): exact under the flush methods
+  (``sync``, ``1f1b-flush``: one step on the sum of the stages' gradients), refused under the
+  asynchronous ones; with ``backend="dist"`` each rank's copy is kept identical (broadcast,
+  gradient all-reduce before STEP).
 
 The last stage returns what the model returns (e.g. a transformers ``ModelOutput`` with
 ``logits``), so ``loss_fn(output, target)`` sees what it sees in single-device training.
@@ -259,7 +265,7 @@ def split_model(model: nn.Module, split_points: Sequence[str], example_args: Seq
 
     Raises:
         ValueError: a split point that is not a submodule, or that the forward does not
-            reach, or a parameter used by two stages.
+            reach.
         RuntimeError: the model does not trace (with torch's reason).
     """
     args = (example_args,) if isinstance(example_args, Tensor) else tuple(example_args)
@@ -352,15 +358,33 @@ def _trace(model: nn.Module, names: List[str], args: Tuple[Any, ...], kwargs: Di
                 f"- control flow on a tensor's value (rewrite with torch.where / torch.cond);\n"
                 f"- code that fixes the batch size (pass dynamic_shapes=..., or split by hand).") from e
         pipe = Pipe._from_traced(model, ep, MultiUseParameterConfig.REPLICATE)
-    if pipe.replicated_params:
-        ties = "; ".join(", ".join(f"stage {int(s.rsplit('_', 1)[1])}'s {p}" for s, p in m.items())
-                         for m in pipe.replicated_params)
-        raise ValueError(
-            f"split_model: a parameter is used by several stages ({ties}). torch's tracer would copy it into each, "
-            f"and each stage's optimizer would step its own copy: the copies would drift apart.\n"
-            f"Fix: untie it (transformers: tie_word_embeddings=False in the config), or move the split points so that "
-            f"all its uses fall in one stage.")
+    _share_model_params(pipe, model)
     return pipe, ep.call_spec.out_spec
+
+
+def _share_model_params(pipe: Any, model: nn.Module) -> None:
+    """Make every stage graph hold the model's own parameter objects, by name.
+
+    torch's ``Pipe`` deep-copies a parameter used by several stages (``pipe.replicated_params``:
+    GPT-2's tied ``transformer.wte.weight`` / ``lm_head.weight``) so that each stage has its
+    own. Put back the model's one parameter (under each of its names) in every stage that uses
+    it: the stages then share one ``nn.Parameter``, which ``Pipeline`` trains as a tie
+    (:mod:`pipeline_rt.ties`), and the model's parameters stay the stages' own."""
+    own = dict(model.named_parameters(remove_duplicate=False))
+    for gm in _graphs(pipe):
+        for name, p in list(gm.named_parameters(remove_duplicate=False)):
+            if name in own and own[name] is not p:
+                owner, _, attr = name.rpartition(".")
+                gm.get_submodule(owner)._parameters[attr] = own[name]
+    calls = {c.target: k for k, c in enumerate(_calls(pipe))}
+    for uses in pipe.replicated_params:
+        held = {id(pipe.split_gm.get_submodule(s).get_parameter(n)) for s, n in uses.items()}
+        if len(held) > 1:
+            where = ", ".join(f"stage {calls[s]}'s {n!r}" for s, n in uses.items())
+            raise ValueError(
+                f"split_model: a parameter is used by several stages ({where}), and torch's tracer copied it\n"
+                f"into each under a name the model does not have, so the copies cannot be made one again.\n"
+                f"Fix: move the split points so that all its uses fall in one stage, or untie it.")
 
 
 @contextlib.contextmanager

@@ -4,8 +4,9 @@ Oracles: single-device training of the same model on the same data (the flush me
 and, for the asynchronous methods, the same pipeline split by hand with the skipped
 tensor passed explicitly along the chain (an exact oracle: the feature under test is
 the routing, the hand-written chain has none). The transformers GPT-2 is built from a
-tiny config (random weights, nothing downloaded) and traced once per module; each test
-starts from the same saved weights.
+tiny config (random weights, nothing downloaded; tests/gpt2_worker.py), untied and tied
+(tie_word_embeddings=True: the first and last stages share one Parameter), and traced once
+per module; each test starts from the same saved weights.
 """
 from __future__ import annotations
 
@@ -21,36 +22,12 @@ from torch import Tensor, nn
 import pipeline_rt
 from pipeline_rt import METHODS, Pipeline, split_model
 from pipeline_rt.randomness import may_draw
+from pipeline_rt.ties import TieError
 from split_worker import (DIST_CASES, DIST_ROWS, WIDTH, First, Last, Middle, SkipNet, adam, dist_worker, run_skip,
                           skip_data, skip_stages, skip_stages_cached)
 
 transformers = pytest.importorskip("transformers")
-transformers.logging.set_verbosity_error()
-
-VOCAB, SEQ = 32, 8
-GPT_SPLITS = ["transformer.h.1", "transformer.h.2", "transformer.h.3"]
-
-
-def sgd(ps: Any) -> torch.optim.Optimizer:
-    return torch.optim.SGD(ps, lr=0.1, momentum=0.9)
-
-
-def lm_loss(out: Any, y: Tensor) -> Tensor:
-    return F.cross_entropy(out.logits.flatten(0, 1), y.flatten())
-
-
-def gpt2(layers: int = 4, dropout: float = 0.0, tie: bool = False) -> nn.Module:
-    cfg = transformers.GPT2Config(n_layer=layers, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
-                                  use_cache=False, tie_word_embeddings=tie, resid_pdrop=dropout, embd_pdrop=dropout,
-                                  attn_pdrop=dropout, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(cfg).double()
-
-
-def tokens(rows: Sequence[int], seed: int = 1) -> List[Tuple[Tensor, Tensor]]:
-    """Next-token minibatches of ``rows`` rows each (uneven micro-batches, a short last one)."""
-    g = torch.Generator().manual_seed(seed)
-    return [(w[:, :-1], w[:, 1:]) for w in (torch.randint(0, VOCAB, (r, SEQ + 1), generator=g) for r in rows)]
+from gpt2_worker import DIST_ROWS as DIST_ROWS_GPT, GPT_SPLITS, SEQ, TiedRuns, gpt2, lm_loss, sgd, split_tied, tokens  # noqa: E402
 
 
 def single_device(model: nn.Module, data: Sequence[Tuple[Any, Tensor]], loss_fn: Any,
@@ -156,9 +133,73 @@ def test_gpt2_pipe_of_torch_pipeline_accepted_and_its_submodules_refused(gpt):
         pipe.train(tokens([3]))
 
 
-def test_gpt2_tied_embeddings_refused():
-    with pytest.raises(ValueError, match="tie_word_embeddings=False"):
-        split_model(gpt2(1, tie=True), ["transformer.h.0"], (torch.zeros(2, SEQ, dtype=torch.long),))
+# ---------------------------------------------------------------------- tied embeddings
+
+_TIED: Dict[int, Any] = {}
+
+
+def tied(layers: int) -> Tuple[nn.Module, pipeline_rt.SplitModel, nn.Module]:
+    """A tied GPT-2 of ``layers`` blocks in as many stages (traced once per module) at its
+    initial weights, and an unsplit copy."""
+    if layers not in _TIED:
+        model, stages = split_tied(layers)
+        _TIED[layers] = (model, stages, copy.deepcopy(model.state_dict()))
+    model, stages, init = _TIED[layers]
+    model.load_state_dict(init)
+    return model, stages, copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("layers,method", [(2, "sync"), (3, "sync"), (3, "1f1b-flush")])
+def test_gpt2_tied_flush_equals_single_device(layers, method):
+    """tie_word_embeddings=True: the first and the last stage hold the model's one embedding
+    Parameter; training equals single-device training, evaluation uses the trained tie, and
+    the tie maps back under both of the model's names."""
+    model, stages, ref = tied(layers)
+    tie = model.transformer.wte.weight
+    assert model.lm_head.weight is tie
+    assert [k for k, s in enumerate(stages) if any(p is tie for p in s.parameters())] == [0, layers - 1]
+    pipe = Pipeline(stages, ["cpu"] * layers, sgd, lm_loss, method=method)
+    assert pipe.ties == [{0: "transformer.wte.weight", layers - 1: "lm_head.weight"}]
+    data = tokens([7, 7, 5])
+    torch.testing.assert_close(pipe.train(data), single_device(ref, data, lm_loss))
+    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, msg=name)
+    ref.eval()
+    with torch.no_grad():
+        expect = sum(lm_loss(ref(x), y).item() * len(x) for x, y in data) / sum(len(x) for x, _ in data)
+    assert pipe.evaluate(data)["loss"] == pytest.approx(expect, rel=1e-12)
+    assert set(stages.state_dict()) == set(model.state_dict())
+    other = gpt2(layers, tie=True)
+    with torch.no_grad():
+        other.transformer.wte.weight.zero_()
+    stages.load_into(other)
+    torch.testing.assert_close(other.lm_head.weight, ref.lm_head.weight)
+
+
+@pytest.mark.parametrize("method", [m for m, spec in METHODS.items() if spec.shape == "async-1f1b"])
+def test_gpt2_tied_asynchronous_methods_refused(method):
+    _, stages, _ = tied(2)
+    with pytest.raises(TieError, match="cannot train tied parameters exactly"):
+        Pipeline(stages, ["cpu"] * 2, sgd, lm_loss, method=method)
+
+
+def test_gpt2_tied_dist_equals_single_device(tmp_path):
+    """4 gloo ranks each split the tied GPT-2 alike (the tie found among the stages given as
+    modules: broadcast, gradient all-reduce before STEP; stages 1 and 2 hold none of it);
+    sync equals single-device training."""
+    from dist_worker import launch
+    out = launch(TiedRuns(world=4), tmp_path, deadline=120.0)
+    assert out.exitcodes == [0] * 4, out.errors
+    ref = gpt2(4, tie=True)
+    losses = single_device(ref, tokens(DIST_ROWS_GPT), lm_loss)
+    expect = ref.state_dict()
+    for rank, result in enumerate(out.results):
+        assert result["ties"] == [{0: "transformer.wte.weight", 3: "lm_head.weight"}]
+        torch.testing.assert_close(result["losses"], losses, msg=f"rank {rank}")
+        for name, t in result["state"].items():
+            torch.testing.assert_close(t, expect[name], msg=f"rank {rank}: {name}")
+    assert {"transformer.wte.weight", "lm_head.weight"} <= set(out.results[0]["state"])  # both names
+    assert "lm_head.weight" in out.results[3]["state"]
 
 
 # ---------------------------------------------------------------------- a tensor used three stages later
@@ -232,7 +273,7 @@ def test_traced_batch_norm_refused_under_micro_batches_exact_with_one():
     net = BNNet()
     ref = copy.deepcopy(net)
     stages = split_model(net, ["bn", "b"], (data[0][0],))
-    with pytest.raises(ValueError, match="stage 1 holds module 'bn'"):
+    with pytest.raises(ValueError, match="(?s)Batch-dependent modules.*stage 1 holds module 'bn'"):
         Pipeline(stages, ["cpu"] * 3, sgd, F.mse_loss, method="sync")
     pipe = Pipeline(stages, ["cpu"] * 3, sgd, F.mse_loss, method="sync", chunks=1)
     torch.testing.assert_close(pipe.train(data), single_device(ref, data, F.mse_loss))
