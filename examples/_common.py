@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 import pipeline_rt
 from pipeline_rt import Pipeline, get_method, split_by_size
 from pipeline_rt.batchnorm import convert_deferred_batch_norm
-from pipeline_rt.checkpoint import CheckpointError, latest
+from pipeline_rt.checkpoint import latest
 
 Metric = Callable[[Any, Any], Tensor]
 
@@ -191,11 +191,12 @@ def _sync(devices: Sequence[torch.device]) -> None:
 
 
 def _latest_done(folder: Path) -> int:
-    """Minibatches done at the latest complete checkpoint in ``folder`` (0: none)."""
-    try:
-        return int(latest(folder).name[2:])
-    except CheckpointError:
+    """Minibatches done at the latest usable checkpoint in ``folder`` (0: no checkpoint there
+    yet). Checkpoints there of which none can be used raise :class:`CheckpointError` (naming
+    why) rather than silently starting over."""
+    if not any(folder.glob("mb*")):
         return 0
+    return int(latest(folder).name[2:])
 
 
 def train_method(task: Task, method: str, args: argparse.Namespace) -> MethodResult:

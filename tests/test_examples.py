@@ -70,3 +70,17 @@ def test_resume_from_mid_run_checkpoint_is_exact(tmp_path: Path) -> None:
     assert resumed["trained"] == len(full["losses"]) - cut
     assert resumed["losses"] == full["losses"]
     assert resumed["evals"] == full["evals"]  # the final eval loss and accuracy, bit for bit
+
+
+def test_resume_refuses_a_folder_of_unusable_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``--resume`` starts from 0 only where no checkpoint exists yet; a folder whose
+    checkpoints cannot be used (here: a damaged meta.pt) is an error naming it, not a silent
+    fresh start."""
+    from pipeline_rt import CheckpointError
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    from _common import _latest_done
+    assert _latest_done(tmp_path) == 0
+    (tmp_path / "mb000004").mkdir()
+    (tmp_path / "mb000004" / "meta.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="meta.pt"):
+        _latest_done(tmp_path)
