@@ -28,6 +28,8 @@ CASES = tuple(Case(m) for m in METHODS) + (
     Case("pipeoptim", checkpoint=True),
     Case("2bw", checkpoint=True),
     Case("pipeoptim", (("rank_layout", "replica"),)),  # rank = stage * D + replica
+    Case("pipeoptim", (("recompute", True),)),  # the re-run backward still feeds the bucketed all-reduce
+    Case("pipedream", (("recompute", [0]),)),
 )
 
 
