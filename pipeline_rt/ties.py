@@ -220,17 +220,14 @@ class Ties:
 
     @staticmethod
     def _collective(ex: "DistExecutor", tie: Dict[int, str], what: str, post: Any, t: Tensor) -> None:
-        from .dist import PipelineCommError
-        from .p2p import CommError
+        """``post(t)`` over the tie's holders; a failure is the executor's
+        :class:`~pipeline_rt.dist.PipelineCommError` (stage, rank, replica, timeout, schedule)."""
         text = f"tied parameter {_show(tie)}: {what}"
-        try:
+
+        def run() -> None:
             ex.transport.flush()  # NCCL: held sends must not wait behind the collective
             ex.transport.collective(lambda: post(t), [t], text)
-        except CommError as e:
-            raise PipelineCommError(f"pipeline stage {ex.rank} (rank {ex.rank}) failed at the {text}, with stages "
-                                    f"{sorted(tie)} [timeout {ex.timeout:g} s]: {e}\n"
-                                    f"A holder that died or stalls leaves the others waiting; check their logs.",
-                                    ex.rank, None, None) from e
+        ex._guard(None, None, run, where=f"the {text}, with the tie's holders (stages {sorted(tie)})")
 
 
 def _meta(p: Tensor) -> Tensor:
