@@ -160,7 +160,9 @@ class Pipeline:
                  timeout: Optional[float] = None, ties: Optional[Sequence[TieSpec]] = None,
                  autocast: Optional[torch.dtype] = None, recompute: Union[bool, Sequence[int]] = False,
                  data_parallel: int = 1, rank_layout: str = "pipeline") -> None:
-        stages, devices = as_stages(stages), [torch.device(d) for d in devices]
+        stages = as_stages(stages)
+        self.devices: List[torch.device] = [torch.device(d) for d in devices]
+        devices = self.devices
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
         if len(devices) != len(stages):
@@ -186,7 +188,6 @@ class Pipeline:
                              f"at different times: use clip_grad_scope='stage'")
         self.num_stages = len(stages)
         self.chunks = self.method.num_chunks(self.num_stages)
-        self.devices: List[torch.device] = [torch.device(d) for d in devices]
         self.loss_fn = loss_fn
         declared = declared_reduction(loss_fn)
         # a loss that does not say how it reduces is probed at its first call (pipeline_rt.lossprobe)
@@ -209,7 +210,7 @@ class Pipeline:
             module = spec if isinstance(spec, nn.Module) else spec()
             if not isinstance(module, nn.Module):
                 raise TypeError(f"stage {k} must be an nn.Module or a factory of one, got {type(module).__name__}")
-            params = self._ties.params_of(k, module, torch.device(devices[k]))
+            params = self._ties.params_of(k, module, self.devices[k])
             module.to(devices[k])
             if k in self.recompute:
                 check_recomputable(module, k)
