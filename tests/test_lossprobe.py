@@ -13,6 +13,7 @@ from torch.testing import assert_close
 
 from pipeline_rt import Pipeline, StageError
 from pipeline_rt.lossprobe import ReductionProbe, Share
+from test_pipeline import single_device
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -31,18 +32,6 @@ def _batches(n=4, seed=1):
 
 def _opt(ps):
     return torch.optim.SGD(ps, lr=0.02, momentum=0.9)
-
-
-def _single_device(model, batches, loss_fn):
-    """The oracle: one forward and one step per minibatch on one device."""
-    opt, losses = _opt(model.parameters()), []
-    for x, y in batches:
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 def _pipeline(model, loss_fn, method="sync", chunks=3):
@@ -65,8 +54,7 @@ def test_a_plain_function_loss_trains_as_single_device_training(reduction, metho
     pipe = _pipeline(model, loss_fn, method)
     losses = pipe.train(batches)
     assert pipe.reduction == reduction
-    ref = _model()
-    expected = _single_device(ref, batches, lambda o, t: F.cross_entropy(o, t, reduction=reduction))
+    expected, ref = single_device(_model(), batches, _opt, lambda o, t: F.cross_entropy(o, t, reduction=reduction))
     assert_close(torch.tensor(losses), torch.tensor(expected))
     for p, q in zip([p for s in pipe.stages for p in s.parameters()], ref.parameters()):
         assert_close(p, q)
@@ -106,7 +94,7 @@ def test_a_loss_neither_mean_nor_sum_is_refused_where_minibatches_are_split():
         _pipeline(model, squared_sum, chunks=3).train(batches)
     assert "loss_fn.reduction = 'mean'" in str(e.value) and "chunks=1" in str(e.value)
     pipe = _pipeline(model, squared_sum, chunks=1)  # one micro-batch: nothing to weigh
-    assert_close(torch.tensor(pipe.train(batches)), torch.tensor(_single_device(_model(), batches, squared_sum)))
+    assert_close(torch.tensor(pipe.train(batches)), torch.tensor(single_device(_model(), batches, _opt, squared_sum)[0]))
 
 
 def test_share_weighs_after_the_probe_and_pickles_as_its_weight():
